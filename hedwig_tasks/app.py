@@ -1,0 +1,228 @@
+"""The :class:`Hedwig` app: one service's schema, handlers, routes and transport."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hedwig_tasks import signals
+from hedwig_tasks.exceptions import ConfigurationError, HandlerNotFound, RoutingError
+from hedwig_tasks.handler import Handler
+from hedwig_tasks.message import Message, VersionLike
+from hedwig_tasks.registry import Registry, parse_majors
+from hedwig_tasks.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from hedwig_tasks.routing import DEFAULT_TOPIC, Router
+from hedwig_tasks.transports import DEFAULT_URL, from_url
+from hedwig_tasks.transports.base import Transport
+from hedwig_tasks.validators.base import Encoded, Validator, from_transport, to_transport
+
+__all__ = ["Hedwig"]
+
+logger = logging.getLogger(__name__)
+
+#: The environment variable read (at first use, never at import) when no transport is given.
+TRANSPORT_ENV = "HEDWIG_TRANSPORT_URL"
+#: Transports cheap and local enough to provision themselves on first use.
+_SELF_PROVISIONING = frozenset({"memory", "sqlite"})
+
+DefaultHeaders = Callable[[Message], Mapping[str, str]] | Mapping[str, str] | None
+
+
+def _validator_for(schema: Any) -> Validator:
+    if isinstance(schema, Validator):
+        return schema
+    if isinstance(schema, (str, Path, Mapping)):
+        from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
+
+        return JSONSchemaValidator(schema)
+    if isinstance(schema, types.ModuleType) or isinstance(schema, Iterable):
+        from hedwig_tasks.validators.protobuf import ProtobufValidator, messages_of
+
+        return ProtobufValidator(messages_of(schema) if isinstance(schema, types.ModuleType) else schema)
+    raise ConfigurationError(
+        f"schema: expected a JSON-Schema file path, a protobuf module or a Validator, got {schema!r}"
+    )
+
+
+class Hedwig:
+    """One service on the bus.
+
+    ``name`` is the service: the publisher id on every message and, unless ``queue`` says
+    otherwise, the stem of its queue or subscriptions. ``schema`` is a Hedwig JSON-Schema file,
+    a protobuf module (or list of message classes), or a ready :class:`Validator`.
+    ``transport`` is a URL or a :class:`Transport`; by default ``$HEDWIG_TRANSPORT_URL`` at
+    first use, else the embedded bus ``sqlite:///.hedwig/bus.db``. ``container`` publishes
+    Hedwig's container form instead of transport attributes. Nothing connects until used.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        schema: Any,
+        transport: str | Transport | None = None,
+        routing: Mapping[Any, Any] | None = None,
+        default_topic: str | None = DEFAULT_TOPIC,
+        queue: str | None = None,
+        publisher: str | None = None,
+        container: bool = False,
+        default_headers: DefaultHeaders = None,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        eager: bool = False,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name: expected the service's name, got {name!r}")
+        self.name = name
+        self.queue = queue or name
+        self.publisher = name if publisher is None else publisher
+        self.validator = _validator_for(schema)
+        self.router = Router(routing, default=default_topic)
+        self.registry = Registry()
+        self.container = container
+        self.default_headers = default_headers
+        self.retry = retry
+        self.eager = eager
+        self._transport_spec = transport
+        self._transport: Transport | None = transport if isinstance(transport, Transport) else None
+        self._provisioned: set[str] = set()
+        self._lock = threading.Lock()
+        self._check_routes()
+
+    def _check_routes(self) -> None:
+        known = {t for t, _ in self.validator.known_types()}
+        for message_type, major in self.router.explicit_keys():
+            if message_type not in known:
+                raise ConfigurationError(f"routing names {message_type!r}, which the schema does not define")
+            if major is not None and (message_type, major) not in set(self.validator.known_types()):
+                raise ConfigurationError(f"routing names {message_type!r} major {major}, which the schema lacks")
+
+    # -- transport ----------------------------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """The transport, built from its URL on first use."""
+        if self._transport is None:
+            with self._lock:
+                if self._transport is None:
+                    spec = self._transport_spec or os.environ.get(TRANSPORT_ENV) or DEFAULT_URL
+                    self._transport = from_url(str(spec))
+        return self._transport
+
+    def subscribed_topics(self) -> list[str]:
+        """The topics this app's handlers consume, in registration order."""
+        return list(dict.fromkeys(self.router.topic_for(t, m) for t, m in self.registry.keys()))
+
+    def published_topics(self) -> list[str]:
+        """Every topic a message of the schema may be published to (unrouted and cross-owner left out)."""
+        topics = []
+        for message_type, major in self.validator.known_types():
+            try:
+                route = self.router.route(message_type, major)
+            except RoutingError:
+                continue
+            if route.owner is None:
+                topics.append(route.topic)
+        return list(dict.fromkeys(topics))
+
+    def provision(self, *, dry_run: bool = False, topics: Sequence[str] | None = None) -> list[str]:
+        """Create the topics this app publishes to and its subscriptions; idempotent."""
+        subscribe = list(topics) if topics is not None else self.subscribed_topics()
+        actions = self.transport.provision(self.queue, subscribe, self.published_topics(), dry_run=dry_run)
+        if not dry_run:
+            self._provisioned.update(self.published_topics())
+        return actions
+
+    def _ensure_topic(self, topic: str) -> None:
+        if topic in self._provisioned or getattr(self.transport, "scheme", "") not in _SELF_PROVISIONING:
+            return
+        self.provision()
+        if topic not in self._provisioned:
+            self.transport.provision(None, [], [topic])
+            self._provisioned.add(topic)
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    def handler(
+        self,
+        message_type: str,
+        pattern: Any = "1.*",
+        *,
+        retry: RetryPolicy | None = None,
+        name: str | None = None,
+    ) -> Callable[[Callable[[Message], Any]], Handler]:
+        """Register the decorated function for ``message_type`` at the majors ``pattern`` names.
+
+        Raises :class:`ConfigurationError` at declaration for an unknown type or major, a
+        duplicate registration, or a function that cannot take a message.
+        """
+        majors = parse_majors(pattern)
+        for major in majors:
+            try:
+                self.validator.latest_version(message_type, major)
+            except Exception as exc:
+                raise ConfigurationError(f"handler for {message_type!r} {major}.*: {exc}") from None
+
+        def register(fn: Callable[[Message], Any]) -> Handler:
+            handler = Handler(self, fn, message_type, majors, retry=retry, name=name)
+            self.registry.add(handler)
+            return handler
+
+        return register
+
+    def handler_for(self, message: Message) -> Handler:
+        """The handler for a message; :class:`HandlerNotFound` if none takes it."""
+        return self.registry.lookup(message.type, message.major_version)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def message(
+        self, message_type: str, version: VersionLike, data: Any, headers: Mapping[str, str] | None = None
+    ) -> Message:
+        """A new message from this app, default headers merged under ``headers``."""
+        message = Message.new(message_type, version, data, publisher=self.publisher)
+        defaults = self.default_headers(message) if callable(self.default_headers) else self.default_headers
+        return message.with_headers({**(defaults or {}), **(headers or {})})
+
+    def publish(
+        self, message_type: str, version: VersionLike, data: Any, headers: Mapping[str, str] | None = None
+    ) -> Message:
+        """Validate, encode, route and send one message; returns it (``.id`` is the Hedwig id).
+
+        Raises ``ValidationError`` (naming the field), ``RoutingError`` or ``PublishError``.
+        """
+        return self.publish_message(self.message(message_type, version, data, headers))
+
+    def publish_message(self, message: Message) -> Message:
+        """Send a ready :class:`Message` (from :meth:`message` or ``Message.new``)."""
+        encoded = self.validator.encode(message, container=self.container)
+        route = self.router.route(message.type, message.major_version)
+        signals.send(signals.before_publish, self, message=message, topic=route.topic)
+        if self.eager:
+            self._run_eagerly(encoded)
+            transport_id = "eager"
+        else:
+            self._ensure_topic(route.topic)
+            body, attributes = to_transport(encoded, text_only=self.transport.capabilities.text_only)
+            transport_id = self.transport.publish(route.topic, body, attributes, owner=route.owner)
+            logger.debug("published %s %s id=%s to %s", message.type, message.version, message.id, route.topic)
+        signals.send(signals.after_publish, self, message=message, topic=route.topic, transport_id=transport_id)
+        return message
+
+    def _run_eagerly(self, encoded: Encoded) -> None:
+        # The same round trip a worker sees, so schema and encoding errors surface in tests.
+        body, attributes = to_transport(encoded, text_only=True)
+        message = self.validator.decode(from_transport(body, attributes), attributes)
+        try:
+            handler = self.handler_for(message)
+        except HandlerNotFound:
+            logger.debug("eager: no local handler for %s %s id=%s", message.type, message.version, message.id)
+            return
+        handler.run(message)
+
+    def __repr__(self) -> str:
+        return f"<Hedwig {self.name!r} queue={self.queue!r} handlers={len(self.registry)}>"

@@ -1,0 +1,97 @@
+"""A handler: the decorated function, its message type and majors, and its retry policy."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from hedwig_tasks.exceptions import ConfigurationError
+from hedwig_tasks.message import Message, VersionLike
+from hedwig_tasks.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from hedwig_tasks.app import Hedwig
+
+__all__ = ["Handler"]
+
+
+def _check_signature(fn: Callable[..., Any], name: str) -> None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"handler {name}: cannot read its signature: {exc}") from exc
+    try:
+        signature.bind(object())
+    except TypeError:
+        raise ConfigurationError(
+            f"handler {name}{signature}: must take the message as its only required "
+            "positional argument, as in def handler(message): ..."
+        ) from None
+
+
+class Handler:
+    """The function a ``@hedwig.handler(...)`` decorator wraps; still callable as before.
+
+    ``publish`` sends a message of the handler's type, so a task and its trigger live together.
+    """
+
+    def __init__(
+        self,
+        app: Hedwig,
+        fn: Callable[[Message], Any],
+        message_type: str,
+        majors: tuple[int, ...],
+        *,
+        retry: RetryPolicy | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.name = name or f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        _check_signature(fn, self.name)
+        self.app = app
+        self.fn = fn
+        self.message_type = message_type
+        self.majors = majors
+        self.retry = retry
+        self.is_async = inspect.iscoroutinefunction(fn)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def run(self, message: Message) -> Any:
+        """Run on one message; an ``async def`` handler runs to completion on a fresh loop."""
+        if self.is_async:
+            return asyncio.run(self.fn(message))
+        return self.fn(message)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self.retry or self.app.retry
+
+    def publish(
+        self,
+        data: Mapping[str, Any] | Any = None,
+        /,
+        *,
+        version: VersionLike = None,
+        headers: Mapping[str, str] | None = None,
+        **fields: Any,
+    ) -> Message:
+        """Publish a message of this handler's type; returns the :class:`Message` sent.
+
+        Data is ``data`` or the keyword fields. Without ``version`` the newest minor of the
+        handler's highest major that the schema knows is used. Raises ``ValidationError``,
+        ``RoutingError`` or ``PublishError``.
+        """
+        if data is not None and fields:
+            raise TypeError("pass the data either as one mapping or as keyword fields, not both")
+        if version is None:
+            version = self.app.validator.latest_version(self.message_type, max(self.majors))
+        return self.app.publish(self.message_type, version, fields if data is None else data, headers=headers)
+
+    def __repr__(self) -> str:
+        majors = ", ".join(f"{m}.*" for m in self.majors)
+        return f"<Handler {self.name} for {self.message_type!r} {majors}>"

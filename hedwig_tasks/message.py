@@ -1,0 +1,159 @@
+"""Messages as frozen values: :class:`Version`, :class:`Metadata` and :class:`Message`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["Message", "Metadata", "Version", "VersionLike"]
+
+_VERSION_RE = re.compile(r"^\s*(\d+)\.(\d+)\s*$")
+
+#: What a version may be given as: ``"1.0"``, ``(1, 0)``, a :class:`Version`, or any object
+#: whose ``str()`` is ``"1.0"`` (such as the seed's ``StrictVersion("1.0")``).
+VersionLike = Any
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Version:
+    """A schema version, ``major.minor``. Majors break compatibility; minors only add."""
+
+    major: int
+    minor: int
+
+    def __post_init__(self) -> None:
+        if self.major < 0 or self.minor < 0:
+            raise ValueError(f"version numbers must be >= 0, got {self.major}.{self.minor}")
+
+    @classmethod
+    def parse(cls, value: VersionLike) -> Version:
+        """Read ``"1.0"``, ``(1, 0)``, a Version, or anything whose ``str()`` is ``"1.0"``.
+
+        Raises ``ValueError`` for anything else (``"1"``, ``"1.0.2"``, ``"v1"``).
+        """
+        if isinstance(value, Version):
+            return value
+        if isinstance(value, tuple) and len(value) == 2:
+            major, minor = value
+            if isinstance(major, int) and isinstance(minor, int):
+                return cls(major, minor)
+            raise ValueError(f"invalid version {value!r}: expected two integers")
+        match = _VERSION_RE.match(str(value))
+        if match is None:
+            raise ValueError(f"invalid version {value!r}: expected 'MAJOR.MINOR', such as '1.0'")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _freeze(headers: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(headers or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """What travels beside the data: creation time, publisher, headers.
+
+    ``delivery`` is set only on received messages: the transport's
+    :class:`~hedwig_tasks.transports.base.Delivery` (attempt number, receipt, subscription).
+    """
+
+    timestamp: int = dataclasses.field(default_factory=_now_ms)  #: epoch milliseconds
+    publisher: str = ""
+    headers: Mapping[str, str] = dataclasses.field(default_factory=lambda: _freeze(None))
+    delivery: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.headers, MappingProxyType):
+            object.__setattr__(self, "headers", _freeze(self.headers))
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One Hedwig message: a type, a schema version, its data and its metadata."""
+
+    type: str
+    version: Version
+    data: Any
+    id: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    metadata: Metadata = dataclasses.field(default_factory=Metadata)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.version, Version):
+            object.__setattr__(self, "version", Version.parse(self.version))
+
+    @classmethod
+    def new(
+        cls,
+        type: str,
+        version: VersionLike,
+        data: Any,
+        headers: Mapping[str, str] | None = None,
+        *,
+        id: str | None = None,
+        publisher: str = "",
+        timestamp: int | None = None,
+    ) -> Message:
+        """Build a new message with a fresh id and the current time.
+
+        Raises ``TypeError`` for a type that is not a string and ``ValueError`` for a bad version.
+        """
+        type = getattr(type, "value", type)  # an Enum member stands for its value
+        if not isinstance(type, str) or not type:
+            raise TypeError(f"message type must be a non-empty string, got {type!r}")
+        metadata = Metadata(
+            timestamp=_now_ms() if timestamp is None else timestamp,
+            publisher=publisher,
+            headers=_freeze(headers),
+        )
+        return cls(
+            type=type,
+            version=Version.parse(version),
+            data=data,
+            id=id or str(uuid.uuid4()),
+            metadata=metadata,
+        )
+
+    @property
+    def major_version(self) -> int:
+        return self.version.major
+
+    @property
+    def minor_version(self) -> int:
+        return self.version.minor
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.metadata.headers
+
+    @property
+    def timestamp(self) -> int:
+        return self.metadata.timestamp
+
+    @property
+    def publisher(self) -> str:
+        return self.metadata.publisher
+
+    @property
+    def delivery(self) -> Any:
+        """The transport delivery this message came in, or None for one built locally."""
+        return self.metadata.delivery
+
+    def with_headers(self, headers: Mapping[str, str]) -> Message:
+        """A copy whose headers are these merged over the current ones."""
+        merged = {**self.headers, **headers}
+        return dataclasses.replace(self, metadata=dataclasses.replace(self.metadata, headers=merged))
+
+    def with_metadata(self, **changes: Any) -> Message:
+        """A copy with these metadata fields replaced (``publisher``, ``timestamp``, ``delivery``)."""
+        return dataclasses.replace(self, metadata=dataclasses.replace(self.metadata, **changes))

@@ -1,0 +1,174 @@
+"""The transport contract: what every broker backend does, and nothing more.
+
+A :class:`Transport` publishes bytes with string attributes to a topic and hands out a
+:class:`Consumer` for an app's queue. Fan-out is the transport's job: every queue subscribed
+to a topic gets its own copy of each message. A consumer receives batches of
+:class:`Delivery` and settles each one exactly once: :meth:`Consumer.ack`,
+:meth:`Consumer.retry_later`, :meth:`Consumer.dead_letter` or :meth:`Consumer.release`.
+Until then a delivery is leased to this consumer (invisible to others) and the lease can be
+extended; a lease that runs out makes the message visible again with its attempt count kept.
+
+Transports know nothing of schemas, handlers or retry policy. Each maps its driver's errors
+to :class:`~hedwig_tasks.exceptions.TransportError` (or ``PublishError``) at its boundary.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+__all__ = [
+    "Capabilities",
+    "Consumer",
+    "DeadLetterRecord",
+    "Delivery",
+    "SubscriptionStatus",
+    "Transport",
+]
+
+#: Called with ``(done, total)`` as long work (a requeue) goes on; total is None if unknown.
+Progress = Callable[[int, "int | None"], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a transport can do natively; the worker adapts to it."""
+
+    text_only: bool = False  #: bodies must be text (binary ones are base64-encoded)
+    max_delay_s: float | None = None  #: longest retry delay it keeps (None: no limit)
+    max_lease_s: float | None = None  #: longest single lease extension (None: no limit)
+    max_receive_batch: int = 1000  #: most deliveries one receive returns
+    max_publish_batch: int = 1000  #: most messages one publish call carries
+    max_attributes: int | None = None  #: most attributes a message may carry
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One received copy of a message, leased to the consumer that received it."""
+
+    body: bytes
+    attributes: Mapping[str, str]
+    attempt: int  #: 1 on first delivery; counts every receive, including after a lease ran out
+    receipt: Any  #: the transport's handle for settling this delivery
+    subscription: str  #: the subscription (queue and topic) it came from
+    transport_id: str = ""  #: the broker's own message id
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterRecord:
+    """A message in the dead-letter store, with why it is there."""
+
+    body: bytes
+    attributes: Mapping[str, str]
+    reason: str
+    subscription: str
+    attempts: int
+    dead_at: float  #: epoch seconds
+    transport_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SubscriptionStatus:
+    """Counts for one subscription; None where the transport cannot tell."""
+
+    subscription: str
+    topic: str
+    depth: int | None  #: waiting to be received (including delayed retries)
+    in_flight: int | None  #: received and not yet settled
+    dead_letters: int | None
+
+
+class Consumer(abc.ABC):
+    """Receives and settles deliveries for one queue. Used from one worker; thread-safe."""
+
+    @abc.abstractmethod
+    def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, blocking up to ``wait_s`` for the first one.
+
+        Returns an empty list when nothing came in time. Raises ``TransportError``.
+        """
+
+    @abc.abstractmethod
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Settle these as done: they are never delivered again."""
+
+    @abc.abstractmethod
+    def retry_later(self, delivery: Delivery, delay_s: float) -> None:
+        """Make it visible again after ``delay_s``, without holding it in memory."""
+
+    @abc.abstractmethod
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move it to the dead-letter store with ``reason``; nothing is lost."""
+
+    @abc.abstractmethod
+    def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
+        """Keep these leased for ``lease_s`` more seconds from now."""
+
+    @abc.abstractmethod
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Give these back at once, unprocessed (at shutdown): visible to others now."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free connections. Deliveries not settled come back when their lease runs out."""
+
+
+class Transport(abc.ABC):
+    """A broker backend, chosen by URL. Construction does no I/O; connecting is lazy."""
+
+    scheme: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str) -> Transport:
+        """Build from a connection string; raises ``ConfigurationError`` naming a bad option."""
+
+    @abc.abstractmethod
+    def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
+        """Send one message to ``topic``; returns the broker's id. Raises ``PublishError``.
+
+        ``owner`` is the account or project that owns the topic when it is not ours.
+        """
+
+    def publish_many(
+        self,
+        topic: str,
+        messages: Sequence[tuple[bytes, Mapping[str, str]]],
+        *,
+        owner: str | None = None,
+    ) -> list[str]:
+        """Send many messages to one topic, batched where the broker allows; ids in order."""
+        return [self.publish(topic, body, attributes, owner=owner) for body, attributes in messages]
+
+    @abc.abstractmethod
+    def consumer(self, queue: str, topics: Sequence[str]) -> Consumer:
+        """A consumer of ``queue``'s subscriptions to ``topics``."""
+
+    @abc.abstractmethod
+    def provision(
+        self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str], *, dry_run: bool = False
+    ) -> list[str]:
+        """Create, idempotently, the topics to publish to and the queue's subscriptions.
+
+        Returns a line per action taken (or, with ``dry_run``, that would be taken).
+        """
+
+    @abc.abstractmethod
+    def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
+        """Depth, in flight and dead letters for each of ``queue``'s subscriptions."""
+
+    @abc.abstractmethod
+    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
+        """The oldest ``limit`` dead letters of ``queue``, without removing them."""
+
+    @abc.abstractmethod
+    def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
+        """Move dead letters back to the subscriptions they came from; returns how many."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free connections and flush anything buffered."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"

@@ -1,0 +1,1 @@
+"""Validators: the wire formats for JSON-Schema and protobuf messages."""

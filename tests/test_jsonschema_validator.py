@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import json
+import uuid
+from decimal import Decimal
+
+import pytest
+from conftest import SCHEMA_FILE, authedwig_settings
+
+from hedwig_tasks import DecodeError, Message, SchemaError, ValidationError, Version
+from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
+
+ROOT = "https://hedwig-tasks.test/schema"
+
+
+@pytest.fixture(scope="module")
+def validator() -> JSONSchemaValidator:
+    return JSONSchemaValidator(SCHEMA_FILE)
+
+
+def user_created(**headers: str) -> Message:
+    return Message.new(
+        "user-created",
+        "1.1",
+        {"user_id": "U_1", "profile": {"name": "Ada"}},
+        headers=headers or {"request_id": "r-1"},
+        publisher="myapp",
+    )
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_round_trip(validator: JSONSchemaValidator, container: bool) -> None:
+    message = user_created()
+    encoded = validator.encode(message, container=container)
+    assert validator.decode(encoded.body, encoded.attributes) == message
+
+
+def test_attributes_form_bytes(validator: JSONSchemaValidator) -> None:
+    message = user_created(request_id="r-1")
+    encoded = validator.encode(message)
+    assert encoded.body == b'{"user_id":"U_1","profile":{"name":"Ada"}}'
+    assert dict(encoded.attributes) == {
+        "hedwig_format_version": "1.0",
+        "hedwig_id": message.id,
+        "hedwig_message_timestamp": str(message.timestamp),
+        "hedwig_publisher": "myapp",
+        "hedwig_schema": f"{ROOT}#/schemas/user-created/1.1",
+        "request_id": "r-1",
+    }
+
+
+def test_container_form_bytes(validator: JSONSchemaValidator) -> None:
+    message = user_created(request_id="r-1")
+    encoded = validator.encode(message, container=True)
+    assert json.loads(encoded.body) == {
+        "format_version": "1.0",
+        "schema": f"{ROOT}#/schemas/user-created/1.1",
+        "id": message.id,
+        "metadata": {"timestamp": message.timestamp, "publisher": "myapp", "headers": {"request_id": "r-1"}},
+        "data": {"user_id": "U_1", "profile": {"name": "Ada"}},
+    }
+    assert list(json.loads(encoded.body)) == ["format_version", "schema", "id", "metadata", "data"]
+    assert dict(encoded.attributes) == {"request_id": "r-1"}
+
+
+def test_decimal_and_uuid_encode_like_hedwig(validator: JSONSchemaValidator) -> None:
+    key = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    message = Message.new(
+        "send_email", "1.0", {"to": "a@b.c", "subject": "s", "n": Decimal("2"), "f": Decimal("1.5"), "k": key}
+    )
+    assert validator.encode(message).body == (
+        b'{"to":"a@b.c","subject":"s","n":2,"f":1.5,"k":"12345678-1234-5678-1234-567812345678"}'
+    )
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_authedwig_decodes_ours(validator: JSONSchemaValidator, container: bool) -> None:
+    message = user_created(request_id="r-1", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    encoded = validator.encode(message, container=container)
+    with authedwig_settings(HEDWIG_USE_TRANSPORT_MESSAGE_ATTRIBUTES=not container):
+        from hedwig.models import Message as HedwigMessage
+
+        theirs = HedwigMessage.deserialize(encoded.body.decode(), dict(encoded.attributes), None)
+    assert (theirs.type, str(theirs.version), theirs.id) == ("user-created", "1.1", message.id)
+    assert (theirs.timestamp, theirs.publisher) == (message.timestamp, "myapp")
+    assert theirs.headers == dict(message.headers)
+    assert theirs.data == message.data
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_we_decode_authedwigs(validator: JSONSchemaValidator, container: bool) -> None:
+    with authedwig_settings(HEDWIG_USE_TRANSPORT_MESSAGE_ATTRIBUTES=not container):
+        from distutils.version import StrictVersion
+
+        from hedwig.models import Message as HedwigMessage
+
+        theirs = HedwigMessage.new(
+            "user-created", StrictVersion("1.2"), {"user_id": "U_9"}, headers={"request_id": "q"}
+        )
+        payload, attributes = theirs.serialize()
+    ours = validator.decode(payload.encode(), attributes)
+    assert (ours.type, ours.version, ours.id) == ("user-created", Version(1, 2), theirs.id)
+    assert (ours.timestamp, ours.publisher) == (theirs.timestamp, "legacy-service")
+    assert dict(ours.headers) == {"request_id": "q"}
+    assert ours.data == {"user_id": "U_9"}
+
+
+def test_bad_data_names_the_field_path(validator: JSONSchemaValidator) -> None:
+    message = Message.new("send_email", "1.0", {"to": "a@b.c", "subject": "s", "attachments": [{"name": 3}]})
+    with pytest.raises(ValidationError, match=r"data\.attachments\[0\]\.name: 3 is not of type 'string'"):
+        validator.encode(message)
+
+
+def test_ref_into_definitions_is_followed(validator: JSONSchemaValidator) -> None:
+    with pytest.raises(ValidationError, match=r"data\.profile: 'name' is a required property"):
+        validator.encode(Message.new("user-created", "1.0", {"user_id": "U", "profile": {}}))
+
+
+@pytest.mark.parametrize(
+    ("message_type", "version", "match"),
+    [
+        ("nope", "1.0", "unknown message type 'nope'"),
+        ("user-created", "3.0", "'user-created' has no major version 3"),
+        ("user-created", "1.3", "minor version 3 is newer than the schema knows"),
+    ],
+)
+def test_publish_side_refusals(validator: JSONSchemaValidator, message_type: str, version: str, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        validator.encode(Message.new(message_type, version, {"user_id": "U"}))
+
+
+def test_headers_must_be_strings_outside_the_reserved_prefix(validator: JSONSchemaValidator) -> None:
+    with pytest.raises(ValidationError, match="reserved"):
+        validator.encode(user_created(hedwig_x="1"))
+
+
+def good_attributes(**changes: str) -> dict[str, str]:
+    attributes = {
+        "hedwig_format_version": "1.0",
+        "hedwig_id": str(uuid.uuid4()),
+        "hedwig_message_timestamp": "1795719926586",
+        "hedwig_publisher": "other",
+        "hedwig_schema": f"{ROOT}#/schemas/user-created/1.0",
+    }
+    attributes.update(changes)
+    return attributes
+
+
+@pytest.mark.parametrize(
+    ("body", "attributes", "match"),
+    [
+        (b"{not json", good_attributes(), "body is not valid JSON"),
+        (
+            b'{"user_id":"U"}',
+            good_attributes(hedwig_schema=f"{ROOT}#/schemas/user-created/1.7"),
+            "minor version 7 is newer",
+        ),
+        (b'{"user_id":"U"}', good_attributes(hedwig_schema=f"{ROOT}#/schemas/user-created/5.0"), "no major version 5"),
+        (b'{"user_id":"U"}', good_attributes(hedwig_schema=f"{ROOT}#/schemas/nope/1.0"), "unknown message type 'nope'"),
+        (
+            b'{"user_id":"U"}',
+            good_attributes(hedwig_schema="https://elsewhere/schema#/schemas/user-created/1.0"),
+            "another schema file",
+        ),
+        (b'{"user_id":5}', good_attributes(), r"data\.user_id: 5 is not of type 'string'"),
+        (b'{"user_id":"U"}', good_attributes(hedwig_message_timestamp="soon"), "not an integer"),
+        (b'{"user_id":"U"}', good_attributes(hedwig_format_version="2.0"), "hedwig_format_version"),
+        (
+            b'{"user_id":"U"}',
+            {"hedwig_id": "x", "hedwig_schema": f"{ROOT}#/schemas/user-created/1.0"},
+            "missing Hedwig attribute",
+        ),
+        (b'{"user_id":"U"}', {}, "the container lacks"),
+        (b"[1, 2]", {}, "not a Hedwig container"),
+    ],
+)
+def test_decode_refusals_say_which(
+    validator: JSONSchemaValidator, body: bytes, attributes: dict[str, str], match: str
+) -> None:
+    with pytest.raises(DecodeError, match=match):
+        validator.decode(body, attributes)
+
+
+def test_decode_error_is_a_validation_error() -> None:
+    assert issubclass(DecodeError, ValidationError)
+
+
+@pytest.mark.parametrize(
+    ("schema", "match"),
+    [
+        ({"id": "x", "schemas": {}}, "'schemas' must map"),
+        ({"id": "x#", "schemas": {"a": {"1.*": {"x-version": "1.0"}}}}, "must not end in '#'"),
+        ({"id": "x", "schemas": {"a": {"1.0": {"x-version": "1.0"}}}}, "version keys look like '1.\\*'"),
+        ({"id": "x", "schemas": {"a": {"1.*": {}}}}, "missing 'x-version'"),
+        ({"id": "x", "schemas": {"a": {"1.*": {"x-version": "2.0"}}}}, "is not of major 1"),
+    ],
+)
+def test_schema_file_checked_at_load(schema: dict[str, object], match: str) -> None:
+    with pytest.raises(SchemaError, match=match):
+        JSONSchemaValidator(schema)
+
+
+def test_missing_schema_file_names_it(tmp_path: object) -> None:
+    with pytest.raises(SchemaError, match="cannot read schema file"):
+        JSONSchemaValidator("/nonexistent/schema.json")

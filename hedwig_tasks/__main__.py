@@ -1,0 +1,3 @@
+from hedwig_tasks.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,407 @@
+"""The worker: receive, decode, dispatch, settle; with prefetch, leases and graceful shutdown.
+
+Threads: one receive loop (the caller's), ``concurrency`` handler threads, one lease keeper
+and one acker that batches acknowledgements. A semaphore of ``concurrency + prefetch`` slots
+bounds what is held: the receive loop asks the transport for no more than the free slots,
+so nothing is hoarded. Every held delivery, buffered or running, has its lease extended by
+the keeper until it is settled or ``max_lease_s`` has passed.
+
+Shutdown (:meth:`Worker.stop`, SIGTERM or SIGINT from the CLI): stop receiving, release the
+buffered deliveries at once, let running handlers finish within ``shutdown_timeout_s``,
+release what is still running after that, flush acks, return. A second stop request gives
+up waiting at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hedwig_tasks import signals
+from hedwig_tasks.app import Hedwig
+from hedwig_tasks.exceptions import DecodeError, HandlerNotFound, Ignore, TransportError
+from hedwig_tasks.handler import Handler
+from hedwig_tasks.message import Message
+from hedwig_tasks.retry import Outcome, decide
+from hedwig_tasks.transports.base import Consumer, Delivery
+from hedwig_tasks.validators.base import from_transport
+
+__all__ = ["Worker", "WorkerOptions"]
+
+logger = logging.getLogger(__name__)
+
+#: Handler threads.
+DEFAULT_CONCURRENCY = 4
+#: Deliveries held beyond those running.
+DEFAULT_PREFETCH = 8
+#: Longest a receive blocks waiting for messages, in seconds.
+DEFAULT_WAIT_S = 1.0
+#: Lease the keeper asks for on each extension, in seconds.
+DEFAULT_LEASE_S = 30.0
+#: Longest a delivery is kept leased in all, in seconds; then it is let go to be redelivered.
+DEFAULT_MAX_LEASE_S = 3600.0
+#: How long running handlers may finish after a stop request, in seconds.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+#: Interval between ``heartbeat`` signals, in seconds.
+HEARTBEAT_INTERVAL_S = 1.0
+#: Longest pause between receives after a transport error, in seconds.
+MAX_ERROR_BACKOFF_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker runs. ``topics`` limits consumption to some of the app's subscriptions."""
+
+    concurrency: int = DEFAULT_CONCURRENCY
+    prefetch: int = DEFAULT_PREFETCH
+    topics: Sequence[str] | None = None
+    burst: bool = False
+    wait_s: float = DEFAULT_WAIT_S
+    lease_s: float = DEFAULT_LEASE_S
+    max_lease_s: float = DEFAULT_MAX_LEASE_S
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.lease_s <= 0 or self.wait_s < 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("lease_s must be > 0; wait_s and shutdown_timeout_s >= 0")
+
+
+@dataclasses.dataclass
+class _Held:
+    delivery: Delivery
+    received_at: float
+    running: bool = False
+
+
+class Worker:
+    """Consumes an app's subscriptions until stopped (or, in burst mode, until they are empty)."""
+
+    def __init__(self, app: Hedwig, options: WorkerOptions | None = None) -> None:
+        self.app = app
+        self.options = options or WorkerOptions()
+        self.topics = list(self.options.topics or app.subscribed_topics())
+        unknown = set(self.topics) - set(app.subscribed_topics())
+        if unknown:
+            raise ValueError(f"not subscribed by any handler of {app.name!r}: {', '.join(sorted(unknown))}")
+        self.error_count = 0
+        self._consumer: Consumer | None = None
+        self._held: dict[int, _Held] = {}
+        self._held_lock = threading.Lock()
+        self._slots = threading.Semaphore(self.options.concurrency + self.options.prefetch)
+        self._buffer: queue.Queue[Delivery | None] = queue.Queue()
+        self._acks: queue.Queue[Delivery | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._abort = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._local = threading.local()
+        self._last_heartbeat = 0.0
+        signals.send(signals.worker_init, app, worker=self)
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Deliveries received and not yet finished (buffered plus running)."""
+        with self._held_lock:
+            return len(self._held)
+
+    def stop(self) -> None:
+        """Ask the worker to shut down gracefully; a second call stops waiting for handlers."""
+        if self._stopping.is_set():
+            self._abort.set()
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Consume until stopped. Raises ``TransportError`` if the first receive fails."""
+        self._consumer = self._connect()
+        self._start_threads()
+        signals.send(signals.worker_ready, self.app, worker=self)
+        logger.info("worker %s ready: consuming %s", self.app.name, ", ".join(self.topics))
+        reason = "signal"
+        try:
+            reason = self._receive_loop()
+        finally:
+            self._shutdown(reason)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _connect(self) -> Consumer:
+        transport = self.app.transport
+        if getattr(transport, "scheme", "") in ("memory", "sqlite"):
+            self.app.provision()
+        return transport.consumer(self.app.queue, self.topics)
+
+    def _receive_loop(self) -> str:
+        assert self._consumer is not None
+        first, backoff_s = True, 0.5
+        while not self._stopping.is_set():
+            self._beat()
+            free = self._take_slots()
+            if free == 0:
+                continue
+            try:
+                deliveries = self._consumer.receive(free, self.options.wait_s)
+            except TransportError as exc:
+                self._give_back_slots(free)
+                if first:
+                    raise
+                backoff_s = self._wait_after_error(exc, backoff_s)
+                continue
+            first, backoff_s = False, 0.5
+            self._give_back_slots(free - len(deliveries))
+            if deliveries:
+                self._buffer_all(deliveries)
+            elif self.options.burst and self._idle():
+                return "burst"
+        return "signal"
+
+    def _take_slots(self) -> int:
+        """Wait briefly for one free slot, then take every other free one without waiting."""
+        if not self._slots.acquire(timeout=0.2):
+            return 0
+        taken = 1
+        limit = self.app.transport.capabilities.max_receive_batch
+        while taken < limit and self._slots.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def _give_back_slots(self, count: int) -> None:
+        for _ in range(count):
+            self._slots.release()
+
+    def _buffer_all(self, deliveries: list[Delivery]) -> None:
+        now = time.monotonic()
+        with self._held_lock:
+            for delivery in deliveries:
+                self._held[id(delivery)] = _Held(delivery, now)
+        for delivery in deliveries:
+            self._buffer.put(delivery)
+
+    def _wait_after_error(self, exc: TransportError, backoff_s: float) -> float:
+        self.error_count += 1
+        logger.warning("receive failed (%s); retrying in %.1fs", exc, backoff_s)
+        self._stopping.wait(backoff_s)
+        return min(backoff_s * 2, MAX_ERROR_BACKOFF_S)
+
+    def _idle(self) -> bool:
+        if self.held or not self._acks.empty():
+            return False
+        statuses = self.app.transport.status(self.app.queue, self.topics)
+        return all(not s.depth and not s.in_flight for s in statuses)
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            self._last_heartbeat = now
+            signals.send(signals.heartbeat, self.app, worker=self, error_count=self.error_count, held=self.held)
+
+    # -- threads ------------------------------------------------------------------------------
+
+    def _start_threads(self) -> None:
+        for index in range(self.options.concurrency):
+            self._spawn(self._handle_loop, f"hedwig-handler-{index}")
+        self._spawn(self._ack_loop, "hedwig-acker")
+        self._spawn(self._lease_loop, "hedwig-lease-keeper")
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _handle_loop(self) -> None:
+        try:
+            self._handle_until_told()
+        finally:
+            loop = getattr(self._local, "loop", None)
+            if loop is not None:
+                loop.close()
+
+    def _handle_until_told(self) -> None:
+        while True:
+            delivery = self._buffer.get()
+            if delivery is None:
+                return
+            with self._held_lock:
+                held = self._held.get(id(delivery))
+                if held is None:  # released at shutdown while buffered
+                    continue
+                held.running = True
+            try:
+                self._process(delivery)
+            except Exception:
+                logger.exception("unexpected error settling delivery %s", delivery.transport_id)
+            finally:
+                with self._held_lock:
+                    self._held.pop(id(delivery), None)
+                self._slots.release()
+
+    def _ack_loop(self) -> None:
+        assert self._consumer is not None
+        while True:
+            first = self._acks.get()
+            batch = [first] if first is not None else []
+            while True:
+                try:
+                    item = self._acks.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    first = None
+                else:
+                    batch.append(item)
+            if batch:
+                self._settle("ack", self._consumer.ack, batch)
+            if first is None:
+                return
+
+    def _lease_loop(self) -> None:
+        assert self._consumer is not None
+        interval = self.options.lease_s / 3
+        while not self._stopping.wait(interval):
+            now = time.monotonic()
+            with self._held_lock:
+                keep = [h.delivery for h in self._held.values() if now - h.received_at < self.options.max_lease_s]
+            if keep:
+                self._settle("extend lease", self._consumer.extend_lease, keep, self.options.lease_s)
+
+    def _settle(self, what: str, action: Any, *args: Any) -> None:
+        try:
+            action(*args)
+        except TransportError as exc:
+            self.error_count += 1
+            logger.warning("%s failed: %s (the message will be redelivered)", what, exc)
+
+    # -- one message --------------------------------------------------------------------------
+
+    def _process(self, delivery: Delivery) -> None:
+        assert self._consumer is not None
+        app = self.app
+        signals.send(signals.message_received, app, delivery=delivery)
+        message = self._decode(delivery)
+        if message is None:
+            return
+        try:
+            handler = app.handler_for(message)
+        except HandlerNotFound as exc:
+            signals.send(signals.message_unknown, app, message=message)
+            self._dead_letter(delivery, message, str(exc))
+            return
+        self._run(handler, message, delivery)
+
+    def _decode(self, delivery: Delivery) -> Message | None:
+        try:
+            body = from_transport(delivery.body, delivery.attributes)
+            message = self.app.validator.decode(body, delivery.attributes)
+        except DecodeError as exc:
+            signals.send(signals.message_invalid, self.app, delivery=delivery, error=exc)
+            self._dead_letter(delivery, None, f"invalid message: {exc}")
+            return None
+        return message.with_metadata(delivery=delivery)
+
+    def _run(self, handler: Handler, message: Message, delivery: Delivery) -> None:
+        signals.send(signals.handler_started, self.app, message=message, handler=handler)
+        started = time.perf_counter()
+        error: Exception | None = None
+        try:
+            if handler.is_async:
+                self._event_loop().run_until_complete(handler.fn(message))
+            else:
+                handler.fn(message)
+        except Exception as exc:
+            error = exc
+        duration_s = time.perf_counter() - started
+        outcome = decide(handler.retry_policy, error, delivery.attempt)
+        self._report(handler, message, error, duration_s, outcome)
+        self._carry_out(outcome, delivery, message)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+        return loop
+
+    def _report(
+        self, handler: Handler, message: Message, error: Exception | None, duration_s: float, outcome: Outcome
+    ) -> None:
+        attempt = message.delivery.attempt if message.delivery else 1
+        tag = f"{message.type} {message.version} id={message.id} attempt={attempt} in {duration_s * 1000:.1f}ms"
+        if error is None or isinstance(error, Ignore):
+            signals.send(signals.handler_succeeded, self.app, message=message, handler=handler, duration_s=duration_s)
+            logger.info("handled %s%s", tag, " (ignored)" if error else "")
+            return
+        signals.send(
+            signals.handler_failed, self.app, message=message, handler=handler, error=error, duration_s=duration_s
+        )
+        if outcome.action == "retry":
+            logger.warning("failed %s: %s; retrying in %.1fs", tag, outcome.reason, outcome.delay_s)
+        else:
+            logger.error("failed %s: %s", tag, outcome.reason, exc_info=error)
+
+    def _carry_out(self, outcome: Outcome, delivery: Delivery, message: Message) -> None:
+        assert self._consumer is not None
+        if outcome.action == "ack":
+            self._acks.put(delivery)
+        elif outcome.action == "retry":
+            delay_s = outcome.delay_s
+            self._settle("retry", self._consumer.retry_later, delivery, delay_s)
+            signals.send(
+                signals.handler_retried,
+                self.app,
+                message=message,
+                handler=self.app.handler_for(message),
+                error=outcome.reason,
+                delay_s=delay_s,
+                attempt=delivery.attempt,
+            )
+        else:
+            self._dead_letter(delivery, message, outcome.reason)
+
+    def _dead_letter(self, delivery: Delivery, message: Message | None, reason: str) -> None:
+        assert self._consumer is not None
+        what = f"id={message.id}" if message else f"transport id={delivery.transport_id}"
+        logger.error("dead-lettering %s from %s: %s", what, delivery.subscription, reason)
+        self._settle("dead letter", self._consumer.dead_letter, delivery, reason)
+        signals.send(signals.message_dead_lettered, self.app, message=message, delivery=delivery, reason=reason)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def _shutdown(self, reason: str) -> None:
+        assert self._consumer is not None
+        signals.send(signals.worker_shutting_down, self.app, worker=self, reason=reason)
+        self._stopping.set()
+        self._release(running=False)
+        for _ in range(self.options.concurrency):
+            self._buffer.put(None)
+        deadline = time.monotonic() + self.options.shutdown_timeout_s
+        handlers = [t for t in self._threads if t.name.startswith("hedwig-handler")]
+        for thread in handlers:
+            while thread.is_alive() and time.monotonic() < deadline and not self._abort.is_set():
+                thread.join(0.1)
+        self._release(running=True)
+        self._acks.put(None)
+        for thread in self._threads:
+            if not thread.name.startswith("hedwig-handler"):
+                thread.join(5.0)
+        self._consumer.close()
+        signals.send(signals.worker_shutdown, self.app, worker=self)
+        logger.info("worker %s stopped (%s)", self.app.name, reason)
+
+    def _release(self, *, running: bool) -> None:
+        assert self._consumer is not None
+        with self._held_lock:
+            chosen = [k for k, h in self._held.items() if h.running == running]
+            deliveries = [self._held.pop(k).delivery for k in chosen]
+        if deliveries:
+            state = "running" if running else "buffered"
+            logger.info("releasing %d %s message(s)", len(deliveries), state)
+            self._settle("release", self._consumer.release, deliveries)

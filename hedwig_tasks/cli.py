@@ -70,7 +70,8 @@ def load_app(spec: str) -> Hedwig:
     if len(apps) != 1:
         found = ", ".join(sorted(apps)) or "none"
         raise SystemExit(
-            f"error: -A {spec}: expected one Hedwig app in {module_name}, found {found}; name it as {module_name}:ATTRIBUTE"
+            f"error: -A {spec}: expected one Hedwig app in {module_name}, found {found}; "
+            f"name it as {module_name}:ATTRIBUTE"
         )
     return next(iter(apps.values()))
 

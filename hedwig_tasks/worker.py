@@ -63,7 +63,7 @@ class WorkerOptions:
     topics: Sequence[str] | None = None
     burst: bool = False
     wait_s: float = DEFAULT_WAIT_S
-    lease_s: float = DEFAULT_LEASE_S
+    lease_s: float | None = None  #: None: the transport's own lease, else DEFAULT_LEASE_S
     max_lease_s: float = DEFAULT_MAX_LEASE_S
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
 
@@ -72,7 +72,7 @@ class WorkerOptions:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
-        if self.lease_s <= 0 or self.wait_s < 0 or self.shutdown_timeout_s < 0:
+        if (self.lease_s is not None and self.lease_s <= 0) or self.wait_s < 0 or self.shutdown_timeout_s < 0:
             raise ValueError("lease_s must be > 0; wait_s and shutdown_timeout_s >= 0")
 
 
@@ -105,6 +105,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
         self._last_heartbeat = 0.0
+        self.lease_s = self.options.lease_s or getattr(app.transport, "lease_s", None) or DEFAULT_LEASE_S
         signals.send(signals.worker_init, app, worker=self)
 
     # -- public -------------------------------------------------------------------------------
@@ -266,13 +267,13 @@ class Worker:
 
     def _lease_loop(self) -> None:
         assert self._consumer is not None
-        interval = self.options.lease_s / 3
+        interval = self.lease_s / 3
         while not self._stopping.wait(interval):
             now = time.monotonic()
             with self._held_lock:
                 keep = [h.delivery for h in self._held.values() if now - h.received_at < self.options.max_lease_s]
             if keep:
-                self._settle("extend lease", self._consumer.extend_lease, keep, self.options.lease_s)
+                self._settle("extend lease", self._consumer.extend_lease, keep, self.lease_s)
 
     def _settle(self, what: str, action: Any, *args: Any) -> None:
         try:

@@ -88,12 +88,12 @@ class MemoryTransport(Transport):
     ) -> list[str]:
         actions = []
         with self._cond:
-            for topic in [*publish, *subscribe]:
+            for topic in dict.fromkeys([*publish, *subscribe]):  # once each, so a dry run plans what a run does
                 if topic not in self._topics:
                     actions.append(f"create topic {topic}")
                     if not dry_run:
                         self._topics.add(topic)
-            for topic in subscribe if queue else ():
+            for topic in dict.fromkeys(subscribe) if queue else ():
                 name = _subscription(queue or "", topic)
                 if name not in self._queues:
                     actions.append(f"subscribe {queue} to {topic}")
@@ -156,7 +156,8 @@ class MemoryConsumer(Consumer):
                 bus._cond.wait(min(remaining, 0.05))
 
     def _claim(self, max_messages: int) -> list[Delivery]:
-        bus, now, found = self._bus, self._bus.clock(), []
+        bus, now = self._bus, self._bus.clock()
+        found: list[Delivery] = []
         for name in self._subscriptions:
             for stored in bus._queues.get(name, {}).values():
                 if len(found) >= max_messages:

@@ -1,0 +1,245 @@
+"""The SQLite transport: the shared contract, plus what only a file shared by processes can show."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
+from hedwig_tasks.testing.contract import ContractClock, RealClock, TransportContract
+from hedwig_tasks.transports import from_url
+from hedwig_tasks.transports.sqlite import DEFAULT_LEASE_S, SQLiteTransport
+
+
+class TestSQLiteTransport(TransportContract):
+    quiet_s = 0.05
+    deliver_timeout_s = 5.0
+
+    @pytest.fixture
+    def transport(self, clock: ContractClock, tmp_path: Path) -> Iterator[SQLiteTransport]:
+        bus = SQLiteTransport(tmp_path / "bus.db", lease_s=self.lease_s, clock=clock)
+        yield bus
+        bus.close()
+
+
+class TestSQLiteTransportRealTime(TestSQLiteTransport):
+    """The lease tests again on the wall clock, as a broker that keeps its own time would run them."""
+
+    lease_s = 0.5
+
+    @pytest.fixture
+    def clock(self) -> ContractClock:
+        return RealClock()
+
+    @pytest.fixture(autouse=True)
+    def _only_time_tests(self, request: pytest.FixtureRequest) -> None:
+        if "clock" not in inspect.signature(request.function).parameters:
+            pytest.skip("covered by TestSQLiteTransport; only the tests that move time run on the wall clock")
+
+
+# -- URLs and construction ---------------------------------------------------------------------
+
+
+def test_url_paths_relative_and_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = from_url("sqlite:///sub/bus.db")
+    absolute = from_url(f"sqlite:///{tmp_path}/abs/bus.db")
+    assert isinstance(relative, SQLiteTransport)
+    assert isinstance(absolute, SQLiteTransport)
+    assert relative.path == tmp_path / "sub" / "bus.db"
+    assert absolute.path == tmp_path / "abs" / "bus.db"
+    assert relative.lease_s == DEFAULT_LEASE_S
+
+
+def test_url_options(tmp_path: Path) -> None:
+    bus = SQLiteTransport.from_url(f"sqlite:///{tmp_path}/bus.db?lease_s=2.5&busy_timeout_s=1")
+    assert (bus.lease_s, bus.busy_timeout_s) == (2.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("sqlite:///bus.db?lease=3&visibility_s=1&lease_s=2", "unknown sqlite option(s) lease, visibility_s"),
+        ("sqlite:///bus.db?lease_s=soon", "lease_s='soon'"),
+        ("sqlite:///bus.db?lease_s=0", "lease_s='0'"),
+        ("sqlite://host/bus.db", "expected sqlite:///"),
+        ("sqlite:///", "expected sqlite:///"),
+        ("sqlite:///:memory:", "memory://"),
+    ],
+)
+def test_bad_urls_are_refused(url: str, complaint: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        SQLiteTransport.from_url(url)
+    assert complaint in str(caught.value)
+
+
+def test_construction_touches_nothing_and_repr_shows_the_path(tmp_path: Path) -> None:
+    bus = from_url(f"sqlite:///{tmp_path}/lazy/dir/bus.db?lease_s=5")
+    assert not (tmp_path / "lazy").exists()
+    assert repr(bus) == f"<SQLiteTransport {str(tmp_path / 'lazy/dir/bus.db')!r}>"
+    bus.provision("q", ["t"], [])
+    assert (tmp_path / "lazy" / "dir" / "bus.db").is_file()
+    bus.close()
+
+
+def test_dry_run_on_a_new_file_does_not_create_it(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    assert bus.provision("q", ["t"], ["u"], dry_run=True) == ["create topic u", "create topic t", "subscribe q to t"]
+    assert not (tmp_path / "bus.db").exists()
+
+
+def test_driver_errors_become_transport_errors(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("a file where a directory should be")
+    bus = SQLiteTransport(tmp_path / "not-a-dir" / "bus.db")
+    with pytest.raises(TransportError) as caught:
+        bus.status("q", ["t"])
+    assert caught.value.__cause__ is not None
+    with pytest.raises(PublishError):
+        bus.publish("t", b"x", {})
+
+
+# -- the file ----------------------------------------------------------------------------------
+
+
+def test_wal_mode_is_on(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.close()
+    with sqlite3.connect(tmp_path / "bus.db") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    raw.close()
+
+
+def test_messages_survive_reopening(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.publish_many("t", [(b"kept", {"a": "1"}), (b"leased", {"a": "2"}), (b"dead", {"a": "3"})])
+    consumer = bus.consumer("q", ["t"])
+    kept, _leased, dead = consumer.receive(3, wait_s=0)
+    consumer.release([kept])
+    consumer.dead_letter(dead, "bad")
+    bus.close()
+
+    reopened = SQLiteTransport(tmp_path / "bus.db", clock=lambda: time.time() + DEFAULT_LEASE_S + 1)
+    found = reopened.consumer("q", ["t"]).receive(10, wait_s=0)
+    assert sorted((d.body, d.attempt) for d in found) == [(b"kept", 2), (b"leased", 2)]
+    assert [(r.body, r.reason) for r in reopened.dead_letters("q")] == [(b"dead", "bad")]
+    assert reopened.provision("q", ["t"], []) == []
+    reopened.close()
+
+
+def test_requeue_works_in_chunks(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.publish_many("t", [(str(i).encode(), {}) for i in range(1200)])
+    consumer = bus.consumer("q", ["t"])
+    for delivery in consumer.receive(1000, wait_s=0) + consumer.receive(1000, wait_s=0):
+        consumer.dead_letter(delivery, "x")
+    calls: list[tuple[int, int | None]] = []
+    assert bus.requeue_dead_letters("q", limit=1100, progress=lambda *a: calls.append(a)) == 1100
+    assert calls == [(500, 1100), (1000, 1100), (1100, 1100)]
+    assert bus.status("q", ["t"])[0].depth == 1100
+    bus.close()
+
+
+def test_close_then_use_reconnects(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.close()
+    bus.publish("t", b"after close", {})
+    assert [d.body for d in bus.consumer("q", ["t"]).receive(1, wait_s=0)] == [b"after close"]
+    bus.close()
+
+
+def test_threads_publishing_and_receiving_at_once(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    consumer = bus.consumer("q", ["t"])
+    got: list[bytes] = []
+
+    def publish(start: int) -> None:
+        for i in range(start, start + 200, 20):
+            bus.publish_many("t", [(f"{n:04d}".encode(), {}) for n in range(i, i + 20)])
+
+    def drain() -> None:
+        deadline = time.monotonic() + 10
+        while len(got) < 800 and time.monotonic() < deadline:
+            batch = consumer.receive(50, wait_s=0.1)
+            consumer.ack(batch)
+            got.extend(d.body for d in batch)
+
+    threads = [threading.Thread(target=publish, args=(n * 200,)) for n in range(4)]
+    threads += [threading.Thread(target=drain)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(got) == [f"{n:04d}".encode() for n in range(800)]
+    bus.close()
+
+
+# -- several processes -------------------------------------------------------------------------
+
+_WORKER = """
+import json, pathlib, sys, time
+from hedwig_tasks.transports.sqlite import SQLiteTransport
+
+path, ready, go, out = sys.argv[1:]
+bus = SQLiteTransport(path)
+bus.status("q", ["t"])  # connect before the start line, claiming nothing
+consumer = bus.consumer("q", ["t"])
+pathlib.Path(ready).touch()
+while not pathlib.Path(go).exists():
+    time.sleep(0.005)
+got = []
+while batch := consumer.receive(10, wait_s=0.5):
+    got += [d.body.decode() for d in batch]
+    time.sleep(0.002)  # a handler's worth of work; a bare loop can hold the write lock nearly all the time
+    consumer.ack(batch)
+pathlib.Path(out).write_text(json.dumps(got))
+"""
+
+
+def _wait_for(paths: list[Path], processes: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 30
+    while not all(p.exists() for p in paths):
+        assert all(p.poll() is None for p in processes), "a worker process died"
+        assert time.monotonic() < deadline, "worker processes did not start"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_two_processes_claim_each_message_exactly_once(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    expected = [f"{i:04d}" for i in range(1000)]
+    bus.publish_many("t", [(body.encode(), {}) for body in expected])
+    ready = [tmp_path / "ready-0", tmp_path / "ready-1"]
+    outs = [tmp_path / "out-0.json", tmp_path / "out-1.json"]
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, str(bus.path), str(r), str(go), str(o)])
+        for r, o in zip(ready, outs, strict=True)
+    ]
+    try:
+        _wait_for(ready, processes)
+        go.touch()
+        assert [p.wait(timeout=60) for p in processes] == [0, 0]
+    finally:
+        for process in processes:
+            process.kill()
+    first, second = (json.loads(o.read_text()) for o in outs)
+    assert first and second, "both processes should have claimed some"
+    assert not set(first) & set(second)
+    assert sorted(first + second) == expected
+    assert bus.status("q", ["t"])[0].depth == 0
+    bus.close()

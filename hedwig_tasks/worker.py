@@ -94,6 +94,7 @@ class Worker:
         if unknown:
             raise ValueError(f"not subscribed by any handler of {app.name!r}: {', '.join(sorted(unknown))}")
         self.error_count = 0
+        self.counts: dict[str, int] = {"handled": 0, "retried": 0, "dead_lettered": 0}
         self._consumer: Consumer | None = None
         self._held: dict[int, _Held] = {}
         self._held_lock = threading.Lock()
@@ -275,6 +276,10 @@ class Worker:
             if keep:
                 self._settle("extend lease", self._consumer.extend_lease, keep, self.lease_s)
 
+    def _tally(self, outcome: str) -> None:
+        with self._held_lock:
+            self.counts[outcome] += 1
+
     def _settle(self, what: str, action: Any, *args: Any) -> None:
         try:
             action(*args)
@@ -337,6 +342,7 @@ class Worker:
         attempt = message.delivery.attempt if message.delivery else 1
         tag = f"{message.type} {message.version} id={message.id} attempt={attempt} in {duration_s * 1000:.1f}ms"
         if error is None or isinstance(error, Ignore):
+            self._tally("handled")
             signals.send(signals.handler_succeeded, self.app, message=message, handler=handler, duration_s=duration_s)
             logger.info("handled %s%s", tag, " (ignored)" if error else "")
             return
@@ -355,6 +361,7 @@ class Worker:
         elif outcome.action == "retry":
             delay_s = outcome.delay_s
             self._settle("retry", self._consumer.retry_later, delivery, delay_s)
+            self._tally("retried")
             signals.send(
                 signals.handler_retried,
                 self.app,
@@ -372,6 +379,7 @@ class Worker:
         what = f"id={message.id}" if message else f"transport id={delivery.transport_id}"
         logger.error("dead-lettering %s from %s: %s", what, delivery.subscription, reason)
         self._settle("dead letter", self._consumer.dead_letter, delivery, reason)
+        self._tally("dead_lettered")
         signals.send(signals.message_dead_lettered, self.app, message=message, delivery=delivery, reason=reason)
 
     # -- shutdown -----------------------------------------------------------------------------
@@ -395,7 +403,12 @@ class Worker:
                 thread.join(5.0)
         self._consumer.close()
         signals.send(signals.worker_shutdown, self.app, worker=self)
-        logger.info("worker %s stopped (%s)", self.app.name, reason)
+        logger.info(
+            "worker %s stopped (%s): %d handled, %d retried, %d dead-lettered",
+            self.app.name,
+            reason,
+            *self.counts.values(),
+        )
 
     def _release(self, *, running: bool) -> None:
         assert self._consumer is not None

@@ -18,7 +18,12 @@ hedwig = Hedwig("quickstart", schema=Path(__file__).with_name("schema.json"))
 @hedwig.handler("user-created", "1.*")
 def welcome(message: Message) -> None:
     """A user signed up: ask for a welcome e-mail (another message, so it retries on its own)."""
-    send_email.publish(to=message.data["email"], subject="Welcome!", template="welcome")
+    send_email.publish(
+        to=message.data["email"],
+        subject="Welcome!",
+        template="welcome",
+        headers={"request_id": message.headers.get("request_id", message.id)},
+    )
 
 
 @hedwig.handler("send_email", "1.*", retry=RetryPolicy(max_retries=3, backoff_s=1.0))

@@ -25,7 +25,7 @@ from typing import Any
 
 from hedwig_tasks import signals
 from hedwig_tasks.app import Hedwig
-from hedwig_tasks.exceptions import DecodeError, HandlerNotFound, Ignore, TransportError
+from hedwig_tasks.exceptions import ConfigurationError, DecodeError, HandlerNotFound, Ignore, TransportError
 from hedwig_tasks.handler import Handler
 from hedwig_tasks.message import Message
 from hedwig_tasks.retry import Outcome, decide
@@ -69,11 +69,13 @@ class WorkerOptions:
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+            raise ConfigurationError(f"concurrency must be 1 or more, got {self.concurrency}")
         if self.prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
-        if (self.lease_s is not None and self.lease_s <= 0) or self.wait_s < 0 or self.shutdown_timeout_s < 0:
-            raise ValueError("lease_s must be > 0; wait_s and shutdown_timeout_s >= 0")
+            raise ConfigurationError(f"prefetch must be 0 or more, got {self.prefetch}")
+        if self.lease_s is not None and self.lease_s <= 0:
+            raise ConfigurationError(f"lease_s must be more than 0, got {self.lease_s}")
+        if self.wait_s < 0 or self.shutdown_timeout_s < 0:
+            raise ConfigurationError("wait_s and shutdown_timeout_s must be 0 or more")
 
 
 @dataclasses.dataclass
@@ -92,7 +94,10 @@ class Worker:
         self.topics = list(self.options.topics or app.subscribed_topics())
         unknown = set(self.topics) - set(app.subscribed_topics())
         if unknown:
-            raise ValueError(f"not subscribed by any handler of {app.name!r}: {', '.join(sorted(unknown))}")
+            raise ConfigurationError(
+                f"no handler of {app.name!r} consumes {', '.join(sorted(unknown))}; "
+                f"its topics are {', '.join(app.subscribed_topics())}"
+            )
         self.error_count = 0
         self.counts: dict[str, int] = {"handled": 0, "retried": 0, "dead_lettered": 0}
         self._consumer: Consumer | None = None

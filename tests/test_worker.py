@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import SCHEMA_FILE
 
-from hedwig_tasks import DeadLetter, Hedwig, Ignore, Message, Retry, RetryPolicy, signals
+from hedwig_tasks import ConfigurationError, DeadLetter, Hedwig, Ignore, Message, Retry, RetryPolicy, signals
 from hedwig_tasks.transports.memory import MemoryTransport
 from hedwig_tasks.worker import Worker, WorkerOptions
 
@@ -348,5 +348,7 @@ def test_signals_of_a_run() -> None:
 def test_unknown_subscription_is_refused() -> None:
     app = make_app()
     app.handler("user-created", "1.*")(lambda m: None)
-    with pytest.raises(ValueError, match="not subscribed"):
+    with pytest.raises(ConfigurationError, match="no handler of 'svc' consumes nope; its topics are user-created-v1"):
         Worker(app, WorkerOptions(topics=["nope"]))
+    with pytest.raises(ConfigurationError, match="concurrency must be 1 or more"):
+        WorkerOptions(concurrency=0)

@@ -146,7 +146,8 @@ class Worker:
         transport = self.app.transport
         if getattr(transport, "scheme", "") in ("memory", "sqlite"):
             self.app.provision()
-        return transport.consumer(self.app.queue, self.topics)
+        held = self.options.concurrency + self.options.prefetch
+        return transport.consumer(self.app.queue, self.topics, max_outstanding=held)
 
     def _receive_loop(self) -> str:
         assert self._consumer is not None

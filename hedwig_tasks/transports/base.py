@@ -143,8 +143,12 @@ class Transport(abc.ABC):
         return [self.publish(topic, body, attributes, owner=owner) for body, attributes in messages]
 
     @abc.abstractmethod
-    def consumer(self, queue: str, topics: Sequence[str]) -> Consumer:
-        """A consumer of ``queue``'s subscriptions to ``topics``."""
+    def consumer(self, queue: str, topics: Sequence[str], *, max_outstanding: int | None = None) -> Consumer:
+        """A consumer of ``queue``'s subscriptions to ``topics``.
+
+        ``max_outstanding`` is the most deliveries the caller will hold unsettled at once; a
+        transport that pushes messages (streaming pull) must not lease more than that.
+        """
 
     @abc.abstractmethod
     def provision(

@@ -80,7 +80,7 @@ class MemoryTransport(Transport):
             self._cond.notify_all()
         return message_id
 
-    def consumer(self, queue: str, topics: Sequence[str]) -> MemoryConsumer:
+    def consumer(self, queue: str, topics: Sequence[str], *, max_outstanding: int | None = None) -> MemoryConsumer:
         return MemoryConsumer(self, queue, [_subscription(queue, t) for t in topics])
 
     def provision(

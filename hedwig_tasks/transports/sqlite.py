@@ -318,7 +318,7 @@ class SQLiteTransport(Transport):
 
     # -- administration ---------------------------------------------------------------------
 
-    def consumer(self, queue: str, topics: Sequence[str]) -> SQLiteConsumer:
+    def consumer(self, queue: str, topics: Sequence[str], *, max_outstanding: int | None = None) -> SQLiteConsumer:
         return SQLiteConsumer(self, queue, [_subscription(queue, t) for t in topics])
 
     def provision(

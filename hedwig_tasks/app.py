@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from hedwig_tasks.transports import DEFAULT_URL, from_url
 from hedwig_tasks.transports.base import Transport
 from hedwig_tasks.validators.base import Encoded, Validator, from_transport, to_transport
 
-__all__ = ["Hedwig"]
+__all__ = ["Hedwig", "Hooks"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,25 @@ def _validator_for(schema: Any) -> Validator:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """Hedwig's process hooks, for services migrating from it. Each is optional.
+
+    * ``pre_process(delivery=...)`` runs before a message is decoded; if it raises, the
+      message is retried later instead of handled.
+    * ``post_process(delivery=..., message=...)`` runs after a handler succeeded, before the
+      acknowledgement; if it raises, the error is logged and the message still acknowledged
+      (the handler is never run twice for it).
+    * ``heartbeat(error_count=...)`` runs from the receive loop at most every
+      ``heartbeat_interval_s``; what it raises is logged.
+    """
+
+    pre_process: Callable[..., Any] | None = None
+    post_process: Callable[..., Any] | None = None
+    heartbeat: Callable[..., Any] | None = None
+    heartbeat_interval_s: float = 15.0
+
+
 class Hedwig:
     """One service on the bus.
 
@@ -57,7 +77,9 @@ class Hedwig:
     a protobuf module (or list of message classes), or a ready :class:`Validator`.
     ``transport`` is a URL or a :class:`Transport`; by default ``$HEDWIG_TRANSPORT_URL`` at
     first use, else the embedded bus ``sqlite:///.hedwig/bus.db``. ``container`` publishes
-    Hedwig's container form instead of transport attributes. Nothing connects until used.
+    Hedwig's container form instead of transport attributes. ``subscriptions`` names the
+    topics to consume when they are not simply those of the handlers. Nothing connects until
+    used.
     """
 
     def __init__(
@@ -74,6 +96,8 @@ class Hedwig:
         default_headers: DefaultHeaders = None,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         eager: bool = False,
+        subscriptions: Sequence[str] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name: expected the service's name, got {name!r}")
@@ -87,6 +111,8 @@ class Hedwig:
         self.default_headers = default_headers
         self.retry = retry
         self.eager = eager
+        self.subscriptions = list(subscriptions) if subscriptions is not None else None
+        self.hooks = hooks or Hooks()
         self._transport_spec = transport
         self._transport: Transport | None = transport if isinstance(transport, Transport) else None
         self._provisioned: set[str] = set()
@@ -114,8 +140,19 @@ class Hedwig:
         return self._transport
 
     def subscribed_topics(self) -> list[str]:
-        """The topics this app's handlers consume, in registration order."""
-        return list(dict.fromkeys(self.router.topic_for(t, m) for t, m in self.registry.keys()))
+        """The topics this app consumes: ``subscriptions`` if given, else its handlers' topics.
+
+        Raises :class:`ConfigurationError` naming a handled type that has no route.
+        """
+        if self.subscriptions is not None:
+            return list(self.subscriptions)
+        topics = []
+        for message_type, major in self.registry.keys():
+            try:
+                topics.append(self.router.topic_for(message_type, major))
+            except RoutingError as exc:
+                raise ConfigurationError(f"cannot subscribe to what the handlers take: {exc}") from None
+        return list(dict.fromkeys(topics))
 
     def published_topics(self) -> list[str]:
         """Every topic a message of the schema may be published to (unrouted and cross-owner left out)."""
@@ -183,10 +220,17 @@ class Hedwig:
     def message(
         self, message_type: str, version: VersionLike, data: Any, headers: Mapping[str, str] | None = None
     ) -> Message:
-        """A new message from this app, default headers merged under ``headers``."""
-        message = Message.new(message_type, version, data, publisher=self.publisher)
-        defaults = self.default_headers(message) if callable(self.default_headers) else self.default_headers
-        return message.with_headers({**(defaults or {}), **(headers or {})})
+        """A new message from this app."""
+        return Message.new(message_type, version, data, headers, publisher=self.publisher)
+
+    def _complete(self, message: Message) -> Message:
+        """Fill in what the app adds at publish: its publisher name and default headers."""
+        if not message.publisher and self.publisher:
+            message = message.with_metadata(publisher=self.publisher)
+        if self.default_headers:
+            defaults = self.default_headers(message) if callable(self.default_headers) else self.default_headers
+            message = message.with_metadata(headers={**defaults, **message.headers})
+        return message
 
     def publish(
         self, message_type: str, version: VersionLike, data: Any, headers: Mapping[str, str] | None = None
@@ -198,7 +242,8 @@ class Hedwig:
         return self.publish_message(self.message(message_type, version, data, headers))
 
     def publish_message(self, message: Message) -> Message:
-        """Send a ready :class:`Message` (from :meth:`message` or ``Message.new``)."""
+        """Send a ready :class:`Message` (from :meth:`message` or ``Message.new``); returns it as sent."""
+        message = self._complete(message)
         encoded = self.validator.encode(message, container=self.container)
         route = self.router.route(message.type, message.major_version)
         signals.send(signals.before_publish, self, message=message, topic=route.topic)

@@ -76,8 +76,23 @@ def load_app(spec: str) -> Hedwig:
     return next(iter(apps.values()))
 
 
+def app_from_settings(settings_module: str | None) -> Hedwig:
+    """The app Hedwig-style settings describe: ``--settings``, ``$SETTINGS_MODULE`` or Django's."""
+    if settings_module:
+        os.environ["SETTINGS_MODULE"] = settings_module
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if not os.environ.get("SETTINGS_MODULE") and os.environ.get("DJANGO_SETTINGS_MODULE"):
+        import django
+
+        django.setup()  # runs the app config, which builds the app and discovers handlers
+    from hedwig_tasks.conf import default_app
+
+    return default_app()
+
+
 def _app_of(args: argparse.Namespace) -> Hedwig:
-    app = load_app(args.app)
+    app = load_app(args.app) if args.app else app_from_settings(args.settings)
     if getattr(args, "transport", None):
         app._transport_spec, app._transport = args.transport, None
     return app
@@ -194,7 +209,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-A", "--app", required=True, metavar="MODULE[:ATTR]", help="the module holding the Hedwig app")
+    parser.add_argument("-A", "--app", metavar="MODULE[:ATTR]", help="the module holding the Hedwig app")
+    parser.add_argument(
+        "--settings",
+        metavar="MODULE",
+        help="without -A: build the app from Hedwig settings in MODULE "
+        "(default: $SETTINGS_MODULE, else Django's $DJANGO_SETTINGS_MODULE)",
+    )
     parser.add_argument("--transport", metavar="URL", help="override the app's transport URL")
     parser.add_argument(
         "-l", "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]

@@ -8,7 +8,10 @@ import time
 import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hedwig_tasks.app import Hedwig
 
 __all__ = ["Message", "Metadata", "Version", "VersionLike"]
 
@@ -148,6 +151,19 @@ class Message:
     def delivery(self) -> Any:
         """The transport delivery this message came in, or None for one built locally."""
         return self.metadata.delivery
+
+    def publish(self, app: Hedwig | None = None) -> Message:
+        """Publish through ``app``, or, as in Hedwig, through the app built from settings.
+
+        Returns the message as sent (with the app's publisher and default headers). Raises
+        ``ValidationError``, ``RoutingError``, ``PublishError`` or, with no app and no settings,
+        ``ConfigurationError``.
+        """
+        if app is None:
+            from hedwig_tasks.conf import default_app
+
+            app = default_app()
+        return app.publish_message(self)
 
     def with_headers(self, headers: Mapping[str, str]) -> Message:
         """A copy whose headers are these merged over the current ones."""

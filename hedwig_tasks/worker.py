@@ -111,6 +111,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
         self._last_heartbeat = 0.0
+        self._last_hook_beat = 0.0
         self.lease_s = self.options.lease_s or getattr(app.transport, "lease_s", None) or DEFAULT_LEASE_S
         signals.send(signals.worker_init, app, worker=self)
 
@@ -212,6 +213,20 @@ class Worker:
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
             self._last_heartbeat = now
             signals.send(signals.heartbeat, self.app, worker=self, error_count=self.error_count, held=self.held)
+        hooks = self.app.hooks
+        if hooks.heartbeat and now - self._last_hook_beat >= hooks.heartbeat_interval_s:
+            self._last_hook_beat = now
+            self._call_hook("heartbeat", hooks.heartbeat, error_count=self.error_count)
+
+    def _call_hook(self, name: str, hook: Any, **kwargs: Any) -> bool:
+        """Run a Hedwig-style hook; False (and a log line) if it raised."""
+        try:
+            hook(**kwargs)
+        except Exception:
+            self.error_count += 1
+            logger.exception("%s hook raised", name)
+            return False
+        return True
 
     # -- threads ------------------------------------------------------------------------------
 
@@ -299,6 +314,10 @@ class Worker:
         assert self._consumer is not None
         app = self.app
         signals.send(signals.message_received, app, delivery=delivery)
+        pre = app.hooks.pre_process
+        if pre and not self._call_hook("pre-process", pre, delivery=delivery):
+            self._settle("retry", self._consumer.retry_later, delivery, app.retry.backoff(delivery.attempt))
+            return
         message = self._decode(delivery)
         if message is None:
             return
@@ -363,6 +382,9 @@ class Worker:
     def _carry_out(self, outcome: Outcome, delivery: Delivery, message: Message) -> None:
         assert self._consumer is not None
         if outcome.action == "ack":
+            post = self.app.hooks.post_process
+            if post:
+                self._call_hook("post-process", post, delivery=delivery, message=message)
             self._acks.put(delivery)
         elif outcome.action == "retry":
             delay_s = outcome.delay_s

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from hedwig_tasks.exceptions import ConfigurationError
 from hedwig_tasks.transports.base import Transport
 
-__all__ = ["DEFAULT_URL", "TRANSPORT_ALIASES", "from_url"]
+__all__ = ["DEFAULT_URL", "TRANSPORT_ALIASES", "from_url", "transport_class"]
 
 #: The transport used when none is configured: the embedded bus under the working directory.
 DEFAULT_URL = "sqlite:///.hedwig/bus.db"
@@ -25,18 +25,17 @@ TRANSPORT_ALIASES: dict[str, tuple[str, str | None]] = {
 }
 
 
-def from_url(url: str) -> Transport:
-    """Build the transport a URL names.
+def transport_class(scheme: str, *, url: str | None = None) -> type[Transport]:
+    """The transport class of a URL scheme, imported now.
 
     Raises :class:`ConfigurationError` for an unknown scheme (suggesting the nearest) or a
     missing SDK (naming the extra to install).
     """
-    scheme = urlsplit(url).scheme
     if scheme not in TRANSPORT_ALIASES:
         close = difflib.get_close_matches(scheme, TRANSPORT_ALIASES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         known = ", ".join(sorted(TRANSPORT_ALIASES))
-        raise ConfigurationError(f"unknown transport {scheme!r} in {url!r} (known: {known}){hint}")
+        raise ConfigurationError(f"unknown transport {scheme!r} in {url or scheme!r} (known: {known}){hint}")
     target, extra = TRANSPORT_ALIASES[scheme]
     module_name, _, class_name = target.partition(":")
     try:
@@ -48,4 +47,9 @@ def from_url(url: str) -> Transport:
             f"the {scheme!r} transport needs {exc.name!r}: pip install 'hedwig-tasks[{extra}]'"
         ) from exc
     cls: type[Transport] = getattr(module, class_name)
-    return cls.from_url(url)
+    return cls
+
+
+def from_url(url: str) -> Transport:
+    """Build the transport a URL names; :class:`ConfigurationError` for a bad scheme or option."""
+    return transport_class(urlsplit(url).scheme, url=url).from_url(url)

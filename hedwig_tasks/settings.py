@@ -1,0 +1,130 @@
+"""Hedwig's settings, read as Hedwig documents them, and the app they describe.
+
+A service configured for Hedwig (``HEDWIG_CALLBACKS``, ``HEDWIG_QUEUE``,
+``HEDWIG_MESSAGE_ROUTING``, ``HEDWIG_JSONSCHEMA_FILE``, ``AWS_*``, ...) gets the same behaviour
+from :func:`build_app`. Every ``HEDWIG_*`` name is checked: a misspelt one, or one whose
+feature hedwig-tasks does not have, fails at start-up naming it. ``AWS_*`` and ``GOOGLE_*``
+names that Hedwig does not define are left alone, since other libraries use those prefixes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+from hedwig_tasks.exceptions import ConfigurationError
+
+__all__ = ["SUPPORTED", "UNSUPPORTED", "HedwigSettings", "import_string"]
+
+#: Every setting understood, with its default.
+SUPPORTED: dict[str, Any] = {
+    "HEDWIG_CALLBACKS": {},
+    "HEDWIG_QUEUE": None,
+    "HEDWIG_MESSAGE_ROUTING": {},
+    "HEDWIG_JSONSCHEMA_FILE": None,
+    "HEDWIG_PROTOBUF_MESSAGES": None,
+    "HEDWIG_DATA_VALIDATOR_CLASS": "hedwig.validators.jsonschema.JSONSchemaValidator",
+    "HEDWIG_CONSUMER_BACKEND": None,
+    "HEDWIG_PUBLISHER_BACKEND": None,
+    "HEDWIG_SUBSCRIPTIONS": [],
+    "HEDWIG_PUBLISHER": None,
+    "HEDWIG_USE_TRANSPORT_MESSAGE_ATTRIBUTES": True,
+    "HEDWIG_DEFAULT_HEADERS": None,
+    "HEDWIG_PRE_PROCESS_HOOK": None,
+    "HEDWIG_POST_PROCESS_HOOK": None,
+    "HEDWIG_HEARTBEAT_HOOK": None,
+    "HEDWIG_HEARTBEAT_INTERVAL_S": 15.0,
+    "HEDWIG_SYNC": False,
+    "HEDWIG_VISIBILITY_TIMEOUT_S": None,
+    "HEDWIG_MAX_DELIVERY_ATTEMPTS": None,
+    "HEDWIG_TRANSPORT_URL": None,
+    "AWS_REGION": None,
+    "AWS_ACCOUNT_ID": None,
+    "AWS_ACCESS_KEY": None,
+    "AWS_SECRET_KEY": None,
+    "AWS_SESSION_TOKEN": None,
+    "AWS_ENDPOINT_SNS": None,
+    "AWS_ENDPOINT_SQS": None,
+    "AWS_CONNECT_TIMEOUT_S": 2.0,
+    "AWS_READ_TIMEOUT_S": 2.0,
+    "GOOGLE_CLOUD_PROJECT": None,
+    "GOOGLE_APPLICATION_CREDENTIALS": None,
+    "GOOGLE_PUBSUB_MAX_LEASE_DURATION_S": 3600.0,
+}
+
+#: Hedwig settings whose feature hedwig-tasks does not have, with what to do instead.
+UNSUPPORTED: dict[str, str] = {
+    "HEDWIG_HEARTBEAT_INACTIVITY_RESET_S": "the heartbeat hook gets the live error count; reset it in the hook",
+    "HEDWIG_PUBLISHER_GCP_BATCH_SETTINGS": "set the batching options on the gcp:// transport URL",
+    "GOOGLE_PUBSUB_READ_TIMEOUT_S": "requeue uses the transport's own timeouts",
+    "REDIS_URL": "Hedwig's Redis Streams backend is not supported; use a redis:// transport URL (Kombu)",
+}
+
+_SECRET = ("SECRET", "TOKEN", "ACCESS_KEY", "CREDENTIALS")
+
+
+def import_string(value: Any, setting: str) -> Any:
+    """The object a dotted path names, or ``value`` itself when it is not a string."""
+    if not isinstance(value, str):
+        return value
+    module_name, _, attribute = value.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigurationError(f"{setting}: cannot import {value!r}: {exc}") from None
+
+
+def _names_of(source: Any) -> list[str]:
+    if isinstance(source, Mapping):
+        return [k for k in source if isinstance(k, str)]
+    return [name for name in dir(source) if not name.startswith("_")]
+
+
+def _value_of(source: Any, name: str) -> Any:
+    return source[name] if isinstance(source, Mapping) else getattr(source, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class HedwigSettings:
+    """The Hedwig settings found in one source (a module, Django settings, Flask config, object)."""
+
+    values: Mapping[str, Any]
+
+    @classmethod
+    def read(cls, source: Any) -> HedwigSettings:
+        """Read and check ``source``; :class:`ConfigurationError` names an unknown or unsupported setting."""
+        values: dict[str, Any] = {}
+        for name in _names_of(source):
+            upper = name.upper()
+            if upper in SUPPORTED:
+                values[upper] = _value_of(source, name)
+            elif upper in UNSUPPORTED:
+                raise ConfigurationError(f"{upper} is not supported by hedwig-tasks: {UNSUPPORTED[upper]}")
+            elif upper.startswith("HEDWIG_"):
+                close = difflib.get_close_matches(upper, SUPPORTED, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigurationError(f"unknown setting {upper}{hint}")
+        return cls(values)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values.get(name, SUPPORTED[name])
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if any(s in k for s in _SECRET) and v else v) for k, v in self.values.items()}
+        return f"HedwigSettings({shown!r})"
+
+    def callable_setting(self, name: str) -> Callable[..., Any] | None:
+        value = import_string(self[name], name)
+        if value is not None and not callable(value):
+            raise ConfigurationError(f"{name}: expected a function or its dotted path, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def module_or_classes(self, name: str) -> list[Any]:
+        items = self[name] or []
+        if isinstance(items, (str, ModuleType)):
+            items = [items]
+        return [import_string(item, name) for item in items]

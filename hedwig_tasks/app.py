@@ -14,10 +14,11 @@ from typing import Any
 from hedwig_tasks import signals
 from hedwig_tasks.exceptions import ConfigurationError, HandlerNotFound, RoutingError
 from hedwig_tasks.handler import Handler
+from hedwig_tasks.instrumentation import Tracing
 from hedwig_tasks.message import Message, VersionLike
 from hedwig_tasks.registry import Registry, parse_majors
 from hedwig_tasks.retry import DEFAULT_RETRY_POLICY, RetryPolicy
-from hedwig_tasks.routing import DEFAULT_TOPIC, Router
+from hedwig_tasks.routing import DEFAULT_TOPIC, Route, Router
 from hedwig_tasks.transports import DEFAULT_URL, from_url
 from hedwig_tasks.transports.base import Transport
 from hedwig_tasks.validators.base import Encoded, Validator, from_transport, to_transport
@@ -98,6 +99,7 @@ class Hedwig:
         eager: bool = False,
         subscriptions: Sequence[str] | None = None,
         hooks: Hooks | None = None,
+        tracing: bool = True,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name: expected the service's name, got {name!r}")
@@ -113,6 +115,7 @@ class Hedwig:
         self.eager = eager
         self.subscriptions = list(subscriptions) if subscriptions is not None else None
         self.hooks = hooks or Hooks()
+        self.tracing = Tracing(enabled=tracing)
         self._transport_spec = transport
         self._transport: Transport | None = transport if isinstance(transport, Transport) else None
         self._provisioned: set[str] = set()
@@ -244,19 +247,25 @@ class Hedwig:
     def publish_message(self, message: Message) -> Message:
         """Send a ready :class:`Message` (from :meth:`message` or ``Message.new``); returns it as sent."""
         message = self._complete(message)
-        encoded = self.validator.encode(message, container=self.container)
         route = self.router.route(message.type, message.major_version)
-        signals.send(signals.before_publish, self, message=message, topic=route.topic)
-        if self.eager:
-            self._run_eagerly(encoded)
-            transport_id = "eager"
-        else:
-            self._ensure_topic(route.topic)
-            body, attributes = to_transport(encoded, text_only=self.transport.capabilities.text_only)
-            transport_id = self.transport.publish(route.topic, body, attributes, owner=route.owner)
-            logger.debug("published %s %s id=%s to %s", message.type, message.version, message.id, route.topic)
+        with self.tracing.publishing(message, route.topic, self.transport.scheme) as trace_headers:
+            if trace_headers:
+                message = message.with_headers(trace_headers)
+            encoded = self.validator.encode(message, container=self.container)
+            signals.send(signals.before_publish, self, message=message, topic=route.topic)
+            transport_id = self._send(message, encoded, route)
         signals.send(signals.after_publish, self, message=message, topic=route.topic, transport_id=transport_id)
         return message
+
+    def _send(self, message: Message, encoded: Encoded, route: Route) -> str:
+        if self.eager:
+            self._run_eagerly(encoded)
+            return "eager"
+        self._ensure_topic(route.topic)
+        body, attributes = to_transport(encoded, text_only=self.transport.capabilities.text_only)
+        transport_id = self.transport.publish(route.topic, body, attributes, owner=route.owner)
+        logger.debug("published %s %s id=%s to %s", message.type, message.version, message.id, route.topic)
+        return transport_id
 
     def _run_eagerly(self, encoded: Encoded) -> None:
         # The same round trip a worker sees, so schema and encoding errors surface in tests.

@@ -13,12 +13,15 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
 from hedwig_tasks.app import Hedwig
 from hedwig_tasks.exceptions import HedwigError
+from hedwig_tasks.health import ProbeServer, Route, health_routes
+from hedwig_tasks.metrics import Metrics
 from hedwig_tasks.transports.base import DeadLetterRecord
 from hedwig_tasks.worker import (
     DEFAULT_CONCURRENCY,
@@ -31,6 +34,8 @@ from hedwig_tasks.worker import (
 __all__ = ["main"]
 
 logger = logging.getLogger("hedwig_tasks")
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 EXIT_OK = 0
 EXIT_CONFIG = 1  # the app, a setting or the schema is wrong
@@ -127,8 +132,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {app.name!r} has no handlers; nothing to consume")
     worker = Worker(app, options)
     _install_signals(worker)
-    worker.run()
+    servers = _probe_servers(args, worker)
+    try:
+        worker.run()
+    finally:
+        for server in servers:
+            server.close()
     return EXIT_OK
+
+
+def _probe_servers(args: argparse.Namespace, worker: Worker) -> list[ProbeServer]:
+    """The /metrics and /healthz, /readyz servers asked for (one server when the ports agree)."""
+    by_port: dict[int, dict[str, Route]] = {}
+    if args.metrics_port is not None:
+        metrics = Metrics(worker.app, worker)
+        by_port.setdefault(args.metrics_port, {})["/metrics"] = lambda: (200, PROMETHEUS_TEXT, metrics.render())
+    if args.health_port is not None:
+        by_port.setdefault(args.health_port, {}).update(health_routes(worker))
+    servers = []
+    for port, routes in by_port.items():
+        server = ProbeServer(routes, port=port, host=args.probe_host)
+        logger.info("serving %s on port %d", ", ".join(sorted(routes)), server.port)
+        servers.append(server)
+    return servers
 
 
 # -- publish, provision, status, dlq --------------------------------------------------------------
@@ -220,6 +246,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-l", "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="log lines as text or JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long running handlers may finish after SIGTERM (%(default)s)",
     )
+    worker.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on /metrics")
+    worker.add_argument("--health-port", type=int, metavar="PORT", help="serve /healthz (liveness) and /readyz")
+    worker.add_argument(
+        "--probe-host",
+        default="0.0.0.0",  # noqa: S104 - probes are reached from outside the pod
+        metavar="HOST",
+        help="address to serve those on (%(default)s)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     publish = commands.add_parser("publish", help="validate and publish one message")
@@ -282,11 +317,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Fields a log record may carry (through ``extra=``) that the JSON format writes out.
+LOG_FIELDS = (
+    "message_id",
+    "message_type",
+    "message_version",
+    "attempt",
+    "duration_ms",
+    "outcome",
+    "retry_in_s",
+    "subscription",
+    "transport_id",
+)
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the message fields, any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({name: getattr(record, name) for name in LOG_FIELDS if hasattr(record, name)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        formatter: logging.Formatter = JSONFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "dlq" and args.action == "list" and args.limit is None:
         args.limit = 100
-    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    _configure_logging(args.loglevel, args.log_format)
     try:
         code: int = args.func(args)
     except HedwigError as exc:

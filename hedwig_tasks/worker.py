@@ -27,6 +27,7 @@ from hedwig_tasks import signals
 from hedwig_tasks.app import Hedwig
 from hedwig_tasks.exceptions import ConfigurationError, DecodeError, HandlerNotFound, Ignore, TransportError
 from hedwig_tasks.handler import Handler
+from hedwig_tasks.instrumentation import Tracing
 from hedwig_tasks.message import Message
 from hedwig_tasks.retry import Outcome, decide
 from hedwig_tasks.transports.base import Consumer, Delivery
@@ -111,6 +112,8 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._local = threading.local()
         self._last_heartbeat = 0.0
+        self.last_beat = time.monotonic()  #: when the receive loop last came round
+        self.ready = False  #: connected and consuming
         self._last_hook_beat = 0.0
         self.lease_s = self.options.lease_s or getattr(app.transport, "lease_s", None) or DEFAULT_LEASE_S
         signals.send(signals.worker_init, app, worker=self)
@@ -123,6 +126,22 @@ class Worker:
         with self._held_lock:
             return len(self._held)
 
+    @property
+    def running(self) -> int:
+        """Deliveries whose handler is running."""
+        with self._held_lock:
+            return sum(1 for h in self._held.values() if h.running)
+
+    @property
+    def buffered(self) -> int:
+        """Deliveries received and waiting for a handler thread."""
+        with self._held_lock:
+            return sum(1 for h in self._held.values() if not h.running)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """Ask the worker to shut down gracefully; a second call stops waiting for handlers."""
         if self._stopping.is_set():
@@ -133,6 +152,7 @@ class Worker:
         """Consume until stopped. Raises ``TransportError`` if the first receive fails."""
         self._consumer = self._connect()
         self._start_threads()
+        self.ready = True
         signals.send(signals.worker_ready, self.app, worker=self)
         logger.info("worker %s ready: consuming %s", self.app.name, ", ".join(self.topics))
         reason = "signal"
@@ -209,7 +229,7 @@ class Worker:
         return all(not s.depth and not s.in_flight for s in statuses)
 
     def _beat(self) -> None:
-        now = time.monotonic()
+        now = self.last_beat = time.monotonic()
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
             self._last_heartbeat = now
             signals.send(signals.heartbeat, self.app, worker=self, error_count=self.error_count, held=self.held)
@@ -311,35 +331,36 @@ class Worker:
     # -- one message --------------------------------------------------------------------------
 
     def _process(self, delivery: Delivery) -> None:
+        with self.app.tracing.processing(delivery, self.app.transport.scheme) as span:
+            action, error, reason = self._handle(delivery, span)
+            Tracing.outcome(span, action, error, reason)
+
+    def _handle(self, delivery: Delivery, span: Any) -> tuple[str, BaseException | None, str]:
+        """Decode, dispatch and settle one delivery; returns (action, error, reason) for its span."""
         assert self._consumer is not None
         app = self.app
         signals.send(signals.message_received, app, delivery=delivery)
         pre = app.hooks.pre_process
         if pre and not self._call_hook("pre-process", pre, delivery=delivery):
             self._settle("retry", self._consumer.retry_later, delivery, app.retry.backoff(delivery.attempt))
-            return
-        message = self._decode(delivery)
-        if message is None:
-            return
+            return "retry", None, "pre-process hook raised"
+        try:
+            body = from_transport(delivery.body, delivery.attributes)
+            message = app.validator.decode(body, delivery.attributes).with_metadata(delivery=delivery)
+        except DecodeError as exc:
+            signals.send(signals.message_invalid, app, delivery=delivery, error=exc)
+            self._dead_letter(delivery, None, f"invalid message: {exc}")
+            return "dead_letter", exc, f"invalid message: {exc}"
+        Tracing.describe(span, message)
         try:
             handler = app.handler_for(message)
         except HandlerNotFound as exc:
             signals.send(signals.message_unknown, app, message=message)
             self._dead_letter(delivery, message, str(exc))
-            return
-        self._run(handler, message, delivery)
+            return "dead_letter", None, str(exc)
+        return self._run(handler, message, delivery)
 
-    def _decode(self, delivery: Delivery) -> Message | None:
-        try:
-            body = from_transport(delivery.body, delivery.attributes)
-            message = self.app.validator.decode(body, delivery.attributes)
-        except DecodeError as exc:
-            signals.send(signals.message_invalid, self.app, delivery=delivery, error=exc)
-            self._dead_letter(delivery, None, f"invalid message: {exc}")
-            return None
-        return message.with_metadata(delivery=delivery)
-
-    def _run(self, handler: Handler, message: Message, delivery: Delivery) -> None:
+    def _run(self, handler: Handler, message: Message, delivery: Delivery) -> tuple[str, BaseException | None, str]:
         signals.send(signals.handler_started, self.app, message=message, handler=handler)
         started = time.perf_counter()
         error: Exception | None = None
@@ -354,6 +375,7 @@ class Worker:
         outcome = decide(handler.retry_policy, error, delivery.attempt)
         self._report(handler, message, error, duration_s, outcome)
         self._carry_out(outcome, delivery, message)
+        return outcome.action, error, outcome.reason
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
@@ -366,18 +388,27 @@ class Worker:
     ) -> None:
         attempt = message.delivery.attempt if message.delivery else 1
         tag = f"{message.type} {message.version} id={message.id} attempt={attempt} in {duration_s * 1000:.1f}ms"
+        fields = {
+            "message_id": message.id,
+            "message_type": message.type,
+            "message_version": str(message.version),
+            "attempt": attempt,
+            "duration_ms": round(duration_s * 1000, 3),
+            "outcome": "ignored" if isinstance(error, Ignore) else outcome.action,
+        }
         if error is None or isinstance(error, Ignore):
             self._tally("handled")
             signals.send(signals.handler_succeeded, self.app, message=message, handler=handler, duration_s=duration_s)
-            logger.info("handled %s%s", tag, " (ignored)" if error else "")
+            logger.info("handled %s%s", tag, " (ignored)" if error else "", extra=fields)
             return
         signals.send(
             signals.handler_failed, self.app, message=message, handler=handler, error=error, duration_s=duration_s
         )
         if outcome.action == "retry":
-            logger.warning("failed %s: %s; retrying in %.1fs", tag, outcome.reason, outcome.delay_s)
+            fields["retry_in_s"] = round(outcome.delay_s, 3)
+            logger.warning("failed %s: %s; retrying in %.1fs", tag, outcome.reason, outcome.delay_s, extra=fields)
         else:
-            logger.error("failed %s: %s", tag, outcome.reason, exc_info=error)
+            logger.error("failed %s: %s", tag, outcome.reason, exc_info=error, extra=fields)
 
     def _carry_out(self, outcome: Outcome, delivery: Delivery, message: Message) -> None:
         assert self._consumer is not None
@@ -405,7 +436,14 @@ class Worker:
     def _dead_letter(self, delivery: Delivery, message: Message | None, reason: str) -> None:
         assert self._consumer is not None
         what = f"id={message.id}" if message else f"transport id={delivery.transport_id}"
-        logger.error("dead-lettering %s from %s: %s", what, delivery.subscription, reason)
+        fields = {
+            "message_id": message.id if message else delivery.attributes.get("hedwig_id", ""),
+            "transport_id": delivery.transport_id,
+            "subscription": delivery.subscription,
+            "attempt": delivery.attempt,
+            "outcome": "dead_letter",
+        }
+        logger.error("dead-lettering %s from %s: %s", what, delivery.subscription, reason, extra=fields)
         self._settle("dead letter", self._consumer.dead_letter, delivery, reason)
         self._tally("dead_lettered")
         signals.send(signals.message_dead_lettered, self.app, message=message, delivery=delivery, reason=reason)

@@ -136,12 +136,13 @@ class JSONSchemaValidator(Validator):
         cls = validator_for(schema, default=Draft4Validator)
         checker = FormatChecker()
         checker.checks("human-uuid")(lambda value: not isinstance(value, str) or bool(_CONTAINER_ID_RE.match(value)))
-        compiled = {}
-        for message_type, major in self._latest:
-            # A $ref into the file keeps relative refs ("#/definitions/...") resolving from its root.
-            pointer = {"$ref": f"{self.root}#/schemas/{message_type}/{major}.*"}
-            compiled[(message_type, major)] = cls(pointer, registry=registry, format_checker=checker)
-        return compiled
+        root = cls(dict(schema), registry=registry, format_checker=checker)
+        # Evolving the file's validator keeps its resolver, so "#/definitions/..." refs inside a
+        # message's schema resolve from the file's root, and a schema without refs costs no lookup.
+        return {
+            (message_type, major): root.evolve(schema=schema["schemas"][message_type][f"{major}.*"])
+            for message_type, major in self._latest
+        }
 
     def known_types(self) -> Iterable[tuple[str, int]]:
         return self._latest.keys()

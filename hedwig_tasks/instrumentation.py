@@ -1,0 +1,100 @@
+"""OpenTelemetry tracing: a producer span per publish, a consumer span per handled message.
+
+Trace context travels in the message headers (``traceparent``, plus ``tracestate`` and
+``baggage`` when set), injected and extracted with the globally configured propagator, as
+Hedwig does, so traces join across hedwig-tasks and authedwig services. Only
+``opentelemetry-api`` is needed; without an SDK configured every call is a no-op and no header
+is added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from hedwig_tasks.message import Message
+from hedwig_tasks.transports.base import Delivery
+
+__all__ = ["Tracing"]
+
+#: ``messaging.system`` for each transport scheme, as the semantic conventions name them.
+MESSAGING_SYSTEMS = {
+    "aws": "aws_sqs",
+    "gcp": "gcp_pubsub",
+    "amqp": "rabbitmq",
+    "redis": "redis",
+    "sqlite": "sqlite",
+    "memory": "memory",
+}
+
+
+class Tracing:
+    """Spans for one app. ``enabled=False`` skips all tracing work."""
+
+    def __init__(self, *, enabled: bool = True, tracer_provider: Any = None) -> None:
+        self.enabled = enabled
+        from hedwig_tasks import __version__
+
+        self._tracer = trace.get_tracer("hedwig_tasks", __version__, tracer_provider=tracer_provider)
+
+    @contextlib.contextmanager
+    def publishing(self, message: Message, topic: str, scheme: str) -> Iterator[dict[str, str]]:
+        """A PRODUCER span around one publish; yields the trace headers to send with it."""
+        headers: dict[str, str] = {}
+        if not self.enabled:
+            yield headers
+            return
+        attributes = {
+            "messaging.system": MESSAGING_SYSTEMS.get(scheme, scheme),
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": topic,
+            "messaging.message.id": message.id,
+            "hedwig.message.type": message.type,
+            "hedwig.message.version": str(message.version),
+        }
+        with self._tracer.start_as_current_span(f"publish {topic}", kind=SpanKind.PRODUCER, attributes=attributes):
+            propagate.inject(headers)
+            yield headers
+
+    @contextlib.contextmanager
+    def processing(self, delivery: Delivery, scheme: str) -> Iterator[Span | None]:
+        """A CONSUMER span around the handling of one delivery, child of the publisher's span."""
+        if not self.enabled:
+            yield None
+            return
+        parent = propagate.extract(dict(delivery.attributes))
+        attributes = {
+            "messaging.system": MESSAGING_SYSTEMS.get(scheme, scheme),
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.subscription.name": delivery.subscription,
+            "messaging.message.id": delivery.attributes.get("hedwig_id", delivery.transport_id),
+            "messaging.message.delivery_attempt": delivery.attempt,
+        }
+        name = f"process {delivery.subscription}"
+        with self._tracer.start_as_current_span(
+            name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes, record_exception=False
+        ) as span:
+            yield span
+
+    @staticmethod
+    def describe(span: Span | None, message: Message) -> None:
+        """Name the consumer span after the decoded message."""
+        if span is not None and span.is_recording():
+            span.set_attributes({"hedwig.message.type": message.type, "hedwig.message.version": str(message.version)})
+
+    @staticmethod
+    def outcome(span: Span | None, action: str, error: BaseException | None = None, reason: str = "") -> None:
+        """Record how the message ended: ``ack``, ``retry`` or ``dead_letter``, and any error."""
+        if span is None or not span.is_recording():
+            return
+        span.set_attribute("hedwig.outcome", action)
+        if error is not None:
+            span.record_exception(error)
+        if action == "dead_letter" or error is not None:
+            span.set_status(Status(StatusCode.ERROR, reason or str(error)))

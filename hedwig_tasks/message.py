@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 __all__ = ["Message", "Metadata", "Version", "VersionLike"]
 
 _VERSION_RE = re.compile(r"^\s*(\d+)\.(\d+)\s*$")
+_PARSED: dict[str, Version] = {}  # versions seen, by their text: a service meets only a few
+_PARSED_LIMIT = 1024
 
 #: What a version may be given as: ``"1.0"``, ``(1, 0)``, a :class:`Version`, or any object
 #: whose ``str()`` is ``"1.0"`` (such as the seed's ``StrictVersion("1.0")``).
@@ -41,6 +43,10 @@ class Version:
         """
         if isinstance(value, Version):
             return value
+        if isinstance(value, str):
+            known = _PARSED.get(value)
+            if known is not None:
+                return known
         if isinstance(value, tuple) and len(value) == 2:
             major, minor = value
             if isinstance(major, int) and isinstance(minor, int):
@@ -49,7 +55,10 @@ class Version:
         match = _VERSION_RE.match(str(value))
         if match is None:
             raise ValueError(f"invalid version {value!r}: expected 'MAJOR.MINOR', such as '1.0'")
-        return cls(int(match.group(1)), int(match.group(2)))
+        version = cls(int(match.group(1)), int(match.group(2)))
+        if isinstance(value, str) and len(_PARSED) < _PARSED_LIMIT:
+            _PARSED[value] = version
+        return version
 
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}"

@@ -20,7 +20,6 @@ import abc
 import base64
 import binascii
 import dataclasses
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -54,7 +53,6 @@ META_ATTRIBUTES = (
 )
 ENCODING_ATTRIBUTE = "hedwig_encoding"
 _RESERVED_PREFIX = "hedwig_"
-_SCHEMA_TAIL_RE = re.compile(r"([^/]+)/([^/]+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +143,14 @@ def read_meta_attributes(attributes: Mapping[str, str]) -> tuple[str, Metadata, 
 
 def parse_schema_tail(schema: str) -> tuple[str, Version]:
     """``("send_email", Version(1, 0))`` from a schema string ending in ``send_email/1.0``."""
-    match = _SCHEMA_TAIL_RE.search(schema)
-    if match is None:
+    head, _, version = schema.rpartition("/")
+    message_type = head.rpartition("/")[2]
+    if not message_type or not version:
         raise DecodeError(f"invalid schema {schema!r}: expected it to end in '<type>/<major>.<minor>'")
     try:
-        return match.group(1), Version.parse(match.group(2))
+        return message_type, Version.parse(version)
     except ValueError:
-        raise DecodeError(f"invalid schema {schema!r}: {match.group(2)!r} is not a version") from None
+        raise DecodeError(f"invalid schema {schema!r}: {version!r} is not a version") from None
 
 
 def to_transport(encoded: Encoded, *, text_only: bool) -> tuple[bytes, dict[str, str]]:

@@ -34,6 +34,7 @@ from hedwig_tasks.validators.base import (
     parse_schema_tail,
     read_meta_attributes,
 )
+from hedwig_tasks.validators.fastcheck import compile_check
 
 __all__ = ["JSONSchemaValidator"]
 
@@ -136,6 +137,9 @@ class JSONSchemaValidator(Validator):
         cls = validator_for(schema, default=Draft4Validator)
         checker = FormatChecker()
         checker.checks("human-uuid")(lambda value: not isinstance(value, str) or bool(_CONTAINER_ID_RE.match(value)))
+        self._fast = {
+            key: compile_check(schema["schemas"][key[0]][f"{key[1]}.*"], schema, checker) for key in self._latest
+        }
         root = cls(dict(schema), registry=registry, format_checker=checker)
         # Evolving the file's validator keeps its resolver, so "#/definitions/..." refs inside a
         # message's schema resolve from the file's root, and a schema without refs costs no lookup.
@@ -167,6 +171,9 @@ class JSONSchemaValidator(Validator):
             raise self._unknown(message_type, version.major, error)
         if version.minor > self._latest[(message_type, version.major)].minor:
             self.check_version(message_type, version, error=error)
+        fast = self._fast[(message_type, version.major)]
+        if fast is not None and fast(data):
+            return
         first = next(validator.iter_errors(data), None)
         if first is not None:
             from jsonschema.exceptions import best_match

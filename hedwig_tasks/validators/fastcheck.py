@@ -1,0 +1,177 @@
+"""A fast yes-or-don't-know check for the common subset of JSON Schema draft 4.
+
+:func:`compile_check` turns a schema into a plain Python predicate. The predicate answers
+True only when the data is certainly valid; False means "not sure", and the caller then asks
+``jsonschema`` itself, which stays the authority (and writes the error message). A schema using
+any keyword outside the subset compiles to None: no fast path at all. So the fast path can
+only ever make validation quicker, never laxer.
+
+The subset: ``type``, ``properties``, ``required``, ``additionalProperties``, ``items`` (one
+schema), ``enum`` of scalars, ``minLength``/``maxLength``, ``pattern``, ``minimum``/``maximum``
+(with draft 4's boolean ``exclusive*``), ``minItems``/``maxItems``, ``format`` (through the
+same format checker), and ``$ref`` to
+``#/definitions/...`` in the same file. Annotations (``description``, ``x-*``, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["Check", "compile_check"]
+
+Check = Callable[[Any], bool]
+
+_ANNOTATIONS = frozenset({"description", "title", "default", "examples", "$schema", "$comment"})
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: type(v) is dict,
+    "array": lambda v: type(v) is list,
+    "string": lambda v: type(v) is str,
+    "integer": lambda v: type(v) is int,
+    "number": lambda v: type(v) is int or type(v) is float,
+    "boolean": lambda v: type(v) is bool,
+    "null": lambda v: v is None,
+}
+
+
+class _Unsupported(Exception):
+    """The schema uses something outside the subset."""
+
+
+def compile_check(schema: Any, root: Mapping[str, Any], format_checker: Any = None) -> Check | None:
+    """A predicate that is True only for data certainly valid against ``schema``, or None.
+
+    ``format_checker`` is the ``jsonschema.FormatChecker`` the slow path uses; without one a
+    schema using ``format`` gets no fast path.
+    """
+    try:
+        return _Compiler(root, format_checker).compile(schema)
+    except _Unsupported:
+        return None
+
+
+class _Compiler:
+    def __init__(self, root: Mapping[str, Any], format_checker: Any) -> None:
+        self.root = root
+        self.format_checker = format_checker
+        self.refs: dict[str, Check] = {}
+
+    def compile(self, schema: Any) -> Check:
+        if not isinstance(schema, Mapping):
+            raise _Unsupported
+        if "$ref" in schema:
+            return self._ref(schema["$ref"])
+        found = [self._keyword(key, value, schema) for key, value in schema.items() if not _ignored(key)]
+        checks = [c for c in found if c is not None]
+        if not checks:
+            return lambda value: True
+        if len(checks) == 1:
+            return checks[0]
+        return lambda value: all(check(value) for check in checks)
+
+    def _ref(self, ref: Any) -> Check:
+        if not isinstance(ref, str) or not ref.startswith("#/definitions/") or "~" in ref or "%" in ref:
+            raise _Unsupported
+        if ref not in self.refs:
+            self.refs[ref] = lambda value: False  # a cycle resolves to "not sure"
+            target: Any = self.root
+            for part in ref[2:].split("/"):
+                if not isinstance(target, Mapping) or part not in target:
+                    raise _Unsupported
+                target = target[part]
+            self.refs[ref] = self.compile(target)
+        cache = self.refs
+        return lambda value: cache[ref](value)
+
+    def _keyword(self, key: str, value: Any, schema: Mapping[str, Any]) -> Check | None:
+        method = getattr(self, "_k_" + key.replace("$", ""), None)
+        if method is None:
+            raise _Unsupported
+        check: Check | None = method(value, schema)
+        return check
+
+    def _k_type(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(n in _TYPES for n in names):
+            raise _Unsupported
+        tests = [_TYPES[n] for n in names]
+        return tests[0] if len(tests) == 1 else (lambda v: any(t(v) for t in tests))
+
+    def _k_properties(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        if not isinstance(value, Mapping):
+            raise _Unsupported
+        compiled = [(name, self.compile(sub)) for name, sub in value.items()]
+        return lambda v: type(v) is not dict or all(name not in v or check(v[name]) for name, check in compiled)
+
+    def _k_required(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            raise _Unsupported
+        names = tuple(value)
+        return lambda v: type(v) is not dict or all(name in v for name in names)
+
+    def _k_additionalProperties(self, value: Any, schema: Mapping[str, Any]) -> Check | None:
+        if "patternProperties" in schema:
+            raise _Unsupported
+        known = frozenset(schema.get("properties", {}))
+        if value is True:
+            return None
+        if value is False:
+            return lambda v: type(v) is not dict or all(k in known for k in v)
+        extra = self.compile(value)
+        return lambda v: type(v) is not dict or all(k in known or extra(item) for k, item in v.items())
+
+    def _k_items(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        if not isinstance(value, Mapping):
+            raise _Unsupported  # the tuple form
+        item = self.compile(value)
+        return lambda v: type(v) is not list or all(item(x) for x in v)
+
+    def _k_enum(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        if not isinstance(value, list) or not all(type(x) in (str, int, float, bool) or x is None for x in value):
+            raise _Unsupported
+        allowed = [(type(x), x) for x in value]
+        return lambda v: (type(v), v) in allowed
+
+    def _k_minLength(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        return lambda v: type(v) is not str or len(v) >= value
+
+    def _k_maxLength(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        return lambda v: type(v) is not str or len(v) <= value
+
+    def _k_minItems(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        return lambda v: type(v) is not list or len(v) >= value
+
+    def _k_maxItems(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        return lambda v: type(v) is not list or len(v) <= value
+
+    def _k_pattern(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        try:
+            search = re.compile(value).search
+        except (re.error, TypeError):
+            raise _Unsupported from None
+        return lambda v: type(v) is not str or search(v) is not None
+
+    def _k_minimum(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        exclusive = schema.get("exclusiveMinimum", False) is True
+        return lambda v: type(v) not in (int, float) or (v > value if exclusive else v >= value)
+
+    def _k_maximum(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        exclusive = schema.get("exclusiveMaximum", False) is True
+        return lambda v: type(v) not in (int, float) or (v < value if exclusive else v <= value)
+
+    def _k_exclusiveMinimum(self, value: Any, schema: Mapping[str, Any]) -> None:
+        if not isinstance(value, bool):
+            raise _Unsupported  # draft 6's numeric form
+
+    _k_exclusiveMaximum = _k_exclusiveMinimum
+
+    def _k_format(self, value: Any, schema: Mapping[str, Any]) -> Check:
+        if self.format_checker is None or not isinstance(value, str):
+            raise _Unsupported
+        conforms = self.format_checker.conforms
+        return lambda v: bool(conforms(v, value))
+
+
+def _ignored(key: str) -> bool:
+    return key in _ANNOTATIONS or key.startswith("x-")

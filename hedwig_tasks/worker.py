@@ -113,7 +113,7 @@ class Worker:
         self._local = threading.local()
         self._last_heartbeat = 0.0
         self.last_beat = time.monotonic()  #: when the receive loop last came round
-        self.ready = False  #: connected and consuming
+        self.ready = False  #: connected and consuming: a receive has succeeded
         self._last_hook_beat = 0.0
         self.lease_s = self.options.lease_s or getattr(app.transport, "lease_s", None) or DEFAULT_LEASE_S
         signals.send(signals.worker_init, app, worker=self)
@@ -152,10 +152,9 @@ class Worker:
         """Consume until stopped. Raises ``TransportError`` if the first receive fails."""
         self._consumer = self._connect()
         self._start_threads()
-        self.ready = True
         signals.send(signals.worker_ready, self.app, worker=self)
         logger.info("worker %s ready: consuming %s", self.app.name, ", ".join(self.topics))
-        reason = "signal"
+        reason = "error"  # unless the receive loop returns its own reason
         try:
             reason = self._receive_loop()
         finally:
@@ -187,6 +186,7 @@ class Worker:
                 backoff_s = self._wait_after_error(exc, backoff_s)
                 continue
             first, backoff_s = False, 0.5
+            self.ready = True
             self._give_back_slots(free - len(deliveries))
             if deliveries:
                 self._buffer_all(deliveries)
@@ -218,6 +218,7 @@ class Worker:
 
     def _wait_after_error(self, exc: TransportError, backoff_s: float) -> float:
         self.error_count += 1
+        self.ready = False
         logger.warning("receive failed (%s); retrying in %.1fs", exc, backoff_s)
         self._stopping.wait(backoff_s)
         return min(backoff_s * 2, MAX_ERROR_BACKOFF_S)

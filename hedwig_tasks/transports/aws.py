@@ -113,6 +113,7 @@ HEDWIG_SETTINGS = {
     "AWS_ENDPOINT_SQS": "sqs_endpoint_url",
     "AWS_CONNECT_TIMEOUT_S": "connect_timeout_s",
     "AWS_READ_TIMEOUT_S": "read_timeout_s",
+    "HEDWIG_VISIBILITY_TIMEOUT_S": "lease_s",
 }
 _AUTH_CODES = frozenset(
     {"InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch", "ExpiredToken", "AccessDenied"}

@@ -1,0 +1,51 @@
+"""A project configured for Hedwig on AWS, unchanged, on moto's SNS/SQS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from apps import hedwig_callbacks
+from aws_server import ACCOUNT, REGION, moto_url, tag  # noqa: F401 - moto_url is a fixture
+from test_settings import QUICK_START
+
+from hedwig_tasks import conf
+from hedwig_tasks.models import Message
+from hedwig_tasks.transports.aws import AWSTransport
+from hedwig_tasks.worker import Worker, WorkerOptions
+
+
+@pytest.fixture(autouse=True)
+def clean_settings() -> Iterator[None]:
+    conf.reset()
+    hedwig_callbacks.handled.clear()
+    yield
+    conf.reset()
+
+
+def test_quick_start_settings_with_hedwigs_aws_backends(moto_url: str) -> None:
+    name = f"DEV-MYAPP-{tag()}"
+    conf.settings.configure_with_object(
+        {
+            **QUICK_START,
+            "HEDWIG_QUEUE": name,
+            "HEDWIG_MESSAGE_ROUTING": {("send_email", "1.*"): f"send-email-v1-{name}"},
+            "HEDWIG_CONSUMER_BACKEND": "hedwig.backends.aws.AWSSQSConsumerBackend",
+            "HEDWIG_PUBLISHER_BACKEND": "hedwig.backends.aws.AWSSNSPublisherBackend",
+            "HEDWIG_VISIBILITY_TIMEOUT_S": 20,
+            "AWS_REGION": REGION,
+            "AWS_ACCOUNT_ID": ACCOUNT,
+            "AWS_ACCESS_KEY": "testing",
+            "AWS_SECRET_KEY": "testing",
+            "AWS_ENDPOINT_SNS": moto_url,
+            "AWS_ENDPOINT_SQS": moto_url,
+        }
+    )
+    app = conf.default_app()
+    assert isinstance(app.transport, AWSTransport) and app.transport.lease_s == 20
+    assert "testing" not in repr(app.transport)
+    app.provision()
+    sent = Message.new("send_email", "1.0", {"to": "a@b.c", "subject": "hi"}, headers={"request_id": "r"}).publish()
+    Worker(app, WorkerOptions(burst=True, wait_s=1)).run()
+    [handled] = hedwig_callbacks.handled
+    assert (handled.id, handled.data, dict(handled.headers)) == (sent.id, sent.data, {"request_id": "r"})

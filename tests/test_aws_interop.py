@@ -103,7 +103,7 @@ def _drain(app: Hedwig) -> None:
 
 @pytest.mark.parametrize("container", FORMS)
 @pytest.mark.parametrize("validator", VALIDATORS)
-def test_authedwig_publishes_hedwig_tasks_handles(moto_url: str, validator: str, container: bool) -> None:  # noqa: F811
+def test_authedwig_publishes_hedwig_tasks_handles(moto_url: str, validator: str, container: bool) -> None:
     route = Route(moto_url)
     handled: list[Message] = []
     ours = route.app(validator, handled=handled)
@@ -129,7 +129,7 @@ def test_authedwig_publishes_hedwig_tasks_handles(moto_url: str, validator: str,
 @pytest.mark.parametrize("container", FORMS)
 @pytest.mark.parametrize("validator", VALIDATORS)
 def test_hedwig_tasks_publishes_authedwig_handles(
-    moto_url: str,  # noqa: F811
+    moto_url: str,
     validator: str,
     container: bool,
     monkeypatch: pytest.MonkeyPatch,
@@ -173,7 +173,7 @@ def _authedwig_consume(route: Route, validator: str, container: bool, monkeypatc
     return handled
 
 
-def test_an_app_built_from_authedwig_settings_talks_to_authedwig(moto_url: str) -> None:  # noqa: F811
+def test_an_app_built_from_authedwig_settings_talks_to_authedwig(moto_url: str) -> None:
     """The same settings dict drives authedwig and hedwig-tasks, on the same queue and topic."""
     route = Route(moto_url)
     handled: list[Message] = []

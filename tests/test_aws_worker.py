@@ -119,7 +119,7 @@ def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
 
 
 @pytest.fixture
-def fleet(moto_url: str, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
+def fleet(moto_url: str, tmp_path: Path) -> Iterator[Fleet]:
     fleet = Fleet(moto_url, tmp_path)
     yield fleet
     for process in fleet.processes:
@@ -129,7 +129,7 @@ def fleet(moto_url: str, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
     fleet.transport.close()
 
 
-def test_a_handler_running_three_leases_is_not_redelivered(moto_url: str, tmp_path: Path) -> None:  # noqa: F811
+def test_a_handler_running_three_leases_is_not_redelivered(moto_url: str, tmp_path: Path) -> None:
     fleet = Fleet(moto_url, tmp_path, lease_s=1)
     fleet.provision()
     fleet.publish(["slow-long", "fine"])
@@ -153,7 +153,7 @@ def test_sigterm_releases_buffered_messages_at_once(fleet: Fleet) -> None:
     assert fleet.counts() == (12 - len(ended), 0, 0)  # visible now, not after the 30 s lease
 
 
-def test_a_twenty_minute_retry_is_kept_in_sqs(moto_url: str, tmp_path: Path) -> None:  # noqa: F811
+def test_a_twenty_minute_retry_is_kept_in_sqs(moto_url: str, tmp_path: Path) -> None:
     fleet = Fleet(moto_url, tmp_path, lease_s=1)  # the lease keeper extends every third of a second
     fleet.provision()
     user_id = f"later-{tag()}"

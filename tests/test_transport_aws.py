@@ -29,7 +29,7 @@ class TestAWSTransport(TransportContract):
         return RealClock()
 
     @pytest.fixture
-    def transport(self, moto_url: str) -> Iterator[AWSTransport]:  # noqa: F811
+    def transport(self, moto_url: str) -> Iterator[AWSTransport]:
         transport = aws_transport(moto_url, lease_s=self.lease_s, ack_linger_s=0.01)
         yield transport
         transport.close()
@@ -166,7 +166,7 @@ def _consumer(transport: AWSTransport, queue: str, topic: str) -> Any:
     return transport.consumer(queue, [topic])
 
 
-def test_limits_are_checked_before_sending(aws: AWSTransport) -> None:  # noqa: F811
+def test_limits_are_checked_before_sending(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
     eleven = {f"h{i}": "v" for i in range(11)}
@@ -187,7 +187,7 @@ def test_limits_are_checked_before_sending(aws: AWSTransport) -> None:  # noqa: 
     assert delivery.body == just_fits
 
 
-def test_publish_many_batches_by_count_and_size(aws: AWSTransport) -> None:  # noqa: F811
+def test_publish_many_batches_by_count_and_size(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
     calls = _count_calls(aws._client("sns"))
@@ -204,7 +204,7 @@ def test_publish_many_batches_by_count_and_size(aws: AWSTransport) -> None:  # n
     assert sorted(int(d.attributes["i"]) for d in got) == list(range(25))
 
 
-def test_publish_to_another_accounts_topic_by_owner_and_by_arn(moto_url: str) -> None:  # noqa: F811
+def test_publish_to_another_accounts_topic_by_owner_and_by_arn(moto_url: str) -> None:
     other_account = "210987654321"
     theirs = aws_transport(moto_url, account_id=other_account)
     for service in ("sns", "sqs"):  # moto keeps that account's resources apart when told which it is
@@ -242,7 +242,7 @@ def test_publish_fails_after_retries_with_publish_error() -> None:
 # -- consuming ---------------------------------------------------------------------------------
 
 
-def test_more_than_ten_uses_parallel_pollers(aws: AWSTransport) -> None:  # noqa: F811
+def test_more_than_ten_uses_parallel_pollers(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
     aws.publish_many(topic, [(f"m{i}".encode(), {}) for i in range(35)])
@@ -259,7 +259,7 @@ def test_more_than_ten_uses_parallel_pollers(aws: AWSTransport) -> None:  # noqa
     assert aws.status(queue, [topic])[0].depth == 0
 
 
-def test_acks_are_batched_across_calls(aws: AWSTransport) -> None:  # noqa: F811
+def test_acks_are_batched_across_calls(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
     aws.publish_many(topic, [(f"m{i}".encode(), {}) for i in range(10)])
@@ -274,7 +274,7 @@ def test_acks_are_batched_across_calls(aws: AWSTransport) -> None:  # noqa: F811
     assert (row.depth, row.in_flight) == (0, 0)
 
 
-def test_an_extension_never_undoes_a_later_retry(aws: AWSTransport, moto_url: str) -> None:  # noqa: F811
+def test_an_extension_never_undoes_a_later_retry(aws: AWSTransport, moto_url: str) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
     aws.publish(topic, b"retry me", {})
@@ -284,7 +284,7 @@ def test_an_extension_never_undoes_a_later_retry(aws: AWSTransport, moto_url: st
     assert 1190 <= seconds_hidden(moto_url, delivery.transport_id) <= 1201
 
 
-def test_a_non_raw_subscription_is_unwrapped(aws: AWSTransport) -> None:  # noqa: F811
+def test_a_non_raw_subscription_is_unwrapped(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     aws.provision(queue, [], [topic])
     sqs, sns = aws._client("sqs"), aws._client("sns")
@@ -300,7 +300,7 @@ def test_a_non_raw_subscription_is_unwrapped(aws: AWSTransport) -> None:  # noqa
     assert aws.provision(queue, [topic], []) == []
 
 
-def test_dead_letter_with_ten_attributes_keeps_them_all(aws: AWSTransport) -> None:  # noqa: F811
+def test_dead_letter_with_ten_attributes_keeps_them_all(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
     ten = {f"hedwig_{i}": str(i) for i in range(5)} | {f"h{i}": str(i) for i in range(5)}
@@ -319,7 +319,7 @@ def test_dead_letter_with_ten_attributes_keeps_them_all(aws: AWSTransport) -> No
     assert (again.body, dict(again.attributes)) == (b"full", ten)
 
 
-def test_redriven_messages_are_listed_with_a_reason(aws: AWSTransport) -> None:  # noqa: F811
+def test_redriven_messages_are_listed_with_a_reason(aws: AWSTransport) -> None:
     transport = aws_transport(aws.endpoint_url or "", lease_s=1, max_receive_count=1)
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(transport, queue, topic)
@@ -333,7 +333,7 @@ def test_redriven_messages_are_listed_with_a_reason(aws: AWSTransport) -> None: 
     assert record.attempts >= 1
 
 
-def test_provision_sets_policy_redrive_and_raw_delivery(aws: AWSTransport) -> None:  # noqa: F811
+def test_provision_sets_policy_redrive_and_raw_delivery(aws: AWSTransport) -> None:
     queue, topics = f"q-{tag()}", [f"t-{tag()}", f"t2-{tag()}"]
     actions = aws.provision(queue, topics, [])
     assert actions == [

@@ -85,3 +85,25 @@ def test_fast_accepts_only_what_jsonschema_accepts(schema: dict[str, Any]) -> No
 )
 def test_anything_outside_the_subset_gets_no_fast_path(schema: dict[str, Any]) -> None:
     assert compile_check(schema, ROOT, FormatChecker() if "oneOf" in schema else None) is None
+
+
+def test_subclasses_and_decimals_are_checked_not_waved_through() -> None:
+    import enum
+    from collections import OrderedDict
+    from decimal import Decimal
+
+    class Colour(str, enum.Enum):
+        RED = "a"
+
+    cases = [
+        ({"required": ["a"]}, OrderedDict()),
+        ({"type": "object", "properties": {"p": {"required": ["name"]}}}, {"p": OrderedDict()}),
+        ({"properties": {"n": {"minimum": 0}}}, {"n": Decimal("-1")}),
+        ({"properties": {"s": {"minLength": 3}}}, {"s": Colour.RED}),
+        ({"pattern": "^b"}, Colour.RED),
+    ]
+    for schema, value in cases:
+        check = compile_check(schema, ROOT)
+        assert check is not None
+        assert not Draft4Validator(schema).is_valid(value)
+        assert not check(value), (schema, value)

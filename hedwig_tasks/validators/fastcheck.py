@@ -6,6 +6,10 @@ True only when the data is certainly valid; False means "not sure", and the call
 any keyword outside the subset compiles to None: no fast path at all. So the fast path can
 only ever make validation quicker, never laxer.
 
+A keyword's guard ("does it apply to this value?") tests types the way jsonschema does
+(``isinstance``), so a dict subclass or a ``Decimal`` is checked, not waved through; a
+``type`` check is exact, which can only send more values to the slow path.
+
 The subset: ``type``, ``properties``, ``required``, ``additionalProperties``, ``items`` (one
 schema), ``enum`` of scalars, ``minLength``/``maxLength``, ``pattern``, ``minimum``/``maximum``
 (with draft 4's boolean ``exclusive*``), ``minItems``/``maxItems``, ``format`` (through the
@@ -15,6 +19,7 @@ same format checker), and ``$ref`` to
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -102,13 +107,13 @@ class _Compiler:
         if not isinstance(value, Mapping):
             raise _Unsupported
         compiled = [(name, self.compile(sub)) for name, sub in value.items()]
-        return lambda v: type(v) is not dict or all(name not in v or check(v[name]) for name, check in compiled)
+        return lambda v: not isinstance(v, dict) or all(name not in v or check(v[name]) for name, check in compiled)
 
     def _k_required(self, value: Any, schema: Mapping[str, Any]) -> Check:
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
             raise _Unsupported
         names = tuple(value)
-        return lambda v: type(v) is not dict or all(name in v for name in names)
+        return lambda v: not isinstance(v, dict) or all(name in v for name in names)
 
     def _k_additionalProperties(self, value: Any, schema: Mapping[str, Any]) -> Check | None:
         if "patternProperties" in schema:
@@ -117,15 +122,15 @@ class _Compiler:
         if value is True:
             return None
         if value is False:
-            return lambda v: type(v) is not dict or all(k in known for k in v)
+            return lambda v: not isinstance(v, dict) or all(k in known for k in v)
         extra = self.compile(value)
-        return lambda v: type(v) is not dict or all(k in known or extra(item) for k, item in v.items())
+        return lambda v: not isinstance(v, dict) or all(k in known or extra(item) for k, item in v.items())
 
     def _k_items(self, value: Any, schema: Mapping[str, Any]) -> Check:
         if not isinstance(value, Mapping):
             raise _Unsupported  # the tuple form
         item = self.compile(value)
-        return lambda v: type(v) is not list or all(item(x) for x in v)
+        return lambda v: not isinstance(v, list) or all(item(x) for x in v)
 
     def _k_enum(self, value: Any, schema: Mapping[str, Any]) -> Check:
         if not isinstance(value, list) or not all(type(x) in (str, int, float, bool) or x is None for x in value):
@@ -134,31 +139,31 @@ class _Compiler:
         return lambda v: (type(v), v) in allowed
 
     def _k_minLength(self, value: Any, schema: Mapping[str, Any]) -> Check:
-        return lambda v: type(v) is not str or len(v) >= value
+        return lambda v: not isinstance(v, str) or len(v) >= value
 
     def _k_maxLength(self, value: Any, schema: Mapping[str, Any]) -> Check:
-        return lambda v: type(v) is not str or len(v) <= value
+        return lambda v: not isinstance(v, str) or len(v) <= value
 
     def _k_minItems(self, value: Any, schema: Mapping[str, Any]) -> Check:
-        return lambda v: type(v) is not list or len(v) >= value
+        return lambda v: not isinstance(v, list) or len(v) >= value
 
     def _k_maxItems(self, value: Any, schema: Mapping[str, Any]) -> Check:
-        return lambda v: type(v) is not list or len(v) <= value
+        return lambda v: not isinstance(v, list) or len(v) <= value
 
     def _k_pattern(self, value: Any, schema: Mapping[str, Any]) -> Check:
         try:
             search = re.compile(value).search
         except (re.error, TypeError):
             raise _Unsupported from None
-        return lambda v: type(v) is not str or search(v) is not None
+        return lambda v: not isinstance(v, str) or search(v) is not None
 
     def _k_minimum(self, value: Any, schema: Mapping[str, Any]) -> Check:
         exclusive = schema.get("exclusiveMinimum", False) is True
-        return lambda v: type(v) not in (int, float) or (v > value if exclusive else v >= value)
+        return lambda v: not _is_number(v) or (v > value if exclusive else v >= value)
 
     def _k_maximum(self, value: Any, schema: Mapping[str, Any]) -> Check:
         exclusive = schema.get("exclusiveMaximum", False) is True
-        return lambda v: type(v) not in (int, float) or (v < value if exclusive else v <= value)
+        return lambda v: not _is_number(v) or (v < value if exclusive else v <= value)
 
     def _k_exclusiveMinimum(self, value: Any, schema: Mapping[str, Any]) -> None:
         if not isinstance(value, bool):
@@ -171,6 +176,11 @@ class _Compiler:
             raise _Unsupported
         conforms = self.format_checker.conforms
         return lambda v: bool(conforms(v, value))
+
+
+def _is_number(value: Any) -> bool:
+    """Whether a keyword for numbers applies: jsonschema's draft 4 "number" (bools excluded)."""
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
 
 
 def _ignored(key: str) -> bool:

@@ -240,7 +240,8 @@ def build_app(s: HedwigSettings) -> Hedwig:
         default_headers=_default_headers(s),
         retry=_retry(s),
         eager=bool(s["HEDWIG_SYNC"]),
-        subscriptions=list(subscriptions) if subscriptions else None,
+        # (topic, project) items name another project's topic; the transport learns the project
+        subscriptions=[s if isinstance(s, str) else s[0] for s in subscriptions] if subscriptions else None,
         hooks=Hooks(
             pre_process=s.callable_setting("HEDWIG_PRE_PROCESS_HOOK"),
             post_process=s.callable_setting("HEDWIG_POST_PROCESS_HOOK"),

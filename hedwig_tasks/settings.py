@@ -54,6 +54,7 @@ SUPPORTED: dict[str, Any] = {
     "GOOGLE_CLOUD_PROJECT": None,
     "GOOGLE_APPLICATION_CREDENTIALS": None,
     "GOOGLE_PUBSUB_MAX_LEASE_DURATION_S": 3600.0,
+    "PUBSUB_EMULATOR_HOST": None,
 }
 
 #: Hedwig settings whose feature hedwig-tasks does not have, with what to do instead.

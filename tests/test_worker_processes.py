@@ -115,12 +115,14 @@ def bus(tmp_path: Path) -> Iterator[Bus]:
 
 
 def test_two_workers_share_a_thousand_messages_exactly_once(bus: Bus) -> None:
-    bus.publish([f"U{n}" for n in range(1000)])
-    workers = [bus.worker("--burst", "-c", "4") for _ in range(2)]
+    user_ids = [f"slow-{n}" for n in range(1000)]
+    bus.publish(user_ids)
+    # 5 ms a message: one worker alone would take over a second, so the second one joins in
+    workers = [bus.worker("--burst", "-c", "4", slow_s=0.005) for _ in range(2)]
     assert [finish(w) for w in workers] == [0, 0]
     handled = bus.events()
     assert len(handled) == 1000
-    assert Counter(e["user_id"] for e in handled) == Counter({f"U{n}": 1 for n in range(1000)})
+    assert Counter(e["user_id"] for e in handled) == Counter({u: 1 for u in user_ids})
     assert len({e["pid"] for e in handled}) == 2  # both took a share
     assert (bus.status().depth, bus.status().in_flight) == (0, 0)
 

@@ -22,6 +22,9 @@ TRANSPORT_ALIASES: dict[str, tuple[str, str | None]] = {
     "gcp": ("hedwig_tasks.transports.gcp:GooglePubSubTransport", "gcp"),
     "amqp": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
     "redis": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
+    "amqps": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
+    "pyamqp": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
+    "rediss": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
 }
 
 

@@ -327,6 +327,7 @@ class GooglePubSubTransport(Transport):
             "credentials_file": get("GOOGLE_APPLICATION_CREDENTIALS"),
             "emulator": get("PUBSUB_EMULATOR_HOST"),
             "subscriptions": subscriptions,
+            "lease_s": get("HEDWIG_VISIBILITY_TIMEOUT_S"),
         }
         return cls(**{**{k: v for k, v in given.items() if v}, **overrides})
 

@@ -3,7 +3,8 @@
 Threads: one receive loop (the caller's), ``concurrency`` handler threads, one lease keeper
 and one acker that batches acknowledgements. A semaphore of ``concurrency + prefetch`` slots
 bounds what is held: the receive loop asks the transport for no more than the free slots,
-so nothing is hoarded. Every held delivery, buffered or running, has its lease extended by
+and a slot comes back only when its delivery is settled (for an ack, once the batched ack is
+sent), so nothing is hoarded. Every held delivery, buffered or running, has its lease extended by
 the keeper until it is settled or ``max_lease_s`` has passed.
 
 Shutdown (:meth:`Worker.stop`, SIGTERM or SIGINT from the CLI): stop receiving, release the
@@ -280,14 +281,16 @@ class Worker:
                 if held is None:  # released at shutdown while buffered
                     continue
                 held.running = True
+            acking = False
             try:
-                self._process(delivery)
+                acking = self._process(delivery)
             except Exception:
                 logger.exception("unexpected error settling delivery %s", delivery.transport_id)
             finally:
                 with self._held_lock:
                     self._held.pop(id(delivery), None)
-                self._slots.release()
+                if not acking:  # an ack in the acker's queue still holds its slot until sent
+                    self._slots.release()
 
     def _ack_loop(self) -> None:
         assert self._consumer is not None
@@ -305,6 +308,7 @@ class Worker:
                     batch.append(item)
             if batch:
                 self._settle("ack", self._consumer.ack, batch)
+                self._give_back_slots(len(batch))
             if first is None:
                 return
 
@@ -331,10 +335,12 @@ class Worker:
 
     # -- one message --------------------------------------------------------------------------
 
-    def _process(self, delivery: Delivery) -> None:
+    def _process(self, delivery: Delivery) -> bool:
+        """Handle one delivery; True when its ack was queued for the acker."""
         with self.app.tracing.processing(delivery, self.app.transport.scheme) as span:
             action, error, reason = self._handle(delivery, span)
             Tracing.outcome(span, action, error, reason)
+        return action == "ack"
 
     def _handle(self, delivery: Delivery, span: Any) -> tuple[str, BaseException | None, str]:
         """Decode, dispatch and settle one delivery; returns (action, error, reason) for its span."""

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import baggage, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from hedwig_tasks.message import Message
@@ -32,6 +32,15 @@ MESSAGING_SYSTEMS = {
 }
 
 
+#: Attributes that carry trace context; without an SDK only these make a span worth starting.
+_CARRIED = frozenset({"traceparent", "tracestate", "baggage"})
+
+
+def _has_context() -> bool:
+    """True if the current context holds a span or baggage that a publish must pass on."""
+    return trace.get_current_span().get_span_context().is_valid or bool(baggage.get_all())
+
+
 class Tracing:
     """Spans for one app. ``enabled=False`` skips all tracing work."""
 
@@ -40,12 +49,17 @@ class Tracing:
         from hedwig_tasks import __version__
 
         self._tracer = trace.get_tracer("hedwig_tasks", __version__, tracer_provider=tracer_provider)
+        self._own_provider = tracer_provider is not None
+
+    def _noop(self) -> bool:
+        """True while no SDK is configured: spans would record nothing."""
+        return not self._own_provider and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
     @contextlib.contextmanager
     def publishing(self, message: Message, topic: str, scheme: str) -> Iterator[dict[str, str]]:
         """A PRODUCER span around one publish; yields the trace headers to send with it."""
         headers: dict[str, str] = {}
-        if not self.enabled:
+        if not self.enabled or (self._noop() and not _has_context()):
             yield headers
             return
         attributes = {
@@ -64,7 +78,7 @@ class Tracing:
     @contextlib.contextmanager
     def processing(self, delivery: Delivery, scheme: str) -> Iterator[Span | None]:
         """A CONSUMER span around the handling of one delivery, child of the publisher's span."""
-        if not self.enabled:
+        if not self.enabled or (self._noop() and not _CARRIED.intersection(delivery.attributes)):
             yield None
             return
         parent = propagate.extract(dict(delivery.attributes))

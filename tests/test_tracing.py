@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.util._once import Once
 
 from hedwig_tasks import Hedwig, Message, RetryPolicy
 from hedwig_tasks.transports.memory import MemoryTransport
@@ -22,14 +23,20 @@ _EXPORTER = InMemorySpanExporter()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def sdk() -> None:
-    """One SDK provider for the process (OpenTelemetry allows setting it once)."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trace.set_tracer_provider(provider)
+def sdk() -> Iterator[None]:
+    """An SDK provider for this module's tests, removed after them so other tests see none.
+
+    OpenTelemetry lets the global provider be set once per process; its own test helpers reset
+    the same private globals this does.
+    """
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trace.set_tracer_provider(provider)
+    yield
+    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
+    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -434,15 +434,19 @@ class SQLiteConsumer(Consumer):
         ready = self._ready()
         if not ready:
             return []
-        found: list[Delivery] = []
+        claimed: list[tuple[str, list[_Row]]] = []
+        wanted = max_messages
+        # Decode after COMMIT: every Python step inside the transaction may wait for the GIL
+        # while holding the write lock that publishers in other processes are waiting for.
         with self._bus._writing("receive") as connection:
             now = self._bus.clock()
             for name in ready:
-                rows = _claim_rows(connection, name, now, now + self._bus.lease_s, max_messages - len(found))
-                found += [_delivery(name, row) for row in sorted(rows)]
-                if len(found) >= max_messages:
+                rows = _claim_rows(connection, name, now, now + self._bus.lease_s, wanted)
+                claimed.append((name, rows))
+                wanted -= len(rows)
+                if wanted <= 0:
                     break
-        return found
+        return [_delivery(name, row) for name, rows in claimed for row in sorted(rows)]
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Delete them, in one transaction; stale receipts delete nothing."""

@@ -68,26 +68,26 @@ class Fleet:
             **os.environ,
             **CREDENTIAL_ENV,
             "HEDWIG_TRANSPORT_URL": self.url,
-            "AWS_RESULTS": str(self.results),
-            "AWS_APP_NAME": self.name,
-            "AWS_APP_TOPIC": self.topic,
+            "CLOUD_RESULTS": str(self.results),
+            "CLOUD_APP_NAME": self.name,
+            "CLOUD_APP_TOPIC": self.topic,
             "PYTHONPATH": str(TESTS),
             **extra,
         }
 
     def worker(self, *args: str, slow_s: float = 0.5) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "apps.aws_app", "-l", "WARNING", *args]
+        command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "apps.cloud_app", "-l", "WARNING", *args]
         log = self.results.with_name(f"worker-{len(self.processes)}.log")
         with log.open("wb") as out:
             process = subprocess.Popen(
-                command, env=self.env(AWS_SLOW_S=str(slow_s)), stdout=out, stderr=subprocess.STDOUT
+                command, env=self.env(CLOUD_SLOW_S=str(slow_s)), stdout=out, stderr=subprocess.STDOUT
             )
         self.processes.append(process)
         self.logs.append(log)
         return process
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "hedwig_tasks", *args, "-A", "apps.aws_app"]
+        command = [sys.executable, "-m", "hedwig_tasks", *args, "-A", "apps.cloud_app"]
         return subprocess.run(command, env=self.env(**env), capture_output=True, text=True, timeout=60)
 
     def events(self, event: str = "end") -> list[dict[str, Any]]:

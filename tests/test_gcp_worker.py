@@ -52,15 +52,15 @@ class Run:
         return {
             **os.environ,
             "HEDWIG_TRANSPORT_URL": self.url,
-            "GCP_RESULTS": str(self.results),
-            "GCP_APP_NAME": self.name,
-            "GCP_APP_TOPIC": self.topic,
-            "GCP_SLOW_S": str(slow_s),
+            "CLOUD_RESULTS": str(self.results),
+            "CLOUD_APP_NAME": self.name,
+            "CLOUD_APP_TOPIC": self.topic,
+            "CLOUD_SLOW_S": str(slow_s),
             "PYTHONPATH": str(TESTS),
         }
 
     def worker(self, *args: str, slow_s: float = 0.5) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "apps.gcp_app", "-l", "WARNING", *args]
+        command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "apps.cloud_app", "-l", "WARNING", *args]
         log = self.results.with_name(f"worker-{len(self.processes)}.log")
         with log.open("wb") as out:
             process = subprocess.Popen(command, env=self.env(slow_s), stdout=out, stderr=subprocess.STDOUT)
@@ -68,7 +68,7 @@ class Run:
         return process
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "hedwig_tasks", *args, "-A", "apps.gcp_app"]
+        command = [sys.executable, "-m", "hedwig_tasks", *args, "-A", "apps.cloud_app"]
         return subprocess.run(command, env=self.env(0), capture_output=True, text=True, timeout=60)
 
     def events(self, event: str = "end") -> list[dict[str, Any]]:

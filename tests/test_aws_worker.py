@@ -26,6 +26,7 @@ from aws_server import (  # noqa: F401
     stop,
     tag,
 )
+from helpers import finish, wait_for
 
 from hedwig_tasks import Hedwig
 
@@ -98,24 +99,6 @@ class Fleet:
     def counts(self) -> tuple[int | None, int | None, int | None]:
         [row] = self.transport.status(self.name, [self.topic])
         return row.depth, row.in_flight, row.dead_letters
-
-
-def finish(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError("worker did not exit in time") from None
-    return process.returncode
-
-
-def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture

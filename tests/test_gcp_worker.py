@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from gcp_server import PROJECT, emulator_host, free_port, gcp_transport, start_emulator, stop, tag  # noqa: F401
+from helpers import finish, wait_for
 
 from hedwig_tasks import Hedwig, Message, signals
 from hedwig_tasks.exceptions import PublishError
@@ -78,24 +79,6 @@ class Run:
 
     def transport(self) -> GooglePubSubTransport:
         return GooglePubSubTransport.from_url(self.url)
-
-
-def finish(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError("worker did not exit in time") from None
-    return process.returncode
-
-
-def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import finish, wait_for
 
 from hedwig_tasks import Hedwig
 from hedwig_tasks.transports.kombu import KombuTransport
@@ -89,24 +90,6 @@ class Broker:
                 process.kill()
                 process.wait()
         cleanup(self.url, [*self.apps, f"publisher-{self.tag}"], [self.topic])
-
-
-def finish(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError("worker did not exit in time") from None
-    return process.returncode
-
-
-def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture(params=["amqp", "redis"])

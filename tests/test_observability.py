@@ -15,9 +15,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from conftest import SCHEMA_FILE
+from helpers import wait_for
 
 from hedwig_tasks import Hedwig
 from hedwig_tasks.health import ProbeServer, health_routes
@@ -44,14 +44,6 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
-
-
-def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:

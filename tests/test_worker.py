@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import SCHEMA_FILE
+from helpers import wait_for
 
 from hedwig_tasks import ConfigurationError, DeadLetter, Hedwig, Ignore, Message, Retry, RetryPolicy, signals
 from hedwig_tasks.transports.memory import MemoryTransport
@@ -44,14 +45,6 @@ class Running:
         assert not self.thread.is_alive()
         if self.error:
             raise self.error
-
-
-def wait_for(condition: Any, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import finish, wait_for
 
 from hedwig_tasks import Hedwig
 from hedwig_tasks.transports.sqlite import SQLiteTransport
@@ -84,24 +85,6 @@ class Bus:
         }
         command = [sys.executable, "-m", "hedwig_tasks", *args, "-A", "apps.proc_app"]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-
-
-def finish(process: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError("worker did not exit in time") from None
-    return process.returncode
-
-
-def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -678,7 +678,6 @@ class KombuConsumer(Consumer):
         self._next_existence_check = 0.0
         self._wake_r, self._wake_w = os.pipe()  # settling wakes a receive waiting on the socket
         os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)  # several threads may wake on one byte: none may block
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
     # -- receiving --------------------------------------------------------------------------

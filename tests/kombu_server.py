@@ -43,7 +43,7 @@ def server_url(broker: str) -> str:
     url = os.environ.get(f"HEDWIG_TEST_{broker.upper()}_URL", default)
     if not _answers(url):
         message = f"{broker} server {url} does not answer"
-        if os.environ.get("CI", "").lower() == "true":
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
     return url

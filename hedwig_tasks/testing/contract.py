@@ -269,7 +269,8 @@ class TransportContract:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            thread.join(self.deliver_timeout_s + 10)
+        assert not any(thread.is_alive() for thread in threads), "a receiving thread is stuck"
         assert sorted(seen) == bodies  # each exactly once
 
     # -- leases and settling ----------------------------------------------------------------

@@ -98,6 +98,8 @@ DEFAULT_PREFETCH = 64
 DRAIN_SLICE_S = 0.05
 #: Redis: extra seconds past the lease before Kombu restores a dead consumer's message.
 RESTORE_GRACE_S = 5.0
+#: Redis: seconds the restore lock outlives a holder that died (restoring takes milliseconds).
+UNACKED_MUTEX_EXPIRE_S = 10
 #: Redis: seconds between moves of due retries (and restores of dead consumers' messages).
 HOUSEKEEPING_S = 0.2
 #: Delay buckets, in seconds: powers of two up to about 48 days (AMQP's longest TTL).
@@ -190,7 +192,13 @@ class _Link:
         self.redis = redis
         options: dict[str, Any] = {"confirm_publish": True}
         if redis:
-            options = {"visibility_timeout": lease_s + RESTORE_GRACE_S, "unacked_restore_throttle": 1}
+            options = {
+                "visibility_timeout": lease_s + RESTORE_GRACE_S,
+                "unacked_restore_throttle": 1,
+                # Restoring holds a Redis lock; a worker killed (-9) while holding it would stop
+                # every other worker restoring for Kombu's default of 5 minutes.
+                "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+            }
         self.transport_options = options
         self.connect_timeout_s = connect_timeout_s
         self.connection: kombu.Connection | None = None
@@ -677,6 +685,7 @@ class KombuConsumer(Consumer):
         self._warned: set[str] = set()
         self._next_existence_check = 0.0
         self._wake_r, self._wake_w = os.pipe()  # settling wakes a receive waiting on the socket
+        os.set_blocking(self._wake_r, False)  # several waiters may see one byte; only one gets it
         os.set_blocking(self._wake_w, False)
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
@@ -708,7 +717,7 @@ class KombuConsumer(Consumer):
         with contextlib.suppress(OSError, ValueError):  # closed meanwhile: the next drain says why
             readable, _, _ = select.select(waiting, [], [], timeout_s)
             if self._wake_r in readable:
-                os.read(self._wake_r, 4096)
+                os.read(self._wake_r, 4096)  # BlockingIOError: another waiter took the byte first
 
     def _woken(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe is already a wake-up

@@ -22,6 +22,7 @@ from hedwig_tasks.transports.kombu import (
     dlq_name,
     exchange_name,
     subscription_name,
+    unreadable_key,
 )
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -57,7 +58,7 @@ def cleanup(url: str, queues: Iterable[str], topics: Iterable[str]) -> None:
         import redis
 
         client = redis.Redis.from_url(url)
-        keys = [*subscriptions, *map(delayed_key, subscriptions), *map(dlq_name, queues)]
+        keys = [*subscriptions, *map(delayed_key, subscriptions), *map(dlq_name, queues), *map(unreadable_key, queues)]
         keys += [f"_kombu.binding.{exchange_name(t)}" for t in topics]
         client.delete(*keys)
         client.srem("hedwig-topics", *topics)

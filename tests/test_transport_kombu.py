@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from hedwig_tasks.transports.kombu import (
     KombuTransport,
     delay_queue_name,
     subscription_name,
+    unreadable_key,
 )
 from tests.kombu_server import cleanup, server_url
 
@@ -158,6 +160,64 @@ def test_messages_are_durable_and_persistent(broker: str) -> None:
     finally:
         bus.close()
         cleanup(url, [names.queue], [names.topic])
+
+
+@pytest.fixture
+def redis_bus() -> Iterator[tuple[KombuTransport, Names]]:
+    url = server_url("redis")
+    names = Names.fresh()
+    bus = KombuTransport(url, lease_s=30.0)
+    bus.provision(names.queue, [names.topic], [])
+    yield bus, names
+    bus.close()
+    cleanup(url, [names.queue], [names.topic])
+
+
+def test_redis_takes_a_backlog_in_one_receive_and_records_it_as_kombu_does(
+    redis_bus: tuple[KombuTransport, Names],
+) -> None:
+    bus, names = redis_bus
+    bus.publish_many(names.topic, [(f"m{n}".encode(), {"n": str(n)}) for n in range(20)])
+    consumer = bus.consumer(names.queue, [names.topic], max_outstanding=30)
+    taken = consumer.receive(20, wait_s=1)
+    assert [d.body for d in taken] == [f"m{n}".encode() for n in range(20)]  # in order, at once
+    channel = consumer._link.channel
+    client = channel.client
+    entries = {k.decode(): json.loads(v) for k, v in client.hgetall(channel.unacked_key).items()}
+    held = [consumer._held[d.receipt].message for d in taken]
+    for message in held:  # each as Kombu's own delivery records it: [payload, exchange, routing key]
+        payload, exchange, routing_key = entries[message.delivery_tag]
+        assert (payload, exchange, routing_key) == (message._raw, "", subscription_name(names.queue, names.topic))
+        assert client.zscore(channel.unacked_index_key, message.delivery_tag) is not None
+    consumer.ack(taken[:5])
+    assert {m.delivery_tag for m in held[5:]} <= set(entries) - {m.delivery_tag for m in held[:5]}
+    assert client.hlen(channel.unacked_key) >= 15
+    for message in held[5:]:  # what a crashed consumer held: Kombu's restore brings it back
+        channel.qos.restore_by_tag(message.delivery_tag)
+    consumer.close()
+    again = bus.consumer(names.queue, [names.topic], max_outstanding=30)
+    back = again.receive(30, wait_s=1)
+    assert sorted(d.body for d in back) == sorted(f"m{n}".encode() for n in range(5, 20))
+    assert {d.attempt for d in back} == {2}
+    again.ack(back)
+    again.close()
+
+
+def test_redis_keeps_what_is_not_a_message_aside_and_goes_on(
+    redis_bus: tuple[KombuTransport, Names], caplog: pytest.LogCaptureFixture
+) -> None:
+    bus, names = redis_bus
+    consumer = bus.consumer(names.queue, [names.topic])
+    client = consumer._link.channel.client
+    queue = subscription_name(names.queue, names.topic)
+    client.lpush(queue, b"not json", b'{"body": "no properties"}')
+    bus.publish(names.topic, b"fine", {})
+    found = consumer.receive(10, wait_s=1)
+    assert [d.body for d in found] == [b"fine"]
+    assert client.lrange(unreadable_key(names.queue), 0, -1) == [b'{"body": "no properties"}', b"not json"]
+    assert "not Kombu's JSON" in caplog.text
+    consumer.ack(found)
+    consumer.close()
 
 
 def test_a_consumer_reconnects_after_its_connection_drops() -> None:

@@ -210,11 +210,13 @@ def test_redis_keeps_what_is_not_a_message_aside_and_goes_on(
     consumer = bus.consumer(names.queue, [names.topic])
     client = consumer._link.channel.client
     queue = subscription_name(names.queue, names.topic)
-    client.lpush(queue, b"not json", b'{"body": "no properties"}')
+    odd = [b"not json", b'{"body": "no properties"}', b"null", b'{"properties": null}', b'{"properties": 7}']
+    odd.append(b'{"properties": {"delivery_info": {}, "delivery_tag": null}}')
+    client.lpush(queue, *odd)
     bus.publish(names.topic, b"fine", {})
     found = consumer.receive(10, wait_s=1)
     assert [d.body for d in found] == [b"fine"]
-    assert client.lrange(unreadable_key(names.queue), 0, -1) == [b'{"body": "no properties"}', b"not json"]
+    assert client.lrange(unreadable_key(names.queue), 0, -1) == odd[::-1]
     assert "not Kombu's JSON" in caplog.text
     consumer.ack(found)
     consumer.close()

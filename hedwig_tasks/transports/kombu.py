@@ -145,15 +145,16 @@ for q = 4, #KEYS do
     if not payload then break end
     local ok, message = pcall(cjson.decode, payload)
     local props = ok and type(message) == 'table' and message['properties']
-    local info = props and props['delivery_info']
-    if type(info) ~= 'table' or props['delivery_tag'] == nil then
+    local info = type(props) == 'table' and props['delivery_info']
+    local tag = type(props) == 'table' and props['delivery_tag']
+    if type(info) ~= 'table' or (type(tag) ~= 'string' and type(tag) ~= 'number') then
       redis.call('LPUSH', KEYS[3], payload)
       taken[#taken + 1] = 0
     else
       local entry = '[' .. payload .. ',' .. cjson.encode(info['exchange'] or '') .. ','
         .. cjson.encode(info['routing_key'] or '') .. ']'
-      redis.call('HSET', KEYS[1], props['delivery_tag'], entry)
-      redis.call('ZADD', KEYS[2], ARGV[2], props['delivery_tag'])
+      redis.call('HSET', KEYS[1], tag, entry)
+      redis.call('ZADD', KEYS[2], ARGV[2], tag)
       taken[#taken + 1] = q - 3
       left = left - 1
     end
@@ -817,7 +818,7 @@ class KombuConsumer(Consumer):
         """
         channel = self._link.channel
         room = min(max_messages, self._prefetch - len(self._held) - len(self._buffer))
-        if room <= 0:
+        if room <= 0 or not self._subscriptions:
             return
         names = self._subscriptions[self._rotation :] + self._subscriptions[: self._rotation]
         self._rotation = (self._rotation + 1) % len(self._subscriptions)

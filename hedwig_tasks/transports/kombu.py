@@ -48,329 +48,76 @@ connection and channel behind a lock; ``receive`` holds the lock only to read wh
 waits for the socket without it (woken by a pipe when another thread settles something), so
 settling never waits on a receive. Broker errors become ``TransportError`` (or
 ``PublishError``); the connection is dropped and the next call reconnects.
+
+Modules: this one holds the transport (publishing and administration); ``_kombu_consumer``
+the consumer; ``_kombu_link`` the names, constants and connection wrapper both use.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import itertools
 import json
 import logging
 import os
-import select
 import threading
 import time
 import uuid
-import weakref
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import amqp.exceptions
-import kombu
-import kombu.exceptions
-import kombu.transport.virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
+from hedwig_tasks.transports._kombu_consumer import KombuConsumer
+from hedwig_tasks.transports._kombu_link import (
+    _OPTIONS,
+    ATTEMPTS,
+    DEAD_AT,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_LEASE_S,
+    DEFAULT_PREFETCH,
+    DELAY_BUCKETS_S,
+    REASON,
+    STATUS_SCAN,
+    SUBSCRIPTION,
+    _attributes,
+    _exists,
+    _Link,
+    _mask,
+    _payload,
+    _queue_depth,
+    _send,
+    delay_queue_name,
+    delayed_key,
+    dlq_name,
+    exchange_name,
+    subscription_name,
+    unreadable_key,
+)
 from hedwig_tasks.transports.base import (
     Capabilities,
-    Consumer,
     DeadLetterRecord,
-    Delivery,
     Progress,
     SubscriptionStatus,
     Transport,
 )
 
-__all__ = ["KombuConsumer", "KombuTransport"]
+__all__ = [
+    "DEFAULT_LEASE_S",
+    "DELAY_BUCKETS_S",
+    "KombuConsumer",
+    "KombuTransport",
+    "delay_queue_name",
+    "delayed_key",
+    "dlq_name",
+    "exchange_name",
+    "subscription_name",
+    "unreadable_key",
+]
 
 logger = logging.getLogger(__name__)
-
-#: How long a receive leases a message before it is given back, in seconds.
-DEFAULT_LEASE_S = 30.0
-#: How long connecting may take, in seconds.
-DEFAULT_CONNECT_TIMEOUT_S = 5.0
-#: RabbitMQ: longest a publish waits for the broker's confirm, in seconds.
-CONFIRM_TIMEOUT_S = 30.0
-#: Unsettled deliveries a consumer may hold when the caller gives no ``max_outstanding``.
-DEFAULT_PREFETCH = 64
-#: Longest a receive waits on the socket before looking again (housekeeping), in seconds.
-DRAIN_SLICE_S = 0.05
-#: Redis: extra seconds past the lease before Kombu restores a dead consumer's message.
-RESTORE_GRACE_S = 5.0
-#: Redis: seconds the restore lock outlives a holder that died (restoring takes milliseconds).
-UNACKED_MUTEX_EXPIRE_S = 10
-#: Redis: seconds between moves of due retries (and restores of dead consumers' messages).
-HOUSEKEEPING_S = 0.2
-#: Delay buckets, in seconds: powers of two up to about 48 days (AMQP's longest TTL).
-DELAY_BUCKETS_S = tuple(1 << k for k in range(23))
-#: RabbitMQ: seconds between checks that a missing subscription queue was provisioned.
-EXISTENCE_CHECK_S = 5.0
-#: Most dead letters read to count them per subscription in ``status``.
-STATUS_SCAN = 1000
-
-ATTEMPTS = "x-hedwig-attempts"
-REASON = "x-hedwig-reason"
-SUBSCRIPTION = "x-hedwig-subscription"
-DEAD_AT = "x-hedwig-dead-at"
-_OURS = "x-hedwig-"
-_BROKERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
-_CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
-_OPTIONS = ("lease_s", "connect_timeout_s")
-
-# Moves due retries from a sorted set to the tail of a Kombu list, atomically.
-_MOVE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, item in ipairs(due) do
-  redis.call('ZREM', KEYS[1], item)
-  redis.call('LPUSH', KEYS[2], item)
-end
-return #due
-"""
-
-# Redis: takes up to ARGV[1] messages from the queues KEYS[4..] in turn into Kombu's unacked
-# store (hash KEYS[1], index KEYS[2] scored ARGV[2]) exactly as Kombu's own delivery records
-# them, atomically, in one round trip instead of a BRPOP and a transaction per message. Returns
-# (queue number, payload) pairs; one that is not Kombu's JSON is moved to the list KEYS[3] and
-# returned with queue number 0, so it is kept and reported, never lost nor received forever.
-_FETCH = """
-local taken, left = {}, tonumber(ARGV[1])
-for q = 4, #KEYS do
-  while left > 0 do
-    local payload = redis.call('RPOP', KEYS[q])
-    if not payload then break end
-    local ok, message = pcall(cjson.decode, payload)
-    local props = ok and type(message) == 'table' and message['properties']
-    local info = type(props) == 'table' and props['delivery_info']
-    local tag = type(props) == 'table' and props['delivery_tag']
-    if type(info) ~= 'table' or (type(tag) ~= 'string' and type(tag) ~= 'number') then
-      redis.call('LPUSH', KEYS[3], payload)
-      taken[#taken + 1] = 0
-    else
-      local entry = '[' .. payload .. ',' .. cjson.encode(info['exchange'] or '') .. ','
-        .. cjson.encode(info['routing_key'] or '') .. ']'
-      redis.call('HSET', KEYS[1], tag, entry)
-      redis.call('ZADD', KEYS[2], ARGV[2], tag)
-      taken[#taken + 1] = q - 3
-      left = left - 1
-    end
-    taken[#taken + 1] = payload
-  end
-end
-return taken
-"""
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    """The driver errors mapped to ours at the boundary."""
-    found: list[type[BaseException]] = [kombu.exceptions.KombuError, amqp.exceptions.AMQPError, OSError]
-    with contextlib.suppress(ImportError):
-        import redis.exceptions
-
-        found.append(redis.exceptions.RedisError)
-    return tuple(found)
-
-
-_ERRORS = _errors()
-
-
-def exchange_name(topic: str) -> str:
-    return f"hedwig-{topic}"
-
-
-def subscription_name(queue: str, topic: str) -> str:
-    return f"hedwig-{queue}-{topic}"
-
-
-def dlq_name(queue: str) -> str:
-    return f"hedwig-{queue}-dlq"
-
-
-def delay_queue_name(subscription: str, bucket_s: int) -> str:
-    return f"{subscription}-delay-{bucket_s}s"
-
-
-def delayed_key(subscription: str) -> str:
-    return f"{subscription}-delayed"
-
-
-def unreadable_key(queue: str) -> str:
-    """Redis: the list keeping what app ``queue``'s consumers found on a queue that is not a message."""
-    return f"hedwig-{queue}-unreadable"
-
-
-def _bucket(delay_s: float) -> int:
-    return next((b for b in DELAY_BUCKETS_S if b >= delay_s), DELAY_BUCKETS_S[-1])
-
-
-def _attributes(headers: Mapping[str, Any]) -> dict[str, str]:
-    """The Hedwig attributes among a message's headers: without ours and the broker's."""
-    found = {}
-    for key, value in headers.items():
-        if key.startswith(_OURS) or key.startswith(_BROKERS) or (key == "redelivered" and value is True):
-            continue
-        found[key] = value if isinstance(value, str) else str(value)
-    return found
-
-
-def _mask(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":**@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-class _Link:
-    """One Kombu connection and channel, opened on first use and dropped on any error."""
-
-    def __init__(self, url: str, *, redis: bool, lease_s: float, connect_timeout_s: float) -> None:
-        self.url = url
-        self.redis = redis
-        options: dict[str, Any] = {"confirm_publish": True}
-        if redis:
-            options = {
-                "visibility_timeout": lease_s + RESTORE_GRACE_S,
-                "unacked_restore_throttle": 1,
-                # Restoring holds a Redis lock; a worker killed (-9) while holding it would stop
-                # every other worker restoring for Kombu's default of 5 minutes.
-                "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
-            }
-        self.transport_options = options
-        self.connect_timeout_s = connect_timeout_s
-        self.connection: kombu.Connection | None = None
-        self._channel: Any = None
-        self.generation = 0
-
-    @property
-    def channel(self) -> Any:
-        if self.connection is None:
-            connection = kombu.Connection(
-                self.url, transport_options=self.transport_options, connect_timeout=self.connect_timeout_s
-            )
-            try:
-                connection.ensure_connection(max_retries=0)
-                self._channel = connection.channel()
-                if self.redis:
-                    _reuse_client(self._channel)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    connection.release()
-                raise
-            self.connection = connection
-            self.generation += 1
-        return self._channel
-
-    def reset(self) -> None:
-        connection, self.connection, self._channel = self.connection, None, None
-        if connection is None:
-            return
-        self.generation += 1  # receipts from this connection settle nothing from now on
-        raw = connection._connection  # Kombu swallows errors while closing; the socket may stay open
-        try:
-            connection.release()
-        except Exception as exc:  # a broken connection: there is nothing more to say to it
-            logger.debug("closing a broken connection to %s: %s", _mask(self.url), exc)
-        if getattr(raw, "_transport", None) is not None and hasattr(raw, "collect"):
-            with contextlib.suppress(Exception):
-                raw.collect()  # py-amqp: close the socket without talking
-
-    @contextlib.contextmanager
-    def errors(self, doing: str, error: type[TransportError] = TransportError) -> Iterator[None]:
-        """The boundary: driver errors drop the connection and become ``error``."""
-        try:
-            yield
-        except _ERRORS as exc:
-            self.reset()
-            raise error(f"{doing} on {_mask(self.url)} failed: {exc}") from exc
-
-    def fresh_channel(self) -> Any:
-        """A new channel on the connection, for calls that may close it (passive declares)."""
-        self.channel  # noqa: B018 - connects
-        assert self.connection is not None
-        return self.connection.channel()
-
-
-def _reuse_client(channel: Any) -> None:
-    """Make a Kombu Redis channel run its commands on one client instead of a new one each time.
-
-    Kombu builds a ``redis.Redis`` per ack, restore and publish (``conn_or_acquire``); with
-    redis-py 8 that costs more than the command. The client shares the channel's pool and is
-    thread-safe; the channel's own BRPOP client is separate and untouched.
-    """
-    client = channel._create_client()
-
-    @contextlib.contextmanager
-    def conn_or_acquire(given: Any = None) -> Iterator[Any]:
-        yield given or client
-
-    channel.conn_or_acquire = conn_or_acquire
-
-
-def _send(
-    channel: Any,
-    routing_key: str,
-    body: bytes,
-    headers: Mapping[str, Any],
-    *,
-    exchange: str = "",
-    message_id: Any = None,
-    expiration: float | None = None,
-) -> None:
-    """Publish persistently (what ``kombu.Producer.publish`` does, without its per-call setup).
-
-    ``exchange`` defaults to the default exchange: straight to the queue ``routing_key``.
-    On RabbitMQ the channel waits for the broker's confirm; a refusal raises.
-    """
-    properties: dict[str, Any] = {"delivery_mode": 2, "message_id": message_id}
-    if expiration is not None:
-        properties["expiration"] = str(max(0, int(expiration * 1000)))
-    message = channel.prepare_message(
-        body, 0, _CONTENT["content_type"], _CONTENT["content_encoding"], dict(headers), properties
-    )
-    if isinstance(message, dict):  # Kombu's virtual (Redis) channel
-        channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
-    else:  # py-amqp: a confirm that never comes (a blocked broker) must not hang the caller
-        channel.basic_publish(message, exchange=exchange, routing_key=routing_key, timeout=CONFIRM_TIMEOUT_S)
-
-
-def _payload(channel: Any, queue: str, body: bytes, headers: dict[str, Any], message_id: Any) -> Any:
-    """A message as Kombu's Redis channel stores it on ``queue``'s list (what ``basic_publish`` builds)."""
-    properties = {"delivery_mode": 2, "message_id": message_id}
-    payload = channel.prepare_message(body, headers=headers, properties=properties, **_CONTENT)
-    channel._inplace_augment_message(payload, "", queue)
-    return payload
-
-
-def _exists(link: _Link, kind: str, name: str) -> bool:
-    """Whether an exchange or queue exists (a passive declare; a missing one closes its channel)."""
-    channel = link.fresh_channel()
-    try:
-        if kind == "exchange":
-            channel.exchange_declare(name, "fanout", passive=True)
-        else:
-            channel.queue_declare(name, passive=True)
-    except amqp.exceptions.NotFound:
-        return False
-    with contextlib.suppress(*_ERRORS):
-        channel.close()
-    return True
-
-
-def _queue_depth(link: _Link, name: str) -> int | None:
-    """Messages ready in a RabbitMQ queue; None if it does not exist."""
-    channel = link.fresh_channel()
-    try:
-        depth = int(channel.queue_declare(name, passive=True).message_count)
-    except amqp.exceptions.NotFound:
-        return None
-    with contextlib.suppress(*_ERRORS):
-        channel.close()
-    return depth
 
 
 class KombuTransport(Transport):
@@ -674,331 +421,3 @@ def _record(message: Any) -> DeadLetterRecord:
         dead_at=float(headers.get(DEAD_AT, 0.0)),
         transport_id=str(message.properties.get("message_id") or ""),
     )
-
-
-def _close_fds(*fds: int) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _ack_redis(channel: Any, messages: list[Any]) -> None:
-    """Kombu's Redis ack, for a batch in one round trip instead of one each."""
-    tags = [message.delivery_tag for message in messages]
-    with channel.conn_or_acquire() as client:
-        client.pipeline().zrem(channel.unacked_index_key, *tags).hdel(channel.unacked_key, *tags).execute()
-    for message in messages:
-        kombu.transport.virtual.QoS.ack(channel.qos, message.delivery_tag)  # the channel's own bookkeeping
-        message._state = "ACK"
-
-
-@dataclasses.dataclass
-class _Held:
-    message: Any  # a kombu Message
-    subscription: str
-    attempt: int
-    generation: int
-    expires_at: float
-
-
-class KombuConsumer(Consumer):
-    """Consumes some of one app's subscriptions on a connection of its own.
-
-    A receipt is a number naming a held delivery; once the delivery is settled, given back or
-    its connection lost, the receipt settles nothing.
-    """
-
-    def __init__(self, transport: KombuTransport, queue: str, subscriptions: list[str], *, prefetch: int) -> None:
-        self._transport = transport
-        self._queue = queue
-        self._subscriptions = subscriptions
-        self._prefetch = prefetch
-        self._link = transport.link()
-        self._lock = threading.RLock()
-        self._buffer: deque[tuple[str, Any]] = deque()
-        self._held: dict[int, _Held] = {}
-        self._tokens = itertools.count(1)
-        self._consuming = 0  # the link generation consumption was set up on
-        self._declared: set[str] = set()
-        self._next_housekeeping = 0.0
-        self._move_due: Any = None
-        self._fetch: Any = None
-        self._rotation = 0  # Redis: the subscription a fetch starts with, in turn
-        self._missing: list[str] = []  # subscriptions whose queue does not exist (yet)
-        self._warned: set[str] = set()
-        self._next_existence_check = 0.0
-        self._wake_r, self._wake_w = os.pipe()  # settling wakes a receive waiting on the socket
-        os.set_blocking(self._wake_r, False)  # several waiters may see one byte; only one gets it
-        os.set_blocking(self._wake_w, False)
-        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
-
-    # -- receiving --------------------------------------------------------------------------
-
-    def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
-        """Up to ``max_messages``, waiting up to ``wait_s``. Raises ``TransportError``."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            with self._lock, self._link.errors("receive"):
-                self._ensure_consuming()
-                self._housekeep()
-                if not self._buffer and self._transport.redis:
-                    self._fetch_redis(max_messages)
-                if not self._buffer:
-                    self._drain(0.0)
-                self._drain_ready(max_messages)
-                if self._buffer and max_messages > 0:
-                    return self._hand_out(max_messages)
-                sock = self._socket()
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                return []
-            # Wait without the lock, so acks and retries from other threads go ahead meanwhile; a
-            # settle frees prefetch room (Redis then needs a new BRPOP), so it wakes this wait.
-            self._wait(sock, min(DRAIN_SLICE_S, remaining_s))
-
-    def _wait(self, sock: Any, timeout_s: float) -> None:
-        """Until ``sock`` has something to read, something was settled, or ``timeout_s`` passed."""
-        waiting = [self._wake_r] if sock is None else [sock, self._wake_r]
-        with contextlib.suppress(OSError, ValueError):  # closed meanwhile: the next drain says why
-            readable, _, _ = select.select(waiting, [], [], timeout_s)
-            if self._wake_r in readable:
-                os.read(self._wake_r, 4096)  # BlockingIOError: another waiter took the byte first
-
-    def _woken(self) -> None:
-        with contextlib.suppress(OSError):  # a full pipe is already a wake-up
-            os.write(self._wake_w, b"!")
-
-    def _socket(self) -> Any:
-        """The socket deliveries arrive on (RabbitMQ's connection, Redis's pending BRPOP), if known."""
-        try:
-            if self._transport.redis:
-                return self._link.channel.client.connection._sock
-            assert self._link.connection is not None
-            return self._link.connection.connection.sock
-        except AttributeError:
-            return None
-
-    def _ensure_consuming(self) -> None:
-        channel = self._link.channel
-        if self._consuming == self._link.generation:
-            return
-        self._buffer.clear()
-        self._declared.clear()
-        channel.basic_qos(0, self._prefetch, not self._transport.redis)  # RabbitMQ: shared by the channel
-        self._consuming = self._link.generation
-        self._move_due = self._fetch = None
-        self._missing = list(self._subscriptions)
-        self._consume_existing()
-
-    def _consume_existing(self) -> None:
-        """Consume the subscriptions that exist; RabbitMQ refuses a queue never provisioned."""
-        self._next_existence_check = time.monotonic() + EXISTENCE_CHECK_S
-        for name in list(self._missing):
-            if not self._transport.redis and not _exists(self._link, "queue", name):
-                if name not in self._warned:
-                    logger.warning("queue %s does not exist (not provisioned?): nothing to receive from it", name)
-                    self._warned.add(name)
-                continue
-            queue = kombu.Queue(name, no_declare=True)
-            callback = self._collector(name)
-            consumer = kombu.Consumer(self._link.channel, [queue], auto_declare=False, on_message=callback)
-            consumer.consume()
-            self._missing.remove(name)
-
-    def _collector(self, name: str) -> Callable[[Any], None]:
-        def collect(message: Any) -> None:
-            self._buffer.append((name, message))
-
-        return collect
-
-    def _fetch_redis(self, max_messages: int) -> None:
-        """Redis: take what is waiting, up to ``max_messages``, in one round trip (see ``_FETCH``).
-
-        Kombu's own BRPOP, one message and two round trips each, stays for waiting on empty queues.
-        """
-        channel = self._link.channel
-        room = min(max_messages, self._prefetch - len(self._held) - len(self._buffer))
-        if room <= 0 or not self._subscriptions:
-            return
-        names = self._subscriptions[self._rotation :] + self._subscriptions[: self._rotation]
-        self._rotation = (self._rotation + 1) % len(self._subscriptions)
-        keys = [channel.unacked_key, channel.unacked_index_key, unreadable_key(self._queue)]
-        keys += [channel._q_for_pri(name, 0) for name in names]
-        with channel.conn_or_acquire() as client:
-            if self._fetch is None:
-                self._fetch = client.register_script(_FETCH)
-            taken = self._fetch(keys=keys, args=[room, time.time()], client=client)
-        for number, raw in zip(taken[::2], taken[1::2], strict=True):
-            if not number:
-                logger.error("a message on Redis that is not Kombu's JSON was moved to %s", unreadable_key(self._queue))
-                continue
-            message = channel.Message(json.loads(raw), channel=channel)
-            kombu.transport.virtual.QoS.append(channel.qos, message, message.delivery_tag)  # Kombu's prefetch count
-            self._buffer.append((names[number - 1], message))
-
-    def _drain(self, timeout_s: float) -> None:
-        assert self._link.connection is not None
-        try:
-            self._link.connection.drain_events(timeout=timeout_s)
-        except TimeoutError:
-            pass
-
-    def _drain_ready(self, max_messages: int) -> None:
-        """RabbitMQ: take what the broker already pushed, without waiting, to return a fuller batch."""
-        if self._transport.redis:
-            return  # every Redis delivery is a BRPOP round trip; waiting for more would only delay these
-        assert self._link.connection is not None
-        while self._buffer and len(self._buffer) < max_messages:
-            before = len(self._buffer)
-            self._drain(0.0)
-            if len(self._buffer) == before:
-                return
-
-    def _hand_out(self, max_messages: int) -> list[Delivery]:
-        found: list[Delivery] = []
-        expires_at = self._transport.clock() + self._transport.lease_s
-        while self._buffer and len(found) < max_messages:
-            name, message = self._buffer.popleft()
-            headers = message.headers or {}
-            attempt = int(headers.get(ATTEMPTS, 0)) + 1 + bool(message.delivery_info.get("redelivered"))
-            token = next(self._tokens)
-            self._held[token] = _Held(message, name, attempt, self._link.generation, expires_at)
-            message_id = str(message.properties.get("message_id") or "")
-            found.append(Delivery(bytes(message.body), _attributes(headers), attempt, token, name, message_id))
-        return found
-
-    def _housekeep(self) -> None:
-        """Give back deliveries whose lease ran out; on Redis move due retries and restore the dead's."""
-        if self._missing and time.monotonic() >= self._next_existence_check:
-            self._consume_existing()
-        now = self._transport.clock()
-        for token, held in list(self._held.items()):
-            if held.generation != self._link.generation:
-                del self._held[token]  # its connection is gone; the broker gives it back
-            elif held.expires_at <= now:
-                logger.warning(
-                    "lease ran out on id=%s from %s", held.message.properties.get("message_id"), held.subscription
-                )
-                del self._held[token]
-                self._resend(held, held.subscription)
-        if self._transport.redis and time.monotonic() >= self._next_housekeeping:
-            self._next_housekeeping = time.monotonic() + HOUSEKEEPING_S
-            self._redis_housekeeping()
-
-    def _redis_housekeeping(self) -> None:
-        channel = self._link.channel
-        with channel.conn_or_acquire() as client:
-            if self._move_due is None:
-                self._move_due = client.register_script(_MOVE_DUE)
-            now = time.time()
-            for name in self._subscriptions:
-                self._move_due(keys=[delayed_key(name), channel._q_for_pri(name, 0)], args=[now, 100], client=client)
-        channel.qos.restore_visible(num=100, interval=1)
-
-    # -- settling ---------------------------------------------------------------------------
-
-    def _take(self, delivery: Delivery) -> _Held | None:
-        self._woken()
-        held = self._held.pop(delivery.receipt, None)
-        if held is None or held.generation != self._link.generation:
-            return None
-        return held
-
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
-        with self._lock, self._link.errors("ack"):
-            messages = [held.message for held in map(self._take, deliveries) if held is not None]
-            if self._transport.redis and messages:
-                _ack_redis(self._link.channel, messages)
-                return
-            for message in messages:
-                message.ack()
-
-    def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Put each back at the tail of its queue, attempt kept, then ack the held copy."""
-        with self._lock, self._link.errors("release"):
-            for delivery in deliveries:
-                held = self._take(delivery)
-                if held is not None:
-                    self._resend(held, held.subscription)
-
-    def retry_later(self, delivery: Delivery, delay_s: float) -> None:
-        with self._lock, self._link.errors("retry later"):
-            held = self._take(delivery)
-            if held is None:
-                return
-            if delay_s <= 0:
-                self._resend(held, held.subscription)
-            elif self._transport.redis:
-                self._delay_redis(held, delay_s)
-            else:
-                self._delay_rabbit(held, delay_s)
-
-    def _resend(self, held: _Held, routing_key: str, **options: Any) -> None:
-        """Publish a copy (confirmed on RabbitMQ) that carries the attempt, then ack the held one."""
-        message = held.message
-        headers = {**_attributes(message.headers or {}), ATTEMPTS: held.attempt}
-        message_id = message.properties.get("message_id")
-        _send(self._link.channel, routing_key, message.body, headers, message_id=message_id, **options)
-        message.ack()
-
-    def _delay_rabbit(self, held: _Held, delay_s: float) -> None:
-        bucket = _bucket(delay_s)
-        name = delay_queue_name(held.subscription, bucket)
-        if name not in self._declared:
-            arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": held.subscription}
-            self._link.channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
-            self._declared.add(name)
-        self._resend(held, name, expiration=min(delay_s, float(bucket)))
-
-    def _delay_redis(self, held: _Held, delay_s: float) -> None:
-        channel = self._link.channel
-        message = held.message
-        headers = {**_attributes(message.headers or {}), ATTEMPTS: held.attempt}
-        payload = _payload(channel, held.subscription, message.body, headers, message.properties.get("message_id"))
-        with channel.conn_or_acquire() as client:
-            client.zadd(delayed_key(held.subscription), {dumps(payload): time.time() + delay_s})
-        message.ack()
-
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Publish a copy with the reason to the app's dead-letter queue, then ack the held one."""
-        with self._lock, self._link.errors("dead letter"):
-            held = self._take(delivery)
-            if held is None:
-                return
-            message = held.message
-            headers = {
-                **_attributes(message.headers or {}),
-                REASON: reason,
-                SUBSCRIPTION: held.subscription,
-                ATTEMPTS: held.attempt,
-                DEAD_AT: repr(time.time()),
-            }
-            message_id = message.properties.get("message_id")
-            dlq = dlq_name(self._queue)
-            if dlq not in self._declared and not self._transport.redis:  # unrouted, it would be dropped
-                self._link.channel.queue_declare(dlq, durable=True, auto_delete=False)
-                self._declared.add(dlq)
-            _send(self._link.channel, dlq, message.body, headers, message_id=message_id)
-            message.ack()
-
-    def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
-        """Move the consumer's deadline; on Redis also the score Kombu restores by."""
-        with self._lock, self._link.errors("extend lease"):
-            expires_at = self._transport.clock() + lease_s
-            tags = {}
-            for delivery in deliveries:
-                held = self._held.get(delivery.receipt)
-                if held is not None and held.generation == self._link.generation:
-                    held.expires_at = expires_at
-                    tags[held.message.delivery_tag] = time.time() + lease_s - self._transport.lease_s
-            if tags and self._transport.redis:
-                channel = self._link.channel
-                with channel.conn_or_acquire() as client:
-                    client.zadd(channel.unacked_index_key, tags, xx=True)
-
-    def close(self) -> None:
-        """Drop the connection: the broker gives back whatever was not settled."""
-        with self._lock:
-            self._held.clear()
-            self._buffer.clear()
-            self._link.reset()

@@ -249,9 +249,12 @@ def test_more_than_ten_uses_parallel_pollers(aws: AWSTransport) -> None:
     calls = _count_calls(aws._client("sqs"))
     got: list[Any] = []
     deadline = time.monotonic() + 10
-    while len(got) < 35 and time.monotonic() < deadline:
+    while len({d.body for d in got}) < 35 and time.monotonic() < deadline:
         got += consumer.receive(40, wait_s=1)
-    assert sorted(d.body for d in got) == sorted(f"m{i}".encode() for i in range(35))
+    # Every message; under load moto's concurrent ReceiveMessage calls have handed out one
+    # message twice (SQS is at-least-once too), so a duplicate is allowed, a loss is not.
+    assert {d.body for d in got} == {f"m{i}".encode() for i in range(35)}
+    assert len(got) <= 36
     assert calls["ReceiveMessage"] <= 8
     consumer.ack(got)
     consumer.close()

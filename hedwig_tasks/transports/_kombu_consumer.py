@@ -40,10 +40,7 @@ from hedwig_tasks.transports._kombu_link import (
     dlq_name,
     unreadable_key,
 )
-from hedwig_tasks.transports.base import (
-    Consumer,
-    Delivery,
-)
+from hedwig_tasks.transports.base import Consumer, Delivery
 
 if TYPE_CHECKING:
     from hedwig_tasks.transports.kombu import KombuTransport

@@ -33,24 +33,24 @@ Why unary pull and not the client's streaming pull: the Pub/Sub emulator ignores
 pull's ``max_outstanding_messages`` and pushes up to about a hundred messages per response, which
 the client library then leases and keeps extending while they wait on hold; a pull asks for
 exactly the free slots, so nothing is hoarded, on the emulator and on Pub/Sub alike.
+
+Modules: this one holds the transport (publishing, and the doors to the rest);
+``_gcp_consumer`` the consumer; ``_gcp_admin`` provisioning and dead letters; ``_gcp_common``
+the constants, error boundary and checks they share.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
-import math
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import grpc
-from google.api_core import exceptions as google_exceptions
 from google.api_core.retry import Retry, if_exception_type
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher import PublisherClient as GapicPublisher
@@ -58,179 +58,41 @@ from google.pubsub_v1.services.publisher.transports import PublisherGrpcTranspor
 from google.pubsub_v1.services.subscriber import SubscriberClient as GapicSubscriber
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
+from hedwig_tasks.exceptions import ConfigurationError, PublishError
+from hedwig_tasks.transports._gcp_admin import (
+    _dlq_modack,
+    _Provisioner,
+    _read_dead_letters,
+    _requeue,
+)
+from hedwig_tasks.transports._gcp_common import (
+    _RETRYABLE,
+    ATTEMPTS_ATTRIBUTE,
+    CALL_TIMEOUT_S,
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_DELIVERY_ATTEMPTS,
+    DEFAULT_PUBLISH_TIMEOUT_S,
+    MAX_ACK_DEADLINE_S,
+    MAX_ATTRIBUTES,
+    MAX_BATCH,
+    NOT_BEFORE_ATTRIBUTE,
+    _boundary,
+    _check_message,
+    _number,
+    _options,
+)
+from hedwig_tasks.transports._gcp_consumer import PubSubConsumer
 from hedwig_tasks.transports.base import (
     Capabilities,
-    Consumer,
     DeadLetterRecord,
-    Delivery,
     Progress,
     SubscriptionStatus,
     Transport,
 )
 
-__all__ = ["GooglePubSubTransport", "PubSubConsumer"]
+__all__ = ["ATTEMPTS_ATTRIBUTE", "NOT_BEFORE_ATTRIBUTE", "GooglePubSubTransport", "PubSubConsumer"]
 
 logger = logging.getLogger(__name__)
-
-#: Ack deadline a receive takes and each lease extension asks for, in seconds.
-DEFAULT_LEASE_S = 30.0
-#: Deliveries after which the subscription's dead-letter policy moves a message (the safety net).
-DEFAULT_MAX_DELIVERY_ATTEMPTS = 20
-#: Longest a publish keeps retrying an unavailable service before it raises, in seconds.
-DEFAULT_PUBLISH_TIMEOUT_S = 30.0
-#: Longest one administrative call may take, in seconds.
-CALL_TIMEOUT_S = 10.0
-#: Longest one pull waits for messages, in seconds.
-MAX_LONG_POLL_S = 10.0
-#: A pull's deadline beyond its wait: Pub/Sub answers an empty pull about a second before it.
-PULL_DEADLINE_MARGIN_S = 0.95
-#: How long a dead-letter read waits for more before it believes there are none, in seconds.
-DLQ_WAIT_S = 0.5
-#: Longest pause between quick polls of several subscriptions, in seconds.
-MAX_POLL_PAUSE_S = 0.2
-#: Longest ack deadline Pub/Sub takes in one call, in seconds.
-MAX_ACK_DEADLINE_S = 600
-#: Shortest ack deadline a subscription can have, in seconds.
-MIN_SUBSCRIPTION_DEADLINE_S = 10
-#: Largest Pub/Sub message (data plus attributes), in bytes.
-MAX_MESSAGE_BYTES = 10_000_000
-#: Most attributes on one message.
-MAX_ATTRIBUTES = 100
-#: Longest attribute key and value, in bytes.
-MAX_ATTRIBUTE_KEY_BYTES = 256
-MAX_ATTRIBUTE_VALUE_BYTES = 1024
-#: Most messages one Publish or Pull call carries.
-MAX_BATCH = 1000
-#: Retention of the dead-letter subscription, in seconds (the Pub/Sub maximum, 7 days).
-DLQ_RETENTION_S = 604800
-
-#: Attributes this transport adds; none of them is a Hedwig header (the ``hedwig_`` prefix).
-NOT_BEFORE_ATTRIBUTE = "hedwig_not_before"  #: epoch ms before which a republished retry waits
-ATTEMPTS_ATTRIBUTE = "hedwig_attempts"  #: attempts made before a republished retry
-REASON_ATTRIBUTE = "hedwig_dead_letter_reason"
-SOURCE_ATTRIBUTE = "hedwig_dead_letter_subscription"
-DEAD_ATTEMPTS_ATTRIBUTE = "hedwig_dead_letter_attempts"
-DEAD_AT_ATTRIBUTE = "hedwig_dead_letter_at"  #: epoch ms
-_OURS = frozenset(
-    {
-        NOT_BEFORE_ATTRIBUTE,
-        ATTEMPTS_ATTRIBUTE,
-        REASON_ATTRIBUTE,
-        SOURCE_ATTRIBUTE,
-        DEAD_ATTEMPTS_ATTRIBUTE,
-        DEAD_AT_ATTRIBUTE,
-    }
-)
-#: Attributes Pub/Sub adds when its dead-letter policy forwards a message.
-_GOOGLE_DEAD_PREFIX = "CloudPubSubDeadLetter"
-
-_URL_OPTIONS = (
-    "retry_min_backoff_s",
-    "retry_max_backoff_s",
-    "batch_max_bytes",
-    "batch_max_latency_s",
-    "batch_max_messages",
-    "emulator",
-    "lease_s",
-    "max_delivery_attempts",
-    "publish_timeout_s",
-)
-_RETRYABLE = (
-    google_exceptions.ServiceUnavailable,
-    google_exceptions.DeadlineExceeded,
-    google_exceptions.InternalServerError,
-    google_exceptions.Aborted,
-    google_exceptions.ResourceExhausted,
-    google_exceptions.Unknown,
-)
-
-
-# -- boundary and helpers ---------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _boundary(doing: str, error: type[TransportError] = TransportError) -> Iterator[None]:
-    """Turn google.api_core's errors into ours: the transport boundary."""
-    try:
-        yield
-    except google_exceptions.NotFound as exc:
-        raise error(f"{doing} failed: not found ({exc.message}); run `hedwig-tasks provision`") from exc
-    except google_exceptions.RetryError as exc:
-        cause = exc.cause if exc.cause is not None else exc
-        raise error(f"{doing} failed: gave up retrying: {cause}") from exc
-    except google_exceptions.GoogleAPIError as exc:
-        hint = " (is the Pub/Sub emulator or service reachable?)" if isinstance(exc, _RETRYABLE) else ""
-        raise error(f"{doing} failed: {exc}{hint}") from exc
-    except (grpc.RpcError, OSError) as exc:
-        raise error(f"{doing} failed: {exc}") from exc
-
-
-def _check_message(topic: str, body: bytes, attributes: Mapping[str, str]) -> None:
-    """Raise ``PublishError`` for what Pub/Sub would refuse, before anything is sent."""
-    if not isinstance(body, (bytes, bytearray, memoryview)):
-        raise PublishError(f"publish to {topic!r}: the body must be bytes, got {type(body).__name__}")
-    if len(attributes) > MAX_ATTRIBUTES:
-        raise PublishError(
-            f"publish to {topic!r}: {len(attributes)} attributes; Pub/Sub takes at most {MAX_ATTRIBUTES}"
-        )
-    size = len(body)
-    for key, value in attributes.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise PublishError(f"publish to {topic!r}: attribute {key!r} must be a string with a string value")
-        key_bytes, value_bytes = len(key.encode()), len(value.encode())
-        if not key or key_bytes > MAX_ATTRIBUTE_KEY_BYTES or key.startswith("goog"):
-            raise PublishError(f"publish to {topic!r}: attribute name {key!r} is empty, too long or reserved")
-        if value_bytes > MAX_ATTRIBUTE_VALUE_BYTES:
-            raise PublishError(
-                f"publish to {topic!r}: attribute {key!r} is {value_bytes} bytes; "
-                f"Pub/Sub takes at most {MAX_ATTRIBUTE_VALUE_BYTES}"
-            )
-        size += key_bytes + value_bytes
-    if size > MAX_MESSAGE_BYTES:
-        raise PublishError(f"publish to {topic!r}: message is {size} bytes; Pub/Sub takes at most {MAX_MESSAGE_BYTES}")
-    if not body and not attributes:
-        raise PublishError(f"publish to {topic!r}: Pub/Sub refuses a message with neither data nor attributes")
-
-
-def _options(query: str) -> dict[str, str]:
-    given = parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(given) - set(_URL_OPTIONS))
-    if unknown:
-        raise ConfigurationError(f"unknown gcp option(s) {', '.join(unknown)} (known: {', '.join(_URL_OPTIONS)})")
-    return {name: values[-1] for name, values in given.items()}
-
-
-def _number(name: str, value: Any, cast: Callable[[Any], float]) -> Any:
-    try:
-        return cast(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"gcp option {name}={value!r} must be a number") from None
-
-
-def _short(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
-def _epoch_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _clean(attributes: Mapping[str, str]) -> dict[str, str]:
-    """The message's own attributes, without what this transport or Pub/Sub's DLQ added."""
-    return {k: v for k, v in attributes.items() if k not in _OURS and not k.startswith(_GOOGLE_DEAD_PREFIX)}
-
-
-@dataclasses.dataclass(eq=False)
-class _Receipt:
-    """One delivery of one message: its ack id, and whether it may still settle anything."""
-
-    ack_id: str
-    subscription: str  # full path
-    message_id: str
-    republished: bool  # carries hedwig_attempts: a retry that went through the app's own topic
-    settled: bool = False
-
 
 # -- the transport ----------------------------------------------------------------------------
 
@@ -534,403 +396,3 @@ class GooglePubSubTransport(Transport):
         for client in clients.values():
             with contextlib.suppress(Exception):
                 client.transport.close()
-
-
-# -- consuming --------------------------------------------------------------------------------
-
-
-class PubSubConsumer(Consumer):
-    """Pulls some subscriptions of one app: exactly as many messages as asked, never more."""
-
-    def __init__(self, transport: GooglePubSubTransport, queue: str, names: list[str]) -> None:
-        self._transport = transport
-        self._queue = queue
-        self._names = names
-        self._lock = threading.Lock()
-        self._current: dict[tuple[str, str], _Receipt] = {}  # (subscription, message id) -> latest receipt
-        self._counts: dict[tuple[str, str], int] = {}  # receives seen, for subscriptions without a DLQ policy
-        self._next = 0
-
-    # -- receiving ----------------------------------------------------------------------------
-
-    def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
-        """Pull up to ``max_messages``, waiting up to about ``wait_s`` for the first.
-
-        One subscription is long-polled; several are polled in turn, quickly and then again
-        after short pauses, so a message on any of them is seen within a fifth of a second.
-        Raises ``TransportError``, naming a missing subscription.
-        """
-        deadline = time.monotonic() + wait_s
-        pause_s = 0.02
-        while True:
-            remaining = deadline - time.monotonic()
-            if len(self._names) == 1:
-                found = self._pull(self._names[0], max_messages, max(0.0, remaining))
-            else:
-                found = self._pull_all(max_messages)
-            remaining = deadline - time.monotonic()
-            if found or remaining <= 0:
-                return found
-            if len(self._names) > 1:
-                time.sleep(min(pause_s, remaining))
-                pause_s = min(pause_s * 2, MAX_POLL_PAUSE_S)
-
-    def _pull_all(self, max_messages: int) -> list[Delivery]:
-        """Quick pulls of each subscription in turn (starting with a different one each time),
-        each asking for what the ones before did not bring."""
-        with self._lock:
-            start, self._next = self._next, self._next + 1
-        found: list[Delivery] = []
-        for i in range(len(self._names)):
-            if len(found) >= max_messages:
-                break
-            found += self._pull(self._names[(start + i) % len(self._names)], max_messages - len(found), 0.0)
-        return found
-
-    def _pull(self, name: str, max_messages: int, wait_s: float) -> list[Delivery]:
-        transport = self._transport
-        path = transport.subscription_path(name)
-        # Pub/Sub answers an empty pull shortly before the call's deadline: the deadline is the wait.
-        timeout_s = min(wait_s, MAX_LONG_POLL_S) + PULL_DEADLINE_MARGIN_S
-        request = {"subscription": path, "max_messages": max(1, min(max_messages, MAX_BATCH))}
-        try:
-            with _boundary(f"pull from subscription {name}"):
-                response = transport._client("subscriber").pull(request=request, timeout=timeout_s, retry=None)
-        except TransportError as exc:
-            if isinstance(exc.__cause__, google_exceptions.DeadlineExceeded):
-                return []
-            raise
-        received = list(response.received_messages)
-        if received and transport.lease_s < MIN_SUBSCRIPTION_DEADLINE_S:
-            self._modack(path, [r.ack_id for r in received], transport.lease_s)
-        deliveries = []
-        for item in received:
-            delivery = self._delivery(name, path, item)
-            if delivery is not None:
-                deliveries.append(delivery)
-        return deliveries
-
-    def _delivery(self, name: str, path: str, item: Any) -> Delivery | None:
-        message = item.message
-        attributes = dict(message.attributes)
-        not_before = attributes.get(NOT_BEFORE_ATTRIBUTE)
-        if not_before is not None and self._defer(path, item, int(not_before)):
-            return None
-        republished = ATTEMPTS_ATTRIBUTE in attributes
-        key = (path, message.message_id)
-        with self._lock:
-            if republished:
-                attempt = int(attributes[ATTEMPTS_ATTRIBUTE]) + 1
-            elif item.delivery_attempt:
-                attempt = int(item.delivery_attempt)
-            else:
-                attempt = self._counts[key] = self._counts.get(key, 0) + 1
-            receipt = self._current[key] = _Receipt(item.ack_id, path, message.message_id, republished)
-        return Delivery(bytes(message.data), _clean(attributes), attempt, receipt, name, message.message_id)
-
-    def _defer(self, path: str, item: Any, not_before_ms: int) -> bool:
-        """Keep a republished retry that is not due yet with the broker, not in memory."""
-        remaining_s = (not_before_ms - _epoch_ms()) / 1000
-        if remaining_s <= 0:
-            return False
-        near_limit = (item.delivery_attempt or 0) >= self._transport.max_delivery_attempts - 2
-        if near_limit:  # every deferral counts as a delivery: start afresh before the DLQ policy acts
-            message = item.message
-            self._republish_own(self._queue, bytes(message.data), dict(message.attributes))
-            self._call("ack", path, lambda: self._ack_ids(path, [item.ack_id]))
-        else:
-            self._modack(path, [item.ack_id], min(math.ceil(remaining_s), MAX_ACK_DEADLINE_S))
-        return True
-
-    # -- settling -----------------------------------------------------------------------------
-
-    def _live(self, delivery: Delivery) -> _Receipt | None:
-        receipt: _Receipt = delivery.receipt
-        with self._lock:
-            current = self._current.get((receipt.subscription, receipt.message_id))
-            if current is not receipt or receipt.settled:
-                return None
-            return receipt
-
-    def _settle(self, deliveries: Sequence[Delivery]) -> dict[str, list[_Receipt]]:
-        """The live receipts among ``deliveries``, marked settled, by subscription path."""
-        by_path: dict[str, list[_Receipt]] = {}
-        with self._lock:
-            for delivery in deliveries:
-                receipt: _Receipt = delivery.receipt
-                key = (receipt.subscription, receipt.message_id)
-                if self._current.get(key) is receipt and not receipt.settled:
-                    receipt.settled = True
-                    del self._current[key]
-                    self._counts.pop(key, None)
-                    by_path.setdefault(receipt.subscription, []).append(receipt)
-        return by_path
-
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
-        for path, receipts in self._settle(deliveries).items():
-            self._ack_ids(path, [r.ack_id for r in receipts])
-
-    def _ack_ids(self, path: str, ack_ids: list[str]) -> None:
-        for start in range(0, len(ack_ids), MAX_BATCH):
-            with _boundary(f"acknowledge on {_short(path)}"):
-                self._transport._client("subscriber").acknowledge(
-                    subscription=path, ack_ids=ack_ids[start : start + MAX_BATCH], timeout=CALL_TIMEOUT_S
-                )
-
-    def _modack(self, path: str, ack_ids: list[str], seconds: float) -> None:
-        deadline = max(0, min(MAX_ACK_DEADLINE_S, math.ceil(seconds - 1e-9)))
-        for start in range(0, len(ack_ids), MAX_BATCH):
-            with _boundary(f"modify ack deadline on {_short(path)}"):
-                self._transport._client("subscriber").modify_ack_deadline(
-                    subscription=path,
-                    ack_ids=ack_ids[start : start + MAX_BATCH],
-                    ack_deadline_seconds=deadline,
-                    timeout=CALL_TIMEOUT_S,
-                )
-
-    def _call(self, what: str, path: str, action: Callable[[], None]) -> None:
-        try:
-            action()
-        except TransportError as exc:
-            logger.warning("%s on %s failed: %s (the message will come back)", what, _short(path), exc)
-            raise
-
-    def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Nack: visible again at once (a delivery attempt, as every receive is)."""
-        for path, receipts in self._settle(deliveries).items():
-            self._modack(path, [r.ack_id for r in receipts], 0)
-
-    def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
-        by_path: dict[str, list[str]] = {}
-        for delivery in deliveries:
-            receipt = self._live(delivery)
-            if receipt is not None:
-                by_path.setdefault(receipt.subscription, []).append(receipt.ack_id)
-        for path, ack_ids in by_path.items():
-            self._modack(path, ack_ids, min(lease_s, MAX_ACK_DEADLINE_S))
-
-    def retry_later(self, delivery: Delivery, delay_s: float) -> None:
-        """Up to 600 s: the ack deadline (the broker redelivers; the attempt counts toward the
-        dead-letter policy). Longer, or for a message already republished: republish to the app's
-        own topic with a not-before time and the attempts so far, then acknowledge this copy."""
-        receipt = self._live(delivery)
-        if receipt is None:
-            return
-        if delay_s <= MAX_ACK_DEADLINE_S and not receipt.republished:
-            if self._settle([delivery]):
-                self._modack(receipt.subscription, [receipt.ack_id], delay_s)
-            return
-        attributes = {
-            **delivery.attributes,
-            NOT_BEFORE_ATTRIBUTE: str(_epoch_ms() + int(delay_s * 1000)),
-            ATTEMPTS_ATTRIBUTE: str(delivery.attempt),
-        }
-        self._republish_own(self._queue, delivery.body, attributes)
-        if self._settle([delivery]):
-            self._ack_ids(receipt.subscription, [receipt.ack_id])
-
-    def _republish_own(self, queue: str, body: bytes, attributes: dict[str, str]) -> None:
-        transport = self._transport
-        transport._publish_now(transport.topic_path(queue), [(body, attributes)], queue)
-
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Publish it to ``hedwig-<queue>-dlq`` with the reason, then acknowledge it here."""
-        receipt = self._live(delivery)
-        if receipt is None:
-            return
-        reason_bytes = reason.encode()[:MAX_ATTRIBUTE_VALUE_BYTES]
-        attributes = {
-            **delivery.attributes,
-            REASON_ATTRIBUTE: reason_bytes.decode("utf-8", "ignore"),
-            SOURCE_ATTRIBUTE: delivery.subscription,
-            DEAD_ATTEMPTS_ATTRIBUTE: str(delivery.attempt),
-            DEAD_AT_ATTRIBUTE: str(_epoch_ms()),
-        }
-        transport = self._transport
-        dlq = transport.dlq_name(self._queue)
-        path = f"projects/{transport._project()}/topics/{dlq}"
-        transport._publish_now(path, [(delivery.body, attributes)], dlq)
-        if self._settle([delivery]):
-            self._ack_ids(receipt.subscription, [receipt.ack_id])
-
-    def close(self) -> None:
-        """Nothing to free: the transport owns the clients. Unsettled deliveries come back when
-        their ack deadline passes."""
-
-
-# -- administration ---------------------------------------------------------------------------
-
-
-class _Provisioner:
-    """Creates what is missing, in dependency order, and says what it did (or would do)."""
-
-    def __init__(self, transport: GooglePubSubTransport, dry_run: bool) -> None:
-        self.transport = transport
-        self.dry_run = dry_run
-        self.actions: list[str] = []
-        self.publisher = transport._client("publisher")
-        self.subscriber = transport._client("subscriber")
-        self._created: set[str] = set()
-
-    def run(self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str]) -> list[str]:
-        own_topics = [t for t in dict.fromkeys([*publish, *subscribe]) if t not in self.transport.foreign]
-        for topic in own_topics:
-            self.topic(topic, topic)
-        if queue:
-            self.topic(queue, f"{queue} (the app's own, for requeues and long retries)")
-            self.topic(f"{queue}-dlq", f"{queue}-dlq (dead letters)")
-            dlq = self.transport.topic_path(f"{queue}-dlq")
-            for topic in dict.fromkeys(subscribe):
-                owner = self.transport.foreign.get(topic)
-                self.subscription(queue, topic, self.transport.topic_path(topic, owner), dlq)
-            self.subscription(queue, None, self.transport.topic_path(queue), dlq)
-            self.subscription(queue, "dlq", dlq, None)
-        return self.actions
-
-    def _exists(self, get: Callable[..., Any], **request: str) -> bool:
-        try:
-            with _boundary(f"reading {next(iter(request.values()))}"):
-                get(**request, timeout=CALL_TIMEOUT_S)
-        except TransportError as exc:
-            if isinstance(exc.__cause__, google_exceptions.NotFound):
-                return False
-            raise
-        return True
-
-    def topic(self, topic: str, described: str) -> None:
-        path = self.transport.topic_path(topic)
-        if self._exists(self.publisher.get_topic, topic=path) or path in self._created:
-            return
-        self.actions.append(f"create topic {described}: {path}")
-        self._created.add(path)
-        if not self.dry_run:
-            with contextlib.suppress(google_exceptions.AlreadyExists), _boundary(f"creating topic {path}"):
-                self.publisher.create_topic(name=path, timeout=CALL_TIMEOUT_S)
-
-    def subscription(self, queue: str, topic: str | None, topic_path: str, dlq: str | None) -> None:
-        transport = self.transport
-        if topic == "dlq":
-            name = transport.dlq_name(queue)
-        else:
-            name = transport.subscription_name(queue, topic)
-        path = transport.subscription_path(name)
-        if self._exists(self.subscriber.get_subscription, subscription=path):
-            return
-        request: dict[str, Any] = {
-            "name": path,
-            "topic": topic_path,
-            "ack_deadline_seconds": int(min(max(transport.lease_s, MIN_SUBSCRIPTION_DEADLINE_S), MAX_ACK_DEADLINE_S)),
-        }
-        if dlq is None:
-            request["message_retention_duration"] = {"seconds": DLQ_RETENTION_S}
-            self.actions.append(f"create subscription {name} to {_short(topic_path)} (dead letters of {queue})")
-        else:
-            request["dead_letter_policy"] = {
-                "dead_letter_topic": dlq,
-                "max_delivery_attempts": transport.max_delivery_attempts,
-            }
-            if transport.retry_backoff_s is not None:
-                low, high = transport.retry_backoff_s
-                request["retry_policy"] = {
-                    "minimum_backoff": {"seconds": int(low)},
-                    "maximum_backoff": {"seconds": int(high)},
-                }
-            what = topic if topic is not None else f"its own topic {_short(topic_path)}"
-            self.actions.append(
-                f"subscribe {queue} to {what}: {name} (dead letters after {transport.max_delivery_attempts} deliveries)"
-            )
-        if not self.dry_run:
-            with contextlib.suppress(google_exceptions.AlreadyExists), _boundary(f"creating subscription {name}"):
-                self.subscriber.create_subscription(request=request, timeout=CALL_TIMEOUT_S)
-
-
-def _dlq_path(transport: GooglePubSubTransport, queue: str) -> str:
-    return transport.subscription_path(transport.dlq_name(queue))
-
-
-def _dlq_modack(transport: GooglePubSubTransport, queue: str, ack_ids: list[str], seconds: int) -> None:
-    path = _dlq_path(transport, queue)
-    for start in range(0, len(ack_ids), MAX_BATCH):
-        with _boundary(f"giving back dead letters of {queue}"):
-            transport._client("subscriber").modify_ack_deadline(
-                subscription=path, ack_ids=ack_ids[start : start + MAX_BATCH], ack_deadline_seconds=seconds
-            )
-
-
-def _pull_dead(transport: GooglePubSubTransport, queue: str, limit: int, seen: set[str]) -> list[Any]:
-    """Up to ``limit`` unseen messages of the DLQ subscription; [] once a pull brings nothing new."""
-    path = _dlq_path(transport, queue)
-    try:
-        with _boundary(f"reading dead letters of {queue}"):
-            response = transport._client("subscriber").pull(
-                request={"subscription": path, "max_messages": max(1, min(limit, MAX_BATCH))},
-                timeout=DLQ_WAIT_S + PULL_DEADLINE_MARGIN_S,
-                retry=None,
-            )
-    except TransportError as exc:
-        if isinstance(exc.__cause__, google_exceptions.DeadlineExceeded):
-            return []
-        raise
-    fresh = [r for r in response.received_messages if r.message.message_id not in seen]
-    repeated = [r.ack_id for r in response.received_messages if r.message.message_id in seen]
-    if repeated:
-        _dlq_modack(transport, queue, repeated, 0)
-    seen.update(r.message.message_id for r in fresh)
-    return fresh
-
-
-def _record(item: Any) -> DeadLetterRecord:
-    """A DLQ message as a record: ours carry the reason; Pub/Sub's policy leaves its own marks."""
-    message = item.message
-    attributes = dict(message.attributes)
-    dead_at = message.publish_time.timestamp() if message.publish_time else time.time()
-    if REASON_ATTRIBUTE in attributes:
-        reason = attributes[REASON_ATTRIBUTE]
-        source = attributes.get(SOURCE_ATTRIBUTE, "")
-        attempts = int(attributes.get(DEAD_ATTEMPTS_ATTRIBUTE, "0") or 0)
-        dead_at = int(attributes.get(DEAD_AT_ATTRIBUTE, "0") or 0) / 1000 or dead_at
-    else:
-        source = _short(attributes.get(f"{_GOOGLE_DEAD_PREFIX}SourceSubscription", ""))
-        attempts = int(attributes.get(f"{_GOOGLE_DEAD_PREFIX}SourceDeliveryCount", "0") or 0)
-        reason = f"Pub/Sub dead-letter policy: not acknowledged after {attempts} deliveries"
-    return DeadLetterRecord(
-        bytes(message.data), _clean(attributes), reason, source, attempts, dead_at, message.message_id
-    )
-
-
-def _read_dead_letters(
-    transport: GooglePubSubTransport, queue: str, limit: int
-) -> tuple[list[DeadLetterRecord], list[str]]:
-    """Up to ``limit`` dead letters, oldest first, and the ack ids that now hold them."""
-    items: list[Any] = []
-    seen: set[str] = set()
-    while len(items) < limit:
-        fresh = _pull_dead(transport, queue, limit - len(items), seen)
-        if not fresh:
-            break
-        items += fresh
-    pairs = sorted(((_record(item), item.ack_id) for item in items), key=lambda pair: pair[0].dead_at)
-    return [record for record, _ in pairs], [ack_id for _, ack_id in pairs]
-
-
-def _requeue(transport: GooglePubSubTransport, queue: str, limit: int | None, progress: Progress | None) -> int:
-    moved = 0
-    seen: set[str] = set()
-    own = transport.topic_path(queue)
-    path = _dlq_path(transport, queue)
-    while limit is None or moved < limit:
-        batch = _pull_dead(transport, queue, MAX_BATCH if limit is None else limit - moved, seen)
-        if not batch:
-            break
-        messages = [(bytes(item.message.data), _clean(item.message.attributes)) for item in batch]
-        try:
-            transport._publish_now(own, messages, queue)
-        except PublishError:
-            _dlq_modack(transport, queue, [item.ack_id for item in batch], 0)
-            raise
-        with _boundary(f"acknowledging requeued dead letters of {queue}"):
-            transport._client("subscriber").acknowledge(subscription=path, ack_ids=[item.ack_id for item in batch])
-        moved += len(batch)
-        if progress:
-            progress(moved, limit)
-    return moved

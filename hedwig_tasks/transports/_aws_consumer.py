@@ -1,0 +1,265 @@
+"""The SNS/SQS transport's consumer: parallel long polls, visibility as the lease, batched deletes,
+delayed retries and dead letters. See ``aws.py`` for the design."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from hedwig_tasks.exceptions import TransportError
+from hedwig_tasks.transports._aws_common import (
+    BATCH,
+    DEAD_LETTER_ATTRIBUTE,
+    MAX_POLLERS,
+    MAX_REASON_CHARS,
+    MAX_VISIBILITY_S,
+    MAX_WAIT_S,
+    _boundary,
+    _plain_attributes,
+    _Receipt,
+    _split_dead_letter,
+    _sqs_attributes,
+    _unwrap_envelope,
+    _whole_seconds,
+    _with_dead_letter,
+)
+from hedwig_tasks.transports.base import Consumer, Delivery
+
+if TYPE_CHECKING:
+    from hedwig_tasks.transports.aws import AWSTransport
+
+__all__ = ["SQSConsumer"]
+
+logger = logging.getLogger("hedwig_tasks.transports.aws")  # one logger for the whole transport
+
+
+# -- the consumer -----------------------------------------------------------------------------
+
+
+class SQSConsumer(Consumer):
+    """Receives and settles the messages of one SQS queue. Thread-safe.
+
+    Receives run on a small pool of pollers, so one call can keep several long polls open;
+    messages a poller brings after its caller returned wait for the next ``receive``. A
+    lock orders lease extensions against settlements, so an extension never undoes a
+    ``retry_later`` or ``release`` that came after it.
+    """
+
+    def __init__(self, transport: AWSTransport, queue: str) -> None:
+        self._transport = transport
+        self._queue = queue
+        self._name = transport.queue_name(queue)
+        self._cond = threading.Condition()
+        self._stash: list[Delivery] = []
+        self._polling = 0  # messages asked for by pollers still running
+        self._poll_error: TransportError | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._latest: dict[str, _Receipt] = {}  # message id -> its newest live receipt here
+        self._settle_lock = threading.Lock()
+        self._acks: list[tuple[str, str]] = []
+        self._acker: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def _url(self) -> str:
+        return self._transport._queue_url(self._name)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
+        """Up to ``max_messages``, long-polling ``ceil(wait_s)`` seconds (20 at most).
+
+        Starts one poller per ten messages wanted (at most ten pollers). Raises ``TransportError``.
+        """
+        if max_messages < 1:
+            return []
+        url = self._url  # a missing queue or endpoint fails here, in the caller's thread
+        give_up = time.monotonic() + max(wait_s, 0) + 10.0
+        launched = False
+        with self._cond:
+            while True:
+                found = self._take(max_messages)
+                if found:
+                    return found
+                if self._poll_error is not None:
+                    error, self._poll_error = self._poll_error, None
+                    raise error
+                if not launched:
+                    self._launch(url, max_messages - self._polling, wait_s)
+                    launched = True
+                remaining = give_up - time.monotonic()
+                if self._polling <= 0 or remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+
+    def _take(self, count: int) -> list[Delivery]:
+        fresh_after = time.monotonic() - self._transport.lease_s / 2  # older ones may already be visible again
+        stale = [d for d in self._stash if d.receipt.received_at < fresh_after]
+        with self._settle_lock:
+            for delivery in stale:
+                logger.debug("dropping SQS message %s: held too long unclaimed", delivery.transport_id)
+                delivery.receipt.superseded = True
+                if self._latest.get(delivery.transport_id) is delivery.receipt:
+                    del self._latest[delivery.transport_id]
+        kept = [d for d in self._stash if d.receipt.received_at >= fresh_after]
+        self._stash = kept[count:]
+        return kept[:count]
+
+    def _launch(self, url: str, count: int, wait_s: float) -> None:
+        if count <= 0:
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(MAX_POLLERS, thread_name_prefix="hedwig-sqs-poll")
+        wait = min(MAX_WAIT_S, _whole_seconds(wait_s))
+        # Full batches only, when there is room for one: a remainder waits for the next call, so
+        # a caller freeing slots a few at a time does not cost a request per few messages.
+        sizes = [BATCH] * min(count // BATCH, MAX_POLLERS) or [count]
+        for size in sizes:
+            self._polling += size
+            self._pool.submit(self._poll, url, size, wait)
+
+    def _poll(self, url: str, size: int, wait: int) -> None:
+        deliveries: list[Delivery] = []
+        error: TransportError | None = None
+        try:
+            messages = self._transport._receive_raw(url, size, wait, int(self._transport.lease_s))
+            deliveries = [self._delivery(m) for m in messages]
+        except TransportError as exc:
+            error = exc
+        except Exception as exc:  # a bug here must not leave a receive waiting forever
+            error = TransportError(f"receive from {self._name} failed: {exc!r}")
+        with self._cond:
+            self._polling -= size
+            closed = self._closed
+            if not closed:
+                self._stash.extend(deliveries)
+                self._poll_error = error or self._poll_error
+            self._cond.notify_all()
+        if closed and deliveries:
+            self.release(deliveries)
+
+    def _delivery(self, message: dict[str, Any]) -> Delivery:
+        body, attributes = _unwrap_envelope(str(message["Body"]), _plain_attributes(message.get("MessageAttributes")))
+        if DEAD_LETTER_ATTRIBUTE in attributes:  # requeued: restore what the dead-letter info displaced
+            attributes, _ = _split_dead_letter(attributes)
+        receipt = _Receipt(str(message["ReceiptHandle"]), str(message["MessageId"]), time.monotonic())
+        with self._settle_lock:
+            previous = self._latest.get(receipt.message_id)
+            if previous is not None:
+                previous.superseded = True
+            self._latest[receipt.message_id] = receipt
+        attempt = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+        return Delivery(body.encode(), attributes, attempt, receipt, self._name, receipt.message_id)
+
+    # -- settling -----------------------------------------------------------------------------
+
+    def _claim(self, deliveries: Sequence[Delivery]) -> list[_Receipt]:
+        """Mark these settled (under the settle lock); returns the receipts that were still live."""
+        live = []
+        for delivery in deliveries:
+            receipt: _Receipt = delivery.receipt
+            if receipt.live:
+                receipt.settled = True
+                self._latest.pop(receipt.message_id, None)
+                live.append(receipt)
+            else:
+                logger.debug("SQS message %s: receipt already settled or superseded", receipt.message_id)
+        return live
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Delete them, batched with other acks within ``ack_linger_s`` (``close`` flushes)."""
+        with self._settle_lock:
+            receipts = self._claim(deliveries)
+        if not receipts:
+            return
+        if self._closed:
+            self._transport._delete(self._url, [(r.message_id, r.handle) for r in receipts])
+            return
+        with self._cond:
+            self._acks.extend((r.message_id, r.handle) for r in receipts)
+            if self._acker is None:
+                self._acker = threading.Thread(target=self._ack_loop, name="hedwig-sqs-acker", daemon=True)
+                self._acker.start()
+            self._cond.notify_all()
+
+    def _ack_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._acks and not self._closed:
+                    self._cond.wait()
+                if not self._acks:
+                    return
+                if len(self._acks) < BATCH and not self._closed:
+                    self._cond.wait(self._transport.ack_linger_s)
+                batch, self._acks = self._acks, []
+            try:
+                self._transport._delete(self._url, batch)
+            except TransportError as exc:
+                ids = ", ".join(message_id for message_id, _ in batch)
+                logger.warning("ack failed, the messages will be redelivered (%s): %s", ids, exc)
+
+    def retry_later(self, delivery: Delivery, delay_s: float) -> None:
+        """Hide it for ``delay_s`` (whole seconds, capped at what SQS allows: 12 h from receipt)."""
+        receipt: _Receipt = delivery.receipt
+        left = MAX_VISIBILITY_S - 5 - _whole_seconds(time.monotonic() - receipt.received_at)
+        visibility = min(_whole_seconds(delay_s), left)
+        if visibility < _whole_seconds(delay_s):
+            logger.warning("SQS message %s: retry delay %.0fs capped at %ds", receipt.message_id, delay_s, visibility)
+        with self._settle_lock:
+            if not self._claim([delivery]):
+                return
+            with _boundary(f"retry later in {self._name}"):
+                self._transport._client("sqs").change_message_visibility(
+                    QueueUrl=self._url, ReceiptHandle=receipt.handle, VisibilityTimeout=visibility
+                )
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Make them visible at once (visibility 0), ten a call."""
+        with self._settle_lock:
+            receipts = self._claim(deliveries)
+            self._transport._change_visibility(self._url, [(r.message_id, r.handle) for r in receipts], 0)
+
+    def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
+        """Set their visibility to ``lease_s`` from now, ten a call; settled ones are skipped."""
+        with self._settle_lock:
+            entries = [(d.receipt.message_id, d.receipt.handle) for d in deliveries if d.receipt.live]
+            self._transport._change_visibility(self._url, entries, min(MAX_VISIBILITY_S, _whole_seconds(lease_s)))
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Send body, attributes and reason to ``HEDWIG-<queue>-DLQ``, then delete the original."""
+        receipt: _Receipt = delivery.receipt
+        info = {
+            "reason": reason[:MAX_REASON_CHARS],
+            "attempts": delivery.attempt,
+            "subscription": delivery.subscription,
+            "dead_at": round(time.time(), 3),
+        }
+        attributes = _with_dead_letter(delivery.attributes, info)
+        dlq = self._transport._queue_url(self._transport.queue_name(self._queue, dlq=True))
+        with self._settle_lock:
+            if not receipt.live:
+                return
+            with _boundary(f"dead-letter SQS message {receipt.message_id} to {dlq}"):
+                self._transport._client("sqs").send_message(
+                    QueueUrl=dlq, MessageBody=delivery.body.decode(), MessageAttributes=_sqs_attributes(attributes)
+                )
+            self._claim([delivery])
+        self._transport._delete(self._url, [(receipt.message_id, receipt.handle)])
+
+    def close(self) -> None:
+        """Flush pending acks and give back messages pollers brought that nobody took."""
+        with self._cond:
+            self._closed = True
+            unclaimed, self._stash = self._stash, []
+            self._cond.notify_all()
+            acker = self._acker
+        if acker is not None:
+            acker.join(10.0)
+        if unclaimed:
+            self.release(unclaimed)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -1,0 +1,266 @@
+"""The Pub/Sub transport's consumer: pulls that never lease more than asked, leases, settling,
+delayed retries and dead letters. See ``gcp.py`` for the design."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from google.api_core import exceptions as google_exceptions
+
+from hedwig_tasks.exceptions import TransportError
+from hedwig_tasks.transports._gcp_common import (
+    ATTEMPTS_ATTRIBUTE,
+    CALL_TIMEOUT_S,
+    DEAD_AT_ATTRIBUTE,
+    DEAD_ATTEMPTS_ATTRIBUTE,
+    MAX_ACK_DEADLINE_S,
+    MAX_ATTRIBUTE_VALUE_BYTES,
+    MAX_BATCH,
+    MAX_LONG_POLL_S,
+    MAX_POLL_PAUSE_S,
+    MIN_SUBSCRIPTION_DEADLINE_S,
+    NOT_BEFORE_ATTRIBUTE,
+    PULL_DEADLINE_MARGIN_S,
+    REASON_ATTRIBUTE,
+    SOURCE_ATTRIBUTE,
+    _boundary,
+    _clean,
+    _epoch_ms,
+    _Receipt,
+    _short,
+)
+from hedwig_tasks.transports.base import Consumer, Delivery
+
+if TYPE_CHECKING:
+    from hedwig_tasks.transports.gcp import GooglePubSubTransport
+
+__all__ = ["PubSubConsumer"]
+
+logger = logging.getLogger("hedwig_tasks.transports.gcp")  # one logger for the whole transport
+
+
+# -- consuming --------------------------------------------------------------------------------
+
+
+class PubSubConsumer(Consumer):
+    """Pulls some subscriptions of one app: exactly as many messages as asked, never more."""
+
+    def __init__(self, transport: GooglePubSubTransport, queue: str, names: list[str]) -> None:
+        self._transport = transport
+        self._queue = queue
+        self._names = names
+        self._lock = threading.Lock()
+        self._current: dict[tuple[str, str], _Receipt] = {}  # (subscription, message id) -> latest receipt
+        self._counts: dict[tuple[str, str], int] = {}  # receives seen, for subscriptions without a DLQ policy
+        self._next = 0
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
+        """Pull up to ``max_messages``, waiting up to about ``wait_s`` for the first.
+
+        One subscription is long-polled; several are polled in turn, quickly and then again
+        after short pauses, so a message on any of them is seen within a fifth of a second.
+        Raises ``TransportError``, naming a missing subscription.
+        """
+        deadline = time.monotonic() + wait_s
+        pause_s = 0.02
+        while True:
+            remaining = deadline - time.monotonic()
+            if len(self._names) == 1:
+                found = self._pull(self._names[0], max_messages, max(0.0, remaining))
+            else:
+                found = self._pull_all(max_messages)
+            remaining = deadline - time.monotonic()
+            if found or remaining <= 0:
+                return found
+            if len(self._names) > 1:
+                time.sleep(min(pause_s, remaining))
+                pause_s = min(pause_s * 2, MAX_POLL_PAUSE_S)
+
+    def _pull_all(self, max_messages: int) -> list[Delivery]:
+        """Quick pulls of each subscription in turn (starting with a different one each time),
+        each asking for what the ones before did not bring."""
+        with self._lock:
+            start, self._next = self._next, self._next + 1
+        found: list[Delivery] = []
+        for i in range(len(self._names)):
+            if len(found) >= max_messages:
+                break
+            found += self._pull(self._names[(start + i) % len(self._names)], max_messages - len(found), 0.0)
+        return found
+
+    def _pull(self, name: str, max_messages: int, wait_s: float) -> list[Delivery]:
+        transport = self._transport
+        path = transport.subscription_path(name)
+        # Pub/Sub answers an empty pull shortly before the call's deadline: the deadline is the wait.
+        timeout_s = min(wait_s, MAX_LONG_POLL_S) + PULL_DEADLINE_MARGIN_S
+        request = {"subscription": path, "max_messages": max(1, min(max_messages, MAX_BATCH))}
+        try:
+            with _boundary(f"pull from subscription {name}"):
+                response = transport._client("subscriber").pull(request=request, timeout=timeout_s, retry=None)
+        except TransportError as exc:
+            if isinstance(exc.__cause__, google_exceptions.DeadlineExceeded):
+                return []
+            raise
+        received = list(response.received_messages)
+        if received and transport.lease_s < MIN_SUBSCRIPTION_DEADLINE_S:
+            self._modack(path, [r.ack_id for r in received], transport.lease_s)
+        deliveries = []
+        for item in received:
+            delivery = self._delivery(name, path, item)
+            if delivery is not None:
+                deliveries.append(delivery)
+        return deliveries
+
+    def _delivery(self, name: str, path: str, item: Any) -> Delivery | None:
+        message = item.message
+        attributes = dict(message.attributes)
+        not_before = attributes.get(NOT_BEFORE_ATTRIBUTE)
+        if not_before is not None and self._defer(path, item, int(not_before)):
+            return None
+        republished = ATTEMPTS_ATTRIBUTE in attributes
+        key = (path, message.message_id)
+        with self._lock:
+            if republished:
+                attempt = int(attributes[ATTEMPTS_ATTRIBUTE]) + 1
+            elif item.delivery_attempt:
+                attempt = int(item.delivery_attempt)
+            else:
+                attempt = self._counts[key] = self._counts.get(key, 0) + 1
+            receipt = self._current[key] = _Receipt(item.ack_id, path, message.message_id, republished)
+        return Delivery(bytes(message.data), _clean(attributes), attempt, receipt, name, message.message_id)
+
+    def _defer(self, path: str, item: Any, not_before_ms: int) -> bool:
+        """Keep a republished retry that is not due yet with the broker, not in memory."""
+        remaining_s = (not_before_ms - _epoch_ms()) / 1000
+        if remaining_s <= 0:
+            return False
+        near_limit = (item.delivery_attempt or 0) >= self._transport.max_delivery_attempts - 2
+        if near_limit:  # every deferral counts as a delivery: start afresh before the DLQ policy acts
+            message = item.message
+            self._republish_own(self._queue, bytes(message.data), dict(message.attributes))
+            self._call("ack", path, lambda: self._ack_ids(path, [item.ack_id]))
+        else:
+            self._modack(path, [item.ack_id], min(math.ceil(remaining_s), MAX_ACK_DEADLINE_S))
+        return True
+
+    # -- settling -----------------------------------------------------------------------------
+
+    def _live(self, delivery: Delivery) -> _Receipt | None:
+        receipt: _Receipt = delivery.receipt
+        with self._lock:
+            current = self._current.get((receipt.subscription, receipt.message_id))
+            if current is not receipt or receipt.settled:
+                return None
+            return receipt
+
+    def _settle(self, deliveries: Sequence[Delivery]) -> dict[str, list[_Receipt]]:
+        """The live receipts among ``deliveries``, marked settled, by subscription path."""
+        by_path: dict[str, list[_Receipt]] = {}
+        with self._lock:
+            for delivery in deliveries:
+                receipt: _Receipt = delivery.receipt
+                key = (receipt.subscription, receipt.message_id)
+                if self._current.get(key) is receipt and not receipt.settled:
+                    receipt.settled = True
+                    del self._current[key]
+                    self._counts.pop(key, None)
+                    by_path.setdefault(receipt.subscription, []).append(receipt)
+        return by_path
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        for path, receipts in self._settle(deliveries).items():
+            self._ack_ids(path, [r.ack_id for r in receipts])
+
+    def _ack_ids(self, path: str, ack_ids: list[str]) -> None:
+        for start in range(0, len(ack_ids), MAX_BATCH):
+            with _boundary(f"acknowledge on {_short(path)}"):
+                self._transport._client("subscriber").acknowledge(
+                    subscription=path, ack_ids=ack_ids[start : start + MAX_BATCH], timeout=CALL_TIMEOUT_S
+                )
+
+    def _modack(self, path: str, ack_ids: list[str], seconds: float) -> None:
+        deadline = max(0, min(MAX_ACK_DEADLINE_S, math.ceil(seconds - 1e-9)))
+        for start in range(0, len(ack_ids), MAX_BATCH):
+            with _boundary(f"modify ack deadline on {_short(path)}"):
+                self._transport._client("subscriber").modify_ack_deadline(
+                    subscription=path,
+                    ack_ids=ack_ids[start : start + MAX_BATCH],
+                    ack_deadline_seconds=deadline,
+                    timeout=CALL_TIMEOUT_S,
+                )
+
+    def _call(self, what: str, path: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except TransportError as exc:
+            logger.warning("%s on %s failed: %s (the message will come back)", what, _short(path), exc)
+            raise
+
+    def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Nack: visible again at once (a delivery attempt, as every receive is)."""
+        for path, receipts in self._settle(deliveries).items():
+            self._modack(path, [r.ack_id for r in receipts], 0)
+
+    def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
+        by_path: dict[str, list[str]] = {}
+        for delivery in deliveries:
+            receipt = self._live(delivery)
+            if receipt is not None:
+                by_path.setdefault(receipt.subscription, []).append(receipt.ack_id)
+        for path, ack_ids in by_path.items():
+            self._modack(path, ack_ids, min(lease_s, MAX_ACK_DEADLINE_S))
+
+    def retry_later(self, delivery: Delivery, delay_s: float) -> None:
+        """Up to 600 s: the ack deadline (the broker redelivers; the attempt counts toward the
+        dead-letter policy). Longer, or for a message already republished: republish to the app's
+        own topic with a not-before time and the attempts so far, then acknowledge this copy."""
+        receipt = self._live(delivery)
+        if receipt is None:
+            return
+        if delay_s <= MAX_ACK_DEADLINE_S and not receipt.republished:
+            if self._settle([delivery]):
+                self._modack(receipt.subscription, [receipt.ack_id], delay_s)
+            return
+        attributes = {
+            **delivery.attributes,
+            NOT_BEFORE_ATTRIBUTE: str(_epoch_ms() + int(delay_s * 1000)),
+            ATTEMPTS_ATTRIBUTE: str(delivery.attempt),
+        }
+        self._republish_own(self._queue, delivery.body, attributes)
+        if self._settle([delivery]):
+            self._ack_ids(receipt.subscription, [receipt.ack_id])
+
+    def _republish_own(self, queue: str, body: bytes, attributes: dict[str, str]) -> None:
+        transport = self._transport
+        transport._publish_now(transport.topic_path(queue), [(body, attributes)], queue)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Publish it to ``hedwig-<queue>-dlq`` with the reason, then acknowledge it here."""
+        receipt = self._live(delivery)
+        if receipt is None:
+            return
+        reason_bytes = reason.encode()[:MAX_ATTRIBUTE_VALUE_BYTES]
+        attributes = {
+            **delivery.attributes,
+            REASON_ATTRIBUTE: reason_bytes.decode("utf-8", "ignore"),
+            SOURCE_ATTRIBUTE: delivery.subscription,
+            DEAD_ATTEMPTS_ATTRIBUTE: str(delivery.attempt),
+            DEAD_AT_ATTRIBUTE: str(_epoch_ms()),
+        }
+        transport = self._transport
+        dlq = transport.dlq_name(self._queue)
+        path = f"projects/{transport._project()}/topics/{dlq}"
+        transport._publish_now(path, [(delivery.body, attributes)], dlq)
+        if self._settle([delivery]):
+            self._ack_ids(receipt.subscription, [receipt.ack_id])
+
+    def close(self) -> None:
+        """Nothing to free: the transport owns the clients. Unsettled deliveries come back when
+        their ack deadline passes."""

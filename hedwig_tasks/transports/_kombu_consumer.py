@@ -234,7 +234,7 @@ class KombuConsumer(Consumer):
         Kombu's own BRPOP, one message and two round trips each, stays for waiting on empty queues.
         """
         channel = self._link.channel
-        room = min(max_messages, self._prefetch - len(self._held) - len(self._buffer))
+        room = min(max_messages, self._prefetch - len(self._held))  # called with an empty buffer
         if room <= 0 or not self._subscriptions:
             return
         names = self._subscriptions[self._rotation :] + self._subscriptions[: self._rotation]

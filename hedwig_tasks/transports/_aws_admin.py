@@ -4,7 +4,6 @@ See ``aws.py`` for the design."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -13,8 +12,6 @@ from hedwig_tasks.transports._aws_common import DLQ_RETENTION_S, POLICY_SID, _bo
 
 if TYPE_CHECKING:
     from hedwig_tasks.transports.aws import AWSTransport
-
-logger = logging.getLogger("hedwig_tasks.transports.aws")  # one logger for the whole transport
 
 
 # -- provisioning -----------------------------------------------------------------------------

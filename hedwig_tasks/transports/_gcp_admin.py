@@ -4,7 +4,6 @@ See ``gcp.py`` for the design."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,8 +32,6 @@ from hedwig_tasks.transports.base import DeadLetterRecord, Progress
 
 if TYPE_CHECKING:
     from hedwig_tasks.transports.gcp import GooglePubSubTransport
-
-logger = logging.getLogger("hedwig_tasks.transports.gcp")  # one logger for the whole transport
 
 
 # -- administration ---------------------------------------------------------------------------

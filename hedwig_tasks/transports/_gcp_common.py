@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -15,9 +14,6 @@ import grpc
 from google.api_core import exceptions as google_exceptions
 
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
-
-logger = logging.getLogger("hedwig_tasks.transports.gcp")  # one logger for the whole transport
-
 
 #: Ack deadline a receive takes and each lease extension asks for, in seconds.
 DEFAULT_LEASE_S = 30.0

@@ -38,7 +38,6 @@ error boundary and wire helpers they share.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -89,7 +88,6 @@ from hedwig_tasks.transports.base import (
 
 __all__ = ["DEAD_LETTER_ATTRIBUTE", "MAX_MESSAGE_BYTES", "AWSTransport", "SQSConsumer"]
 
-logger = logging.getLogger(__name__)
 
 # -- the transport ----------------------------------------------------------------------------
 

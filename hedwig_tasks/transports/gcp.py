@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -92,7 +91,6 @@ from hedwig_tasks.transports.base import (
 
 __all__ = ["ATTEMPTS_ATTRIBUTE", "NOT_BEFORE_ATTRIBUTE", "GooglePubSubTransport", "PubSubConsumer"]
 
-logger = logging.getLogger(__name__)
 
 # -- the transport ----------------------------------------------------------------------------
 

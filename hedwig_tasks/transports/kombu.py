@@ -56,7 +56,6 @@ the consumer; ``_kombu_link`` the names, constants and connection wrapper both u
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -116,8 +115,6 @@ __all__ = [
     "subscription_name",
     "unreadable_key",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 class KombuTransport(Transport):

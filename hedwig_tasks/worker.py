@@ -351,6 +351,11 @@ class Worker:
         if pre and not self._call_hook("pre-process", pre, delivery=delivery):
             self._settle("retry", self._consumer.retry_later, delivery, app.retry.backoff(delivery.attempt))
             return "retry", None, "pre-process hook raised"
+        if delivery.fault:
+            reason = f"unreadable delivery: {delivery.fault}"
+            signals.send(signals.message_invalid, app, delivery=delivery, error=DecodeError(delivery.fault))
+            self._dead_letter(delivery, None, reason)
+            return "dead_letter", None, reason
         try:
             body = from_transport(delivery.body, delivery.attributes)
             message = app.validator.decode(body, delivery.attributes).with_metadata(delivery=delivery)

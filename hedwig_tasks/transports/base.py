@@ -54,6 +54,10 @@ class Delivery:
     receipt: Any  #: the transport's handle for settling this delivery
     subscription: str  #: the subscription (queue and topic) it came from
     transport_id: str = ""  #: the broker's own message id
+    #: Why the transport could not read this delivery's own fields (a body of the wrong type,
+    #: an unreadable attempt count or attributes); empty when it could. The worker dead-letters
+    #: a delivery with a fault, with the fault as the reason, and never runs a handler for it.
+    fault: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,11 @@ class Consumer(abc.ABC):
     def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, blocking up to ``wait_s`` for the first one.
 
-        Returns an empty list when nothing came in time. Raises ``TransportError``.
+        Returns an empty list when nothing came in time. Raises ``TransportError`` only when the
+        broker itself failed: whatever one message's bytes, headers or attributes, it comes back
+        as a :class:`Delivery` (with :attr:`Delivery.fault` set when its fields could not be
+        read, the body as raw bytes and the attempt as 1 where the count is unreadable), so
+        that it can be dead-lettered and the rest of the batch goes on.
         """
 
     @abc.abstractmethod

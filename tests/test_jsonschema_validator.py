@@ -3,11 +3,13 @@ from __future__ import annotations
 import json
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from conftest import SCHEMA_FILE, authedwig_settings
 
 from hedwig_tasks import DecodeError, Message, SchemaError, ValidationError, Version
+from hedwig_tasks.validators.base import Encoded
 from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
 
 ROOT = "https://hedwig-tasks.test/schema"
@@ -150,11 +152,6 @@ def good_attributes(**changes: str) -> dict[str, str]:
     ("body", "attributes", "match"),
     [
         (b"{not json", good_attributes(), "body is not valid JSON"),
-        (
-            b'{"user_id":"U"}',
-            good_attributes(hedwig_schema=f"{ROOT}#/schemas/user-created/1.7"),
-            "minor version 7 is newer",
-        ),
         (b'{"user_id":"U"}', good_attributes(hedwig_schema=f"{ROOT}#/schemas/user-created/5.0"), "no major version 5"),
         (b'{"user_id":"U"}', good_attributes(hedwig_schema=f"{ROOT}#/schemas/nope/1.0"), "unknown message type 'nope'"),
         (
@@ -203,3 +200,114 @@ def test_schema_file_checked_at_load(schema: dict[str, object], match: str) -> N
 def test_missing_schema_file_names_it(tmp_path: object) -> None:
     with pytest.raises(SchemaError, match="cannot read schema file"):
         JSONSchemaValidator("/nonexistent/schema.json")
+
+
+# Minor versions on decode: accepted as Hedwig's consumers do, refused with strict_minor
+
+
+def schema_knowing(version: str) -> dict[str, Any]:
+    """The test schema file with user-created's 1.* at ``version`` and, above 1.2, a new field."""
+    schema: dict[str, Any] = json.loads(SCHEMA_FILE.read_text())
+    definition = schema["schemas"]["user-created"]["1.*"]
+    definition["x-version"] = version
+    if Version.parse(version).minor > 2:
+        definition["properties"]["nickname"] = {"type": "string"}
+    return schema
+
+
+@pytest.fixture(scope="module")
+def strict() -> JSONSchemaValidator:
+    return JSONSchemaValidator(SCHEMA_FILE, strict_minor=True)
+
+
+def from_newer_publisher(container: bool, version: str = "1.7") -> tuple[Message, Encoded]:
+    """A user-created message at ``version`` (the test schema knows 1.2), as a newer publisher sends it."""
+    message = Message.new(
+        "user-created", version, {"user_id": "U_1", "nickname": "Ada"}, headers={"request_id": "r"}, publisher="new"
+    )
+    return message, JSONSchemaValidator(schema_knowing(version)).encode(message, container=container)
+
+
+def test_decode_accepts_newer_minors_by_default() -> None:
+    assert JSONSchemaValidator(SCHEMA_FILE).strict_minor is False
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_newer_minor_decoded_against_its_major_keeping_its_version(
+    validator: JSONSchemaValidator, container: bool
+) -> None:
+    sent, encoded = from_newer_publisher(container)
+    got = validator.decode(encoded.body, encoded.attributes)
+    assert got == sent
+    assert got.version == Version(1, 7)
+    assert got.data == {"user_id": "U_1", "nickname": "Ada"}
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"user_id": 5}, r"user-created 1\.7: data\.user_id: 5 is not of type 'string'"),
+        ({"user_id": "U", "profile": {}}, r"user-created 1\.7: data\.profile: 'name' is a required property"),
+    ],
+)
+@pytest.mark.parametrize("container", [False, True])
+def test_newer_minor_data_still_validated_against_its_major(
+    validator: JSONSchemaValidator, container: bool, data: dict[str, Any], match: str
+) -> None:
+    schema = f"{ROOT}#/schemas/user-created/1.7"
+    if container:
+        metadata = {"timestamp": 1, "publisher": "new", "headers": {}}
+        envelope = {"format_version": "1.0", "schema": schema, "id": "i", "metadata": metadata, "data": data}
+        body, attributes = json.dumps(envelope).encode(), {}
+    else:
+        body, attributes = json.dumps(data).encode(), good_attributes(hedwig_schema=schema)
+    with pytest.raises(DecodeError, match=match):
+        validator.decode(body, attributes)
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_strict_minor_refuses_a_newer_minor_naming_it(strict: JSONSchemaValidator, container: bool) -> None:
+    _, encoded = from_newer_publisher(container)
+    with pytest.raises(
+        DecodeError,
+        match=r"user-created 1\.7: minor version 7 is newer than the schema knows \(newest is 1\.2\) "
+        "and strict_minor is set",
+    ):
+        strict.decode(encoded.body, encoded.attributes)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.2"])
+@pytest.mark.parametrize("container", [False, True])
+def test_strict_minor_decodes_the_minors_it_knows(strict: JSONSchemaValidator, container: bool, version: str) -> None:
+    sent = Message.new("user-created", version, {"user_id": "U_1"}, publisher="p")
+    encoded = strict.encode(sent, container=container)
+    assert strict.decode(encoded.body, encoded.attributes) == sent
+
+
+@pytest.mark.parametrize("strict_minor", [False, True])
+def test_encoding_a_newer_minor_is_refused_either_way(strict_minor: bool) -> None:
+    validator = JSONSchemaValidator(SCHEMA_FILE, strict_minor=strict_minor)
+    with pytest.raises(ValidationError, match=r"minor version 3 is newer than the schema knows \(newest is 1\.2\)$"):
+        validator.encode(Message.new("user-created", "1.3", {"user_id": "U"}))
+
+
+def test_strict_minor_is_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        JSONSchemaValidator(SCHEMA_FILE, True)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_we_decode_authedwigs_newer_minor(container: bool) -> None:
+    """authedwig publishing 1.2 with the test schema; our consumer's schema knows only 1.0."""
+    ours = JSONSchemaValidator(schema_knowing("1.0"))
+    with authedwig_settings(HEDWIG_USE_TRANSPORT_MESSAGE_ATTRIBUTES=not container):
+        from distutils.version import StrictVersion
+
+        from hedwig.models import Message as HedwigMessage
+
+        theirs = HedwigMessage.new("user-created", StrictVersion("1.2"), {"user_id": "U_9"}, headers={"r": "q"})
+        payload, attributes = theirs.serialize()
+    got = ours.decode(payload.encode(), attributes)
+    assert (got.type, got.version, got.id, got.data) == ("user-created", Version(1, 2), theirs.id, {"user_id": "U_9"})
+    with pytest.raises(DecodeError, match="minor version 2 is newer"):
+        JSONSchemaValidator(schema_knowing("1.0"), strict_minor=True).decode(payload.encode(), attributes)

@@ -65,7 +65,18 @@ class Encoded:
 
 
 class Validator(abc.ABC):
-    """Encodes and decodes messages of one schema family (a JSON-Schema file, a set of protobufs)."""
+    """Encodes and decodes messages of one schema family (a JSON-Schema file, a set of protobufs).
+
+    Versions follow Hedwig: publishing refuses a minor newer than the schema knows, while
+    decoding accepts one (the data is validated against the schema of its major, and the
+    message keeps the version it was sent with), so a publisher can deploy a new minor before
+    its consumers do. A validator built with ``strict_minor=True`` refuses such a message on
+    decode too.
+    """
+
+    #: Whether :meth:`decode` refuses a minor newer than the schema knows (Hedwig's consumers
+    #: accept it). Set per instance by the constructor; False for a validator that never does.
+    strict_minor: bool = False
 
     @abc.abstractmethod
     def known_types(self) -> Iterable[tuple[str, int]]:
@@ -83,13 +94,19 @@ class Validator(abc.ABC):
     def decode(self, body: bytes, attributes: Mapping[str, str]) -> Message:
         """Decode either form and validate; raises :class:`DecodeError` saying what is wrong."""
 
-    def check_version(self, message_type: str, version: Version, *, error: type[ValidationError]) -> None:
-        """Refuse a type or major the schema lacks, or a minor newer than it knows."""
+    def check_version(
+        self, message_type: str, version: Version, *, error: type[ValidationError], receiving: bool = False
+    ) -> None:
+        """Refuse a type or major the schema lacks, or a minor newer than it knows.
+
+        A newer minor is always refused when publishing; when ``receiving``, only if
+        :attr:`strict_minor` is set.
+        """
         latest = self.latest_version(message_type, version.major)
-        if version.minor > latest.minor:
+        if version.minor > latest.minor and (self.strict_minor or not receiving):
             raise error(
                 f"{message_type} {version}: minor version {version.minor} is newer than the "
-                f"schema knows (newest is {latest})"
+                f"schema knows (newest is {latest}){' and strict_minor is set' if receiving else ''}"
             )
 
 

@@ -64,10 +64,13 @@ def _field_path(error: Any) -> str:
 class JSONSchemaValidator(Validator):
     """Validates and encodes messages against a Hedwig JSON-Schema file.
 
+    Like Hedwig's consumers, :meth:`decode` accepts a minor newer than the file's ``x-version``
+    and validates its data against the schema of its major; ``strict_minor=True`` refuses it.
     Raises :class:`SchemaError` at construction when the file breaks Hedwig's conventions.
     """
 
-    def __init__(self, schema: Mapping[str, Any] | str | Path) -> None:
+    def __init__(self, schema: Mapping[str, Any] | str | Path, *, strict_minor: bool = False) -> None:
+        self.strict_minor = strict_minor
         if isinstance(schema, (str, Path)):
             schema = self._load(Path(schema))
         self.schema: Mapping[str, Any] = schema
@@ -165,12 +168,14 @@ class JSONSchemaValidator(Validator):
             return error(f"unknown message type {message_type!r}: the schema {self.root!r} does not define it")
         return error(f"{message_type!r} has no major version {major} in the schema {self.root!r}")
 
-    def _validate(self, message_type: str, version: Version, data: Any, error: type[ValidationError]) -> None:
+    def _validate(self, message_type: str, version: Version, data: Any, *, receiving: bool) -> None:
+        """Check type, major and minor, then the data against its major's schema (fast path first)."""
+        error = DecodeError if receiving else ValidationError
         validator = self._validators.get((message_type, version.major))
         if validator is None:
             raise self._unknown(message_type, version.major, error)
         if version.minor > self._latest[(message_type, version.major)].minor:
-            self.check_version(message_type, version, error=error)
+            self.check_version(message_type, version, error=error, receiving=receiving)
         fast = self._fast[(message_type, version.major)]
         if fast is not None and fast(data):
             return
@@ -187,7 +192,7 @@ class JSONSchemaValidator(Validator):
             raise ValidationError(
                 f"{message.type} {message.version}: data must be an object, got {type(message.data).__name__}"
             )
-        self._validate(message.type, message.version, message.data, ValidationError)
+        self._validate(message.type, message.version, message.data, receiving=False)
         schema = self.schema_string(message.type, message.version)
         try:
             if container:
@@ -220,7 +225,7 @@ class JSONSchemaValidator(Validator):
         if not schema.startswith(self.root):
             raise DecodeError(f"schema {schema!r} belongs to another schema file, not {self.root!r}")
         message_type, version = parse_schema_tail(schema)
-        self._validate(message_type, version, data, DecodeError)
+        self._validate(message_type, version, data, receiving=True)
         return Message(type=message_type, version=version, data=data, id=message_id, metadata=metadata)
 
     @staticmethod

@@ -116,11 +116,14 @@ class ProtobufValidator(Validator):
     """Validates and encodes messages as protobuf classes carrying Hedwig's message options.
 
     ``message.data`` is an instance of the class for its (type, major), or a dict of its fields.
-    Raises :class:`SchemaError` at construction for a class without a usable option, or two
-    classes for one (type, major).
+    A message whose minor is newer than its class's ``minor_version`` is decoded with that class
+    (fields it does not know are kept as unknown fields), as Hedwig does, unless
+    ``strict_minor=True``. Raises :class:`SchemaError` at construction for a class without a
+    usable option, or two classes for one (type, major).
     """
 
-    def __init__(self, messages: Iterable[ProtoClass]) -> None:
+    def __init__(self, messages: Iterable[ProtoClass], *, strict_minor: bool = False) -> None:
+        self.strict_minor = strict_minor
         self._classes = self._check(messages)
 
     @staticmethod
@@ -215,10 +218,13 @@ class ProtobufValidator(Validator):
         return Message(type=message_type, version=version, data=data, id=message_id, metadata=metadata)
 
     def _resolve(self, schema: str) -> tuple[str, Version, ProtoClass]:
-        """Type, version and class of a schema string; :class:`DecodeError` if unknown or too new."""
+        """Type, version and class of a schema string; :class:`DecodeError` if the type or major is
+        unknown, or the minor newer than the class knows and ``strict_minor`` is set.
+        """
         message_type, version = parse_schema_tail(schema)
-        cls, _ = self._lookup(message_type, version.major, DecodeError)
-        self.check_version(message_type, version, error=DecodeError)
+        cls, latest = self._lookup(message_type, version.major, DecodeError)
+        if version.minor > latest.minor:
+            self.check_version(message_type, version, error=DecodeError, receiving=True)
         return message_type, version, cls
 
     @staticmethod

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from conftest import SCHEMA_FILE
 from jsonschema import Draft4Validator, FormatChecker
 
+from hedwig_tasks import DecodeError
 from hedwig_tasks.validators.fastcheck import compile_check
+from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
 
 ROOT: dict[str, Any] = {
     "definitions": {
@@ -107,3 +111,26 @@ def test_subclasses_and_decimals_are_checked_not_waved_through() -> None:
         assert check is not None
         assert not Draft4Validator(schema).is_valid(value)
         assert not check(value), (schema, value)
+
+
+@pytest.mark.parametrize("fast", [pytest.param(True, id="fast-path"), pytest.param(False, id="jsonschema-only")])
+def test_a_newer_minor_meets_the_same_checks_with_or_without_the_fast_path(fast: bool) -> None:
+    """The fast check is compiled per major, so it serves every minor; a strict validator refuses first."""
+    schema = json.loads(SCHEMA_FILE.read_text())
+    if not fast:
+        schema["schemas"]["user-created"]["1.*"]["oneOf"] = [{"type": "object"}]  # outside the subset
+    default, strict = JSONSchemaValidator(schema), JSONSchemaValidator(schema, strict_minor=True)
+    assert (default._fast[("user-created", 1)] is not None) is fast
+    attributes = {
+        "hedwig_format_version": "1.0",
+        "hedwig_id": "i",
+        "hedwig_message_timestamp": "1",
+        "hedwig_publisher": "p",
+        "hedwig_schema": f"{schema['id']}#/schemas/user-created/1.9",
+    }
+    valid, invalid = b'{"user_id":"U","profile":{"name":"Ada"}}', b'{"user_id":"U","profile":{"name":7}}'
+    assert default.decode(valid, attributes).data == {"user_id": "U", "profile": {"name": "Ada"}}
+    with pytest.raises(DecodeError, match=r"user-created 1\.9: data\.profile\.name: 7 is not of type 'string'"):
+        default.decode(invalid, attributes)
+    with pytest.raises(DecodeError, match=r"minor version 9 is newer .* strict_minor is set"):
+        strict.decode(valid, attributes)

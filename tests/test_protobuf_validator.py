@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -328,7 +329,6 @@ def test_dict_error_names_the_nested_field() -> None:
         (b"\n\x01U", {"hedwig_id": MESSAGE_ID}, "missing Hedwig attribute"),
         (b"\n\x01U", good_attributes(hedwig_schema="nope/1.0"), "unknown message type 'nope'"),
         (b"\n\x01U", good_attributes(hedwig_schema="user-created/3.0"), "'user-created' has no major version 3"),
-        (b"\n\x01U", good_attributes(hedwig_schema="user-created/1.1"), "minor version 1 is newer"),
         (b"\n\x01U", good_attributes(hedwig_schema="user-created"), "invalid schema 'user-created'"),
         (b"\n\x01U", good_attributes(hedwig_format_version="2.0"), "hedwig_format_version"),
         (b"\n\x01U", good_attributes(hedwig_message_timestamp="soon"), "not an integer"),
@@ -336,7 +336,6 @@ def test_dict_error_names_the_nested_field() -> None:
         (b"\n\x01U", {}, "missing Hedwig attributes, and the container lacks: id, schema, data"),
         (container(format_version="2.0"), {}, "unknown container format_version '2.0'"),
         (container(schema="nope/1.0"), {}, "unknown message type 'nope'"),
-        (container(schema="user-created/1.4"), {}, "minor version 4 is newer"),
         (container(headers={"hedwig_x": "1"}), {}, "invalid container metadata: header 'hedwig_x'"),
         (
             container(data=UserUpdatedV1(user_id="U")),
@@ -352,3 +351,133 @@ def test_decode_refusals_say_which(
 ) -> None:
     with pytest.raises(DecodeError, match=match):
         validator.decode(body, attributes)
+
+
+# Minor versions on decode: accepted as Hedwig's consumers do, refused with strict_minor
+
+
+def knowing_minor(cls: Any, minor: int, **new_fields: int) -> Any:
+    """``cls`` as a newer publisher has it: the same full name, ``minor_version`` set to ``minor``
+    and string fields ``new_fields`` (name to field number) added.
+
+    It is built in a descriptor pool of its own, since the default pool already holds ``cls``.
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from hedwig.protobuf import options_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: Any, proto: Any = None) -> None:
+        for dependency in file.dependencies:
+            add(dependency)
+        if file.name not in added:
+            if proto is None:
+                proto = descriptor_pb2.FileDescriptorProto()
+                file.CopyToProto(proto)
+            pool.Add(proto)
+            added.add(file.name)
+
+    file = descriptor_pb2.FileDescriptorProto()
+    cls.DESCRIPTOR.file.CopyToProto(file)
+    [message] = [m for m in file.message_type if m.name == cls.DESCRIPTOR.name]
+    message.options.Extensions[options_pb2.message_options].minor_version = minor
+    for name, number in new_fields.items():
+        message.field.add(name=name, number=number, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING)
+    add(cls.DESCRIPTOR.file, file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(cls.DESCRIPTOR.full_name))
+
+
+UserCreatedV1_3 = knowing_minor(UserCreatedV1, 3, nickname=2)
+
+
+@pytest.fixture(scope="module")
+def strict() -> ProtobufValidator:
+    return ProtobufValidator([UserCreatedV1, UserUpdatedV1], strict_minor=True)
+
+
+def from_newer_publisher(container_form: bool) -> tuple[Message, Any]:
+    """A user-created 1.3 message (the consumer's class knows 1.0) with a field 1.0 lacks."""
+    sent = dataclasses.replace(user_created(UserCreatedV1_3(user_id="U_1", nickname="Ada")), version="1.3")
+    return sent, ProtobufValidator([UserCreatedV1_3]).encode(sent, container=container_form)
+
+
+def test_the_newer_class_is_what_a_publisher_at_1_3_has() -> None:
+    assert UserCreatedV1_3.DESCRIPTOR.full_name == UserCreatedV1.DESCRIPTOR.full_name
+    assert ProtobufValidator([UserCreatedV1_3]).latest_version("user-created", 1) == Version(1, 3)
+
+
+@pytest.mark.parametrize("container_form", [False, True])
+def test_newer_minor_decoded_with_the_class_of_its_major(validator: ProtobufValidator, container_form: bool) -> None:
+    sent, encoded = from_newer_publisher(container_form)
+    got = validator.decode(encoded.body, encoded.attributes)
+    assert (got.type, got.version, got.id, got.headers) == ("user-created", Version(1, 3), sent.id, sent.headers)
+    assert (got.publisher, got.timestamp) == (sent.publisher, sent.timestamp)
+    assert type(got.data) is UserCreatedV1
+    assert got.data.user_id == "U_1"
+    assert got.data.SerializeToString() == sent.data.SerializeToString()  # the unknown field is kept
+
+
+@pytest.mark.parametrize(
+    ("body", "attributes", "match"),
+    [
+        (b"not protobuf", good_attributes(hedwig_schema="user-created/1.3"), r"body is not a valid hedwig_examples"),
+        (b"\n\x01U", good_attributes(hedwig_schema="user-created/2.3"), "'user-created' has no major version 2"),
+        (
+            container(schema="user-created/1.3", data=UserUpdatedV1(user_id="U")),
+            {},
+            "container data is 'type.googleapis.com/hedwig_examples.UserUpdatedV1', but user-created/1.3 is",
+        ),
+    ],
+)
+def test_newer_minor_still_checked_against_its_major(
+    validator: ProtobufValidator, body: bytes, attributes: dict[str, str], match: str
+) -> None:
+    with pytest.raises(DecodeError, match=match):
+        validator.decode(body, attributes)
+
+
+@pytest.mark.parametrize("container_form", [False, True])
+def test_strict_minor_refuses_a_newer_minor_naming_it(strict: ProtobufValidator, container_form: bool) -> None:
+    _, encoded = from_newer_publisher(container_form)
+    with pytest.raises(
+        DecodeError,
+        match=r"user-created 1\.3: minor version 3 is newer than the schema knows \(newest is 1\.0\) "
+        "and strict_minor is set",
+    ):
+        strict.decode(encoded.body, encoded.attributes)
+
+
+@pytest.mark.parametrize("container_form", [False, True])
+def test_strict_minor_decodes_the_minor_it_knows(strict: ProtobufValidator, container_form: bool) -> None:
+    sent = user_created()
+    encoded = strict.encode(sent, container=container_form)
+    assert strict.decode(encoded.body, encoded.attributes) == sent
+
+
+@pytest.mark.parametrize("strict_minor", [False, True])
+def test_encoding_a_newer_minor_is_refused_either_way(strict_minor: bool) -> None:
+    validator = ProtobufValidator([UserCreatedV1], strict_minor=strict_minor)
+    assert validator.strict_minor is strict_minor
+    with pytest.raises(ValidationError, match=r"minor version 1 is newer than the schema knows \(newest is 1\.0\)$"):
+        validator.encode(dataclasses.replace(user_created(), version="1.1"))
+
+
+def test_strict_minor_is_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        ProtobufValidator([UserCreatedV1], True)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("container_form", [False, True])
+def test_we_decode_authedwigs_newer_minor(validator: ProtobufValidator, container_form: bool) -> None:
+    """authedwig's validator over the 1.3 class encodes; ours, whose class knows 1.0, decodes."""
+    sent = dataclasses.replace(user_created(UserCreatedV1_3(user_id="U_1", nickname="Ada")), version="1.3")
+    with authedwig_settings(
+        HEDWIG_PROTOBUF_MESSAGES=[UserCreatedV1_3], HEDWIG_USE_TRANSPORT_MESSAGE_ATTRIBUTES=not container_form
+    ):
+        from hedwig.validators.protobuf import ProtobufValidator as AuthedwigProtobufValidator
+
+        body, attributes = AuthedwigProtobufValidator().serialize(authedwig_message(sent))
+    got = validator.decode(body, attributes)
+    assert (got.version, got.id, got.data.user_id) == (Version(1, 3), sent.id, "U_1")
+    assert got.data.SerializeToString() == sent.data.SerializeToString()

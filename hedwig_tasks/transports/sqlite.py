@@ -108,20 +108,41 @@ _FAN_OUT = """
 INSERT INTO messages (subscription, topic, message_id, body, attributes, visible_at, created_at)
 SELECT queue || ':' || topic, topic, ?, ?, ?, ?, ? FROM subscriptions WHERE topic = ?
 """
-_PEEK = "SELECT 1 FROM messages WHERE subscription = ? AND visible_at <= ? LIMIT 1"
+# A row is visible when due, or when its visibility time is not a number (text or a blob from
+# some other writer): those sort after every number, so would never come due. Each test is its
+# own index range, so a poll never walks the leased and delayed rows in between.
+_PEEK = """
+SELECT 1 FROM messages WHERE subscription = ? AND visible_at <= ?
+UNION ALL SELECT 1 FROM messages WHERE subscription = ? AND visible_at >= '' LIMIT 1
+"""
+#: The bound value with which ``visible_at >= ?`` picks every text and blob, and no number.
+_UNTIMED = ""
+# Claims return the fields another writer may have stored as anything as raw bytes (never as
+# text Python must decode, which fails the whole statement on one row that is not UTF-8), with
+# the body's storage class, so that one row can become a Delivery with a fault.
 # Ordered by visible_at (then id) so the claim index is walked in order and never sorted.
-_CLAIM = """
+_CLAIM_DUE = """
 UPDATE messages SET visible_at = ?, attempts = attempts + 1, lease = attempts + 1
-WHERE id IN (
-    SELECT id FROM messages WHERE subscription = ? AND visible_at <= ? ORDER BY visible_at, id LIMIT ?
-)
-RETURNING id, lease, body, attributes, message_id
+WHERE id IN (SELECT id FROM messages WHERE subscription = ? AND visible_at <= ? ORDER BY visible_at, id LIMIT ?)
+RETURNING id, lease, typeof(body), CAST(body AS BLOB), CAST(attributes AS BLOB), CAST(message_id AS BLOB)
 """
-_CLAIM_OLD = """
-SELECT id FROM messages WHERE subscription = ? AND visible_at <= ? ORDER BY visible_at, id LIMIT ?
+_CLAIM_UNTIMED = """
+UPDATE messages SET visible_at = ?, attempts = attempts + 1, lease = attempts + 1
+WHERE id IN (SELECT id FROM messages WHERE subscription = ? AND visible_at >= ? ORDER BY visible_at, id LIMIT ?)
+RETURNING id, lease, typeof(body), CAST(body AS BLOB), CAST(attributes AS BLOB), CAST(message_id AS BLOB)
 """
+# Older SQLite (no RETURNING) picks, then leases, then reads each row.
+_PICK_OLD = {
+    _CLAIM_DUE: "SELECT id FROM messages WHERE subscription = ? AND visible_at <= ? ORDER BY visible_at, id LIMIT ?",
+    _CLAIM_UNTIMED: """
+SELECT id FROM messages WHERE subscription = ? AND visible_at >= ? ORDER BY visible_at, id LIMIT ?
+""",
+}
 _LEASE_OLD = "UPDATE messages SET visible_at = ?, attempts = attempts + 1, lease = attempts + 1 WHERE id = ?"
-_LEASED_OLD = "SELECT id, lease, body, attributes, message_id FROM messages WHERE id = ?"
+_LEASED_OLD = """
+SELECT id, lease, typeof(body), CAST(body AS BLOB), CAST(attributes AS BLOB), CAST(message_id AS BLOB)
+FROM messages WHERE id = ?
+"""
 _ACK = "DELETE FROM messages WHERE id = ? AND lease = ?"
 _UNLEASE = "UPDATE messages SET visible_at = ?, lease = 0 WHERE id = ? AND lease = ?"
 _EXTEND = "UPDATE messages SET visible_at = ? WHERE id = ? AND lease = ?"
@@ -133,7 +154,7 @@ _COUNT = "SELECT count(*), coalesce(sum(lease > 0 AND visible_at > ?), 0) FROM m
 _COUNT_DEAD = "SELECT count(*) FROM dead_letters WHERE queue = ? AND subscription = ?"
 _COUNT_QUEUE_DEAD = "SELECT count(*) FROM dead_letters WHERE queue = ?"
 _DEAD_LETTERS = """
-SELECT body, attributes, reason, subscription, attempts, dead_at, message_id
+SELECT CAST(body AS BLOB), CAST(attributes AS BLOB), reason, subscription, attempts, dead_at, CAST(message_id AS BLOB)
 FROM dead_letters WHERE queue = ? ORDER BY id LIMIT ?
 """
 _UNBURY = """
@@ -145,7 +166,8 @@ _FORGET = "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHE
 #: UPDATE ... RETURNING claims a batch in one statement; older SQLite selects then updates.
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 
-_Row = tuple[int, int, bytes, str, str]  # id, lease, body, attributes, message_id
+# id, lease (the attempt number), typeof(body), then body, attributes and message_id as bytes
+_Row = tuple[int, object, str, bytes, bytes, bytes]
 
 
 def _subscription(queue: str, topic: str) -> str:
@@ -360,10 +382,19 @@ class SQLiteTransport(Transport):
         return rows
 
     def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
+        """The oldest ``limit``; attributes that cannot be read (see the reason) show as ``{}``."""
         with self._reading("list dead letters") as connection:
             found = connection.execute(_DEAD_LETTERS, (queue, limit)).fetchall()
         return [
-            DeadLetterRecord(bytes(body), json.loads(attributes), reason, subscription, attempts, dead_at, message_id)
+            DeadLetterRecord(
+                bytes(body),
+                _attributes(attributes)[0],
+                reason,
+                subscription,
+                _whole(attempts),
+                dead_at,
+                _text(message_id, "message id is")[0],
+            )
             for body, attributes, reason, subscription, attempts, dead_at, message_id in found
         ]
 
@@ -428,7 +459,7 @@ class SQLiteConsumer(Consumer):
         turn = self._subscriptions[start:] + self._subscriptions[:start]
         now = self._bus.clock()
         with self._bus._reading("receive") as connection:
-            return [name for name in turn if connection.execute(_PEEK, (name, now)).fetchone()]
+            return [name for name in turn if connection.execute(_PEEK, (name, now, name)).fetchone()]
 
     def _claim(self, max_messages: int) -> list[Delivery]:
         ready = self._ready()
@@ -477,13 +508,74 @@ class SQLiteConsumer(Consumer):
 
 def _claim_rows(connection: sqlite3.Connection, name: str, now: float, until: float, count: int) -> list[_Row]:
     """Lease up to ``count`` visible rows of one subscription (inside a write transaction)."""
+    rows = _lease(connection, _CLAIM_DUE, (name, now), until, count)
+    if len(rows) < count:
+        rows += _lease(connection, _CLAIM_UNTIMED, (name, _UNTIMED), until, count - len(rows))
+    return rows
+
+
+def _lease(
+    connection: sqlite3.Connection, claim: str, where: tuple[str, float | str], until: float, count: int
+) -> list[_Row]:
     if _HAS_RETURNING:
-        return connection.execute(_CLAIM, (until, name, now, count)).fetchall()
-    ids = [(row_id,) for (row_id,) in connection.execute(_CLAIM_OLD, (name, now, count))]
+        return connection.execute(claim, (until, *where, count)).fetchall()
+    ids = [(row_id,) for (row_id,) in connection.execute(_PICK_OLD[claim], (*where, count))]
     connection.executemany(_LEASE_OLD, [(until, row_id) for (row_id,) in ids])
     return [connection.execute(_LEASED_OLD, row_id).fetchone() for row_id in ids]
 
 
+#: SQLite storage classes a body can have that no publisher wrote (text is its UTF-8 bytes).
+_STORAGE = {"integer": "an integer", "real": "a real"}
+#: JSON's names for the Python types ``json.loads`` returns.
+_JSON_TYPES = {
+    list: "a JSON array",
+    str: "a JSON string",
+    int: "a JSON number",
+    float: "a JSON number",
+    bool: "JSON true or false",
+}
+
+
 def _delivery(subscription: str, row: _Row) -> Delivery:
-    row_id, lease, body, attributes, message_id = row
-    return Delivery(bytes(body), json.loads(attributes), lease, (row_id, lease), subscription, message_id)
+    """The row as a Delivery; whatever of its own fields cannot be read is named in its ``fault``."""
+    row_id, lease, body_type, body, raw_attributes, raw_message_id = row
+    attributes, attributes_fault = _attributes(raw_attributes)
+    message_id, message_id_fault = _text(raw_message_id, "message id is")
+    faults = [
+        f"body is {_STORAGE[body_type]}, not bytes" if body_type in _STORAGE else "",
+        attributes_fault,
+        message_id_fault,
+        "" if _whole(lease) == lease else f"attempt count {lease!r} is not a whole number of 1 or more",
+    ]
+    fault = "; ".join(f for f in faults if f)
+    return Delivery(bytes(body), attributes, _whole(lease), (row_id, lease), subscription, message_id, fault)
+
+
+def _whole(value: object) -> int:
+    """A stored attempt count as an int, 1 where it is not a whole number of 1 or more."""
+    return value if type(value) is int and value >= 1 else 1
+
+
+def _text(raw: bytes, what: str) -> tuple[str, str]:
+    """``raw`` as text, and a fault (empty if none) that starts with ``what`` ("message id is")."""
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:  # kept, escaped, for the log line and the dead letter
+        return raw.decode("utf-8", "backslashreplace"), f"{what} not UTF-8 ({exc.reason} at byte {exc.start})"
+
+
+def _attributes(raw: bytes) -> tuple[dict[str, str], str]:
+    """The attributes column read as a JSON object of strings, or ``{}`` and why it is not one."""
+    text, fault = _text(raw, "attributes are")
+    if fault:
+        return {}, f"{fault}: {text[:80]!r}"
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
+        return {}, f"attributes are not JSON ({exc}): {text[:80]!r}"
+    if not isinstance(value, dict):
+        return {}, f"attributes are {_JSON_TYPES.get(type(value), 'JSON null')}, not an object: {text[:80]!r}"
+    for key, item in value.items():
+        if not isinstance(item, str):
+            return {}, f"attribute {key!r} is {repr(item)[:80]}, not a string"
+    return value, ""

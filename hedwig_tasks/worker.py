@@ -54,6 +54,9 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 HEARTBEAT_INTERVAL_S = 1.0
 #: Longest pause between receives after a transport error, in seconds.
 MAX_ERROR_BACKOFF_S = 30.0
+#: How long after its due time a burst worker still waits for a retry it scheduled, in seconds
+#: (only where the broker cannot count delayed retries itself).
+BURST_RETRY_GRACE_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,8 @@ class Worker:
         self._held: dict[int, _Held] = {}
         self._held_lock = threading.Lock()
         self._slots = threading.Semaphore(self.options.concurrency + self.options.prefetch)
+        self._withheld = 0  #: slots of buffered deliveries released as stale, back once a handler frees
+        self._retries_due: dict[str, float] = {}  #: message key -> when a retry we scheduled is due
         self._buffer: queue.Queue[Delivery | None] = queue.Queue()
         self._acks: queue.Queue[Delivery | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -153,8 +158,6 @@ class Worker:
         """Consume until stopped. Raises ``TransportError`` if the first receive fails."""
         self._consumer = self._connect()
         self._start_threads()
-        signals.send(signals.worker_ready, self.app, worker=self)
-        logger.info("worker %s ready: consuming %s", self.app.name, ", ".join(self.topics))
         reason = "error"  # unless the receive loop returns its own reason
         try:
             reason = self._receive_loop()
@@ -186,6 +189,8 @@ class Worker:
                     raise
                 backoff_s = self._wait_after_error(exc, backoff_s)
                 continue
+            if first:
+                self._announce_ready()
             first, backoff_s = False, 0.5
             self.ready = True
             self._give_back_slots(free - len(deliveries))
@@ -194,6 +199,18 @@ class Worker:
             elif self.options.burst and self._idle():
                 return "burst"
         return "signal"
+
+    def _announce_ready(self) -> None:
+        """Say the worker consumes, once its first receive has come back from the broker."""
+        self.ready = True
+        signals.send(signals.worker_ready, self.app, worker=self)
+        logger.info(
+            "worker %s ready: consuming %s from queue %s on %r",
+            self.app.name,
+            ", ".join(self.topics),
+            self.app.queue,
+            self.app.transport,
+        )
 
     def _take_slots(self) -> int:
         """Wait briefly for one free slot, then take every other free one without waiting."""
@@ -214,6 +231,8 @@ class Worker:
         with self._held_lock:
             for delivery in deliveries:
                 self._held[id(delivery)] = _Held(delivery, now)
+                if self._retries_due:
+                    self._retries_due.pop(_key(delivery), None)
         for delivery in deliveries:
             self._buffer.put(delivery)
 
@@ -228,7 +247,20 @@ class Worker:
         if self.held or not self._acks.empty():
             return False
         statuses = self.app.transport.status(self.app.queue, self.topics)
-        return all(not s.depth and not s.in_flight for s in statuses)
+        if any(s.depth or s.in_flight for s in statuses):
+            return False
+        if all(s.depth is not None for s in statuses):
+            return True  # the broker counts delayed retries in its depth
+        return not self._retries_to_come()
+
+    def _retries_to_come(self) -> bool:
+        """True while a retry this worker scheduled is not yet due (or only just due) nor back."""
+        now = time.monotonic()
+        with self._held_lock:
+            for key, due in list(self._retries_due.items()):
+                if now > due + BURST_RETRY_GRACE_S:
+                    del self._retries_due[key]
+            return bool(self._retries_due)
 
     def _beat(self) -> None:
         now = self.last_beat = time.monotonic()
@@ -278,19 +310,30 @@ class Worker:
                 return
             with self._held_lock:
                 held = self._held.get(id(delivery))
-                if held is None:  # released at shutdown while buffered
+                if held is None:  # released while buffered: at shutdown, or it waited past a lease
                     continue
                 held.running = True
-            acking = False
-            try:
-                acking = self._process(delivery)
-            except Exception:
-                logger.exception("unexpected error settling delivery %s", delivery.transport_id)
-            finally:
-                with self._held_lock:
-                    self._held.pop(id(delivery), None)
-                if not acking:  # an ack in the acker's queue still holds its slot until sent
-                    self._slots.release()
+            acking = self._process_safely(delivery)
+            with self._held_lock:
+                self._held.pop(id(delivery), None)
+                withheld, self._withheld = self._withheld, 0
+            # an ack in the acker's queue still holds its slot until it is sent
+            self._give_back_slots(withheld + (0 if acking else 1))
+
+    def _process_safely(self, delivery: Delivery) -> bool:
+        """Process one delivery whatever it holds; True when its ack was queued for the acker.
+
+        This is the per-delivery boundary: an error nobody expected, before the delivery was
+        settled, dead-letters that one delivery with the error as the reason.
+        """
+        self._local.settled = ""
+        try:
+            self._process(delivery)
+        except Exception as exc:
+            logger.exception("unexpected error processing delivery %s", delivery.transport_id)
+            if not self._local.settled:
+                self._dead_letter(delivery, None, f"unexpected error: {type(exc).__name__}: {exc}")
+        return bool(self._local.settled == "ack")
 
     def _ack_loop(self) -> None:
         assert self._consumer is not None
@@ -316,11 +359,33 @@ class Worker:
         assert self._consumer is not None
         interval = self.lease_s / 3
         while not self._stopping.wait(interval):
+            self._release_stale()
             now = time.monotonic()
             with self._held_lock:
                 keep = [h.delivery for h in self._held.values() if now - h.received_at < self.options.max_lease_s]
             if keep:
                 self._settle("extend lease", self._consumer.extend_lease, keep, self.lease_s)
+
+    def _release_stale(self) -> None:
+        """Give back buffered deliveries that waited over a lease for a handler thread.
+
+        Their slots stay taken until a handler thread frees up, so this worker does not take
+        them straight back while its handlers are stuck: another worker gets them.
+        """
+        assert self._consumer is not None
+        now = time.monotonic()
+        with self._held_lock:
+            stale = [k for k, h in self._held.items() if not h.running and now - h.received_at > self.lease_s]
+            deliveries = [self._held.pop(k).delivery for k in stale]
+            self._withheld += len(deliveries)
+        if deliveries:
+            logger.warning(
+                "releasing %d buffered message(s) that waited over %.1fs for a handler thread (ids %s)",
+                len(deliveries),
+                self.lease_s,
+                ", ".join(_key(d) for d in deliveries),
+            )
+            self._settle("release", self._consumer.release, deliveries)
 
     def _tally(self, outcome: str) -> None:
         with self._held_lock:
@@ -335,12 +400,11 @@ class Worker:
 
     # -- one message --------------------------------------------------------------------------
 
-    def _process(self, delivery: Delivery) -> bool:
-        """Handle one delivery; True when its ack was queued for the acker."""
+    def _process(self, delivery: Delivery) -> None:
+        """Handle one delivery, inside its consumer span."""
         with self.app.tracing.processing(delivery, self.app.transport.scheme) as span:
             action, error, reason = self._handle(delivery, span)
             Tracing.outcome(span, action, error, reason)
-        return action == "ack"
 
     def _handle(self, delivery: Delivery, span: Any) -> tuple[str, BaseException | None, str]:
         """Decode, dispatch and settle one delivery; returns (action, error, reason) for its span."""
@@ -349,6 +413,7 @@ class Worker:
         signals.send(signals.message_received, app, delivery=delivery)
         pre = app.hooks.pre_process
         if pre and not self._call_hook("pre-process", pre, delivery=delivery):
+            self._local.settled = "retry"
             self._settle("retry", self._consumer.retry_later, delivery, app.retry.backoff(delivery.attempt))
             return "retry", None, "pre-process hook raised"
         if delivery.fault:
@@ -428,10 +493,14 @@ class Worker:
             post = self.app.hooks.post_process
             if post:
                 self._call_hook("post-process", post, delivery=delivery, message=message)
+            self._local.settled = "ack"
             self._acks.put(delivery)
         elif outcome.action == "retry":
             delay_s = outcome.delay_s
+            self._local.settled = "retry"
             self._settle("retry", self._consumer.retry_later, delivery, delay_s)
+            with self._held_lock:
+                self._retries_due[_key(delivery)] = time.monotonic() + delay_s
             self._tally("retried")
             signals.send(
                 signals.handler_retried,
@@ -456,6 +525,7 @@ class Worker:
             "outcome": "dead_letter",
         }
         logger.error("dead-lettering %s from %s: %s", what, delivery.subscription, reason, extra=fields)
+        self._local.settled = "dead_letter"
         self._settle("dead letter", self._consumer.dead_letter, delivery, reason)
         self._tally("dead_lettered")
         signals.send(signals.message_dead_lettered, self.app, message=message, delivery=delivery, reason=reason)
@@ -497,3 +567,8 @@ class Worker:
             state = "running" if running else "buffered"
             logger.info("releasing %d %s message(s)", len(deliveries), state)
             self._settle("release", self._consumer.release, deliveries)
+
+
+def _key(delivery: Delivery) -> str:
+    """What names a message across its deliveries: its Hedwig id, else the broker's id."""
+    return delivery.attributes.get("hedwig_id") or delivery.transport_id

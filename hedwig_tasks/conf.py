@@ -1,5 +1,7 @@
-"""Settings-driven configuration, as Hedwig does it: ``hedwig_tasks.conf.settings``.
+"""Where Hedwig-style settings come from, and the app they build: ``hedwig_tasks.conf.settings``.
 
+Which settings exist and how they are checked is :mod:`hedwig_tasks.settings`; this module
+finds the source and turns the checked values into a :class:`Hedwig` app (:func:`build_app`).
 Settings come, in this order, from an object given to ``settings.configure_with_object(obj)``
 (an object, a module or a dict), the module named by ``$SETTINGS_MODULE``, Django's settings
 (when ``$DJANGO_SETTINGS_MODULE`` is set or Django is configured), or the current Flask app's
@@ -100,6 +102,11 @@ class LazySettings:
         with self._lock:
             self._read = None
 
+    def reset(self) -> None:
+        """Forget the configured source and what was read from it."""
+        with self._lock:
+            self._source, self._read = None, None
+
     def __getattr__(self, name: str) -> Any:
         if name in SUPPORTED:
             return self.read()[name]
@@ -142,7 +149,7 @@ def reset() -> None:
     """Forget the configured settings and the default app (for tests)."""
     with _default_lock:
         _default.clear()
-    settings._source, settings._read = None, None
+    settings.reset()
 
 
 # -- building the app ------------------------------------------------------------------------------

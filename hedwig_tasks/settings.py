@@ -1,10 +1,14 @@
-"""Hedwig's settings, read as Hedwig documents them, and the app they describe.
+"""Which Hedwig settings exist, and how one source of them is read and checked.
 
-A service configured for Hedwig (``HEDWIG_CALLBACKS``, ``HEDWIG_QUEUE``,
-``HEDWIG_MESSAGE_ROUTING``, ``HEDWIG_JSONSCHEMA_FILE``, ``AWS_*``, ...) gets the same behaviour
-from :func:`build_app`. Every ``HEDWIG_*`` name is checked: a misspelt one, or one whose
-feature hedwig-tasks does not have, fails at start-up naming it. ``AWS_*`` and ``GOOGLE_*``
-names that Hedwig does not define are left alone, since other libraries use those prefixes.
+This module holds the vocabulary: every supported ``HEDWIG_*`` / ``AWS_*`` / ``GOOGLE_*`` name
+with its default (:data:`SUPPORTED`), the Hedwig names whose feature hedwig-tasks does not have
+(:data:`UNSUPPORTED`), and :class:`HedwigSettings`, the checked values of one source. Every
+``HEDWIG_*`` name is checked: a misspelt one, or one whose feature hedwig-tasks does not have,
+fails at start-up naming it. ``AWS_*`` and ``GOOGLE_*`` names that Hedwig does not define are
+left alone, since other libraries use those prefixes.
+
+Where the settings come from (Django, Flask, ``SETTINGS_MODULE``, ``configure_with_object``)
+and the app they build (``build_app``, ``default_app``) live in :mod:`hedwig_tasks.conf`.
 """
 
 from __future__ import annotations

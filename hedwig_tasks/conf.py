@@ -204,11 +204,7 @@ def _transport(s: HedwigSettings) -> str | Transport | None:
     if url and family:
         raise ConfigurationError("set HEDWIG_TRANSPORT_URL or the HEDWIG_*_BACKEND settings, not both")
     if family is not None:
-        build = getattr(transport_class(family), "from_settings", None)
-        if build is None:
-            raise ConfigurationError(f"the {family} transport cannot be built from Hedwig settings")
-        transport: Transport = build(s)
-        return transport
+        return transport_class(family).from_settings(s)
     lease_s = s["HEDWIG_VISIBILITY_TIMEOUT_S"]
     if url is None and lease_s is not None:
         url = f"{DEFAULT_URL}?lease_s={float(lease_s)}"

@@ -44,8 +44,6 @@ DEFAULT_CONCURRENCY = 4
 DEFAULT_PREFETCH = 8
 #: Longest a receive blocks waiting for messages, in seconds.
 DEFAULT_WAIT_S = 1.0
-#: Lease the keeper asks for on each extension, in seconds.
-DEFAULT_LEASE_S = 30.0
 #: Longest a delivery is kept leased in all, in seconds; then it is let go to be redelivered.
 DEFAULT_MAX_LEASE_S = 3600.0
 #: How long running handlers may finish after a stop request, in seconds.
@@ -68,7 +66,7 @@ class WorkerOptions:
     topics: Sequence[str] | None = None
     burst: bool = False
     wait_s: float = DEFAULT_WAIT_S
-    lease_s: float | None = None  #: None: the transport's own lease, else DEFAULT_LEASE_S
+    lease_s: float | None = None  #: what the lease keeper extends by; None: the transport's own lease
     max_lease_s: float = DEFAULT_MAX_LEASE_S
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
 
@@ -121,7 +119,7 @@ class Worker:
         self.last_beat = time.monotonic()  #: when the receive loop last came round
         self.ready = False  #: connected and consuming: a receive has succeeded
         self._last_hook_beat = 0.0
-        self.lease_s = self.options.lease_s or getattr(app.transport, "lease_s", None) or DEFAULT_LEASE_S
+        self.lease_s = self.options.lease_s or app.transport.lease_s
         signals.send(signals.worker_init, app, worker=self)
 
     # -- public -------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+from hedwig_tasks.exceptions import ConfigurationError
+
 __all__ = [
     "Capabilities",
     "Consumer",
@@ -42,6 +44,12 @@ class Capabilities:
     max_receive_batch: int = 1000  #: most deliveries one receive returns
     max_publish_batch: int = 1000  #: most messages one publish call carries
     max_attributes: int | None = None  #: most attributes a message may carry
+    #: a consumer can take some of its queue's topics and leave the others (False: one stream
+    #: per queue carries every topic it is subscribed to, as an SQS queue does)
+    per_topic_consumption: bool = True
+    #: ``status`` counts depth, in flight and dead letters (False: they are None, as Pub/Sub's
+    #: API reports no counts)
+    status_counts: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +135,25 @@ class Transport(abc.ABC):
 
     scheme: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: How long a receive leases a delivery before it is offered again, in seconds; the worker's
+    #: lease keeper extends by this much.
+    lease_s: float = 30.0
 
     @classmethod
     @abc.abstractmethod
     def from_url(cls, url: str) -> Transport:
         """Build from a connection string; raises ``ConfigurationError`` naming a bad option."""
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> Transport:
+        """Build from Hedwig-style settings (anything indexed by setting name).
+
+        Raises ``ConfigurationError`` naming a bad setting, or, for a transport that Hedwig's
+        settings cannot describe, saying to set ``HEDWIG_TRANSPORT_URL`` instead.
+        """
+        raise ConfigurationError(
+            f"the {cls.scheme} transport cannot be built from Hedwig's backend settings; set HEDWIG_TRANSPORT_URL"
+        )
 
     @abc.abstractmethod
     def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:

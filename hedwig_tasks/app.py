@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 #: The environment variable read (at first use, never at import) when no transport is given.
 TRANSPORT_ENV = "HEDWIG_TRANSPORT_URL"
-#: Transports cheap and local enough to provision themselves on first use.
-_SELF_PROVISIONING = frozenset({"memory", "sqlite"})
 
 DefaultHeaders = Callable[[Message], Mapping[str, str]] | Mapping[str, str] | None
 
@@ -118,7 +116,6 @@ class Hedwig:
         self.tracing = Tracing(enabled=tracing)
         self._transport_spec = transport
         self._transport: Transport | None = transport if isinstance(transport, Transport) else None
-        self._provisioned: set[str] = set()
         self._lock = threading.Lock()
         self._check_routes()
 
@@ -170,20 +167,13 @@ class Hedwig:
         return list(dict.fromkeys(topics))
 
     def provision(self, *, dry_run: bool = False, topics: Sequence[str] | None = None) -> list[str]:
-        """Create the topics this app publishes to and its subscriptions; idempotent."""
-        subscribe = list(topics) if topics is not None else self.subscribed_topics()
-        actions = self.transport.provision(self.queue, subscribe, self.published_topics(), dry_run=dry_run)
-        if not dry_run:
-            self._provisioned.update(self.published_topics())
-        return actions
+        """Create the topics this app publishes to and its subscriptions; idempotent.
 
-    def _ensure_topic(self, topic: str) -> None:
-        if topic in self._provisioned or getattr(self.transport, "scheme", "") not in _SELF_PROVISIONING:
-            return
-        self.provision()
-        if topic not in self._provisioned:
-            self.transport.provision(None, [], [topic])
-            self._provisioned.add(topic)
+        Publishing never provisions: on every transport a publish to a topic that does not
+        exist raises ``PublishError``, so run this (or ``hedwig-tasks provision``) first.
+        """
+        subscribe = list(topics) if topics is not None else self.subscribed_topics()
+        return self.transport.provision(self.queue, subscribe, self.published_topics(), dry_run=dry_run)
 
     # -- handlers -----------------------------------------------------------------------------
 
@@ -261,7 +251,6 @@ class Hedwig:
         if self.eager:
             self._run_eagerly(encoded)
             return "eager"
-        self._ensure_topic(route.topic)
         body, attributes = to_transport(encoded, text_only=self.transport.capabilities.text_only)
         transport_id = self.transport.publish(route.topic, body, attributes, owner=route.owner)
         logger.debug("published %s %s id=%s to %s", message.type, message.version, message.id, route.topic)

@@ -45,6 +45,7 @@ def test_handler_stays_callable_and_publishes_newest_minor() -> None:
 def test_publish_explicit_version_and_mapping() -> None:
     app = make_app()
     handler = app.handler("send_email", 1)(lambda message: None)
+    app.provision()
     sent = handler.publish({"to": "a@b.c", "subject": "s"}, version="1.0", headers={"request_id": "r"})
     assert (sent.version, dict(sent.headers)) == (Version(1, 0), {"request_id": "r"})
     with pytest.raises(TypeError, match="either as one mapping or as keyword fields"):
@@ -57,6 +58,7 @@ def test_handler_for_several_majors_publishes_highest() -> None:
     @app.handler("user-created", ["1.*", "2.*"])
     def created(message: Message) -> None: ...
 
+    app.provision()
     assert app.handler_for(Message.new("user-created", "1.0", {})) is created
     assert app.handler_for(Message.new("user-created", "2.0", {})) is created
     assert created.publish(user_id="U", email="e@x").version == Version(2, 0)
@@ -119,6 +121,7 @@ def test_routing_overrides_and_default() -> None:
 
 def test_strict_routing_fails_at_publish_naming_the_type() -> None:
     app = make_app(routing={"send_email": "notifications"}, default_topic=None)
+    app.provision()
     app.publish("send_email", "1.0", {"to": "a@b.c", "subject": "s"})
     with pytest.raises(RoutingError, match="'user-created' major 1"):
         app.publish("user-created", "1.0", {"user_id": "U"})
@@ -139,13 +142,11 @@ def test_publish_validates_before_sending() -> None:
         app.publish("send_email", "7.0", {})
 
 
-def test_publish_to_missing_topic_raises_on_a_non_provisioning_transport() -> None:
-    class CloudLike(MemoryTransport):
-        scheme = "cloudlike"
-
-    app = make_app(transport=CloudLike())
-    with pytest.raises(PublishError, match="does not exist"):
+def test_publish_never_provisions() -> None:
+    app = make_app()
+    with pytest.raises(PublishError, match="'send_email-v1' does not exist"):
         app.publish("send_email", "1.0", {"to": "a@b.c", "subject": "s"})
+    assert "create topic send_email-v1" in app.provision(dry_run=True)
 
 
 def test_fan_out_to_two_apps_on_memory() -> None:
@@ -174,6 +175,7 @@ def test_default_headers_and_container_form() -> None:
 
 def test_signals_fire_and_a_raising_receiver_changes_nothing() -> None:
     app = make_app()
+    app.provision()
     seen: list[tuple[str, str]] = []
 
     def broken(sender: Hedwig, **kwargs: Any) -> None:

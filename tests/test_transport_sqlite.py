@@ -92,6 +92,13 @@ def test_construction_touches_nothing_and_repr_shows_the_path(tmp_path: Path) ->
     bus.close()
 
 
+def test_repr_shows_the_absolute_path_of_a_relative_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    bus = from_url("sqlite:///.hedwig/bus.db")
+    monkeypatch.chdir(tmp_path.parent)  # a later chdir changes neither the file nor what repr says
+    assert repr(bus) == f"<SQLiteTransport {str(tmp_path / '.hedwig' / 'bus.db')!r}>"
+
+
 def test_dry_run_on_a_new_file_does_not_create_it(tmp_path: Path) -> None:
     bus = SQLiteTransport(tmp_path / "bus.db")
     assert bus.provision("q", ["t"], ["u"], dry_run=True) == ["create topic u", "create topic t", "subscribe q to t"]

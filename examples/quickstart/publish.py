@@ -1,4 +1,7 @@
-"""Publish a few sign-ups onto the embedded bus: python publish.py [COUNT]"""
+"""Publish a few sign-ups onto the embedded bus: python publish.py [COUNT]
+
+Provision the bus first (once): hedwig-tasks provision -A tasks
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """A small service: welcomes new users by e-mail.
 
-Run from this folder:  hedwig-tasks worker -A tasks
+Run from this folder:
+
+    hedwig-tasks provision -A tasks    # once: the topics and this service's subscriptions
+    python publish.py 5                # some sign-ups
+    hedwig-tasks worker -A tasks       # handle them (add --burst to exit when done)
 """
 
 from __future__ import annotations

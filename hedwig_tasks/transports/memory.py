@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,8 @@ from hedwig_tasks.transports.base import (
 )
 
 __all__ = ["MemoryTransport"]
+
+logger = logging.getLogger(__name__)
 
 #: How long a receive leases a message before it becomes visible again, in seconds.
 DEFAULT_LEASE_S = 30.0
@@ -60,6 +63,7 @@ class MemoryTransport(Transport):
         self.clock = clock
         self._cond = threading.Condition()
         self._topics: set[str] = set()
+        self._warned: set[str] = set()  # topics already warned of as having no subscription
         self._subscriptions: dict[str, set[str]] = {}  # topic -> queues
         self._queues: dict[str, dict[str, _Stored]] = {}  # subscription -> id -> message
         self._dead: dict[str, list[DeadLetterRecord]] = {}  # queue -> records
@@ -72,12 +76,22 @@ class MemoryTransport(Transport):
     def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
         with self._cond:
             if topic not in self._topics:
-                raise PublishError(f"topic {topic!r} does not exist; provision it first")
+                raise PublishError(
+                    f"topic {topic!r} does not exist: provision it first "
+                    "(run `hedwig-tasks provision -A <app>`, or call app.provision())"
+                )
             message_id = str(next(self._ids))
-            for queue in self._subscriptions.get(topic, ()):
+            queues = self._subscriptions.get(topic, ())
+            for queue in queues:
                 stored = _Stored(message_id, topic, bytes(body), dict(attributes))
                 self._queues[_subscription(queue, topic)][message_id] = stored
             self._cond.notify_all()
+            if not queues and topic not in self._warned:
+                self._warned.add(topic)
+                logger.warning(
+                    "topic %s has no subscriptions: what is published to it is kept nowhere (logged once per topic)",
+                    topic,
+                )
         return message_id
 
     def consumer(self, queue: str, topics: Sequence[str], *, max_outstanding: int | None = None) -> MemoryConsumer:

@@ -219,6 +219,7 @@ class SQLiteTransport(Transport):
         self._connections: list[tuple[int, sqlite3.Connection]] = []  # (pid, connection)
         self._generation = 0  # bumped by close(), so threads reconnect afterwards
         self._topics: set[str] = set()  # known to exist; topics are never removed
+        self._warned: set[str] = set()  # topics already warned of as having no subscription
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteTransport:
@@ -328,15 +329,29 @@ class SQLiteTransport(Transport):
         ]
         with self._writing(f"publish to {topic!r}", PublishError) as connection:
             self._require_topic(connection, topic)
-            connection.executemany(_FAN_OUT, rows)
+            stored = connection.executemany(_FAN_OUT, rows).rowcount
+        if rows and not stored:
+            self._warn_unsubscribed(topic)
         return [row[0] for row in rows]
 
     def _require_topic(self, connection: sqlite3.Connection, topic: str) -> None:
         if topic in self._topics:
             return
         if connection.execute("SELECT 1 FROM topics WHERE name = ?", (topic,)).fetchone() is None:
-            raise PublishError(f"topic {topic!r} does not exist in {self.path}; provision it first")
+            raise PublishError(
+                f"topic {topic!r} does not exist in {self.path}: provision it first "
+                "(run `hedwig-tasks provision -A <app>`, or call app.provision())"
+            )
         self._topics.add(topic)
+
+    def _warn_unsubscribed(self, topic: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            logger.warning(
+                "topic %s in %s has no subscriptions: what is published to it is kept nowhere (logged once per topic)",
+                topic,
+                self.path,
+            )
 
     # -- administration ---------------------------------------------------------------------
 

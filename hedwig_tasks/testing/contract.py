@@ -85,6 +85,13 @@ class Names:
         return cls(f"q-{tag}", f"q2-{tag}", f"q3-{tag}", f"t-{tag}", f"t2-{tag}")
 
 
+#: What each optional capability means, for the reason a skipped contract test gives.
+_CAPABILITY_DOCS = {
+    "per_topic_consumption": "consumers of some of a queue's topics",
+    "status_counts": "counts in status()",
+}
+
+
 def _bodies(deliveries: Sequence[Delivery]) -> list[bytes]:
     return sorted(d.body for d in deliveries)
 
@@ -136,6 +143,12 @@ class TransportContract:
     def assert_nothing(self, consumer: Consumer) -> None:
         found = consumer.receive(10, wait_s=self.quiet_s)
         assert found == [], f"expected nothing, got {_bodies(found)!r}"
+
+    def skip_without(self, transport: Transport, capability: str) -> None:
+        """Skip the test, saying why, when the transport declares it lacks ``capability``."""
+        if not getattr(transport.capabilities, capability):
+            described = _CAPABILITY_DOCS.get(capability, capability)
+            pytest.skip(f"{type(transport).__name__}.capabilities.{capability} is False: it does not offer {described}")
 
     def status(self, transport: Transport, queue: str, topic: str) -> SubscriptionStatus:
         (row,) = transport.status(queue, [topic])
@@ -239,6 +252,7 @@ class TransportContract:
         assert time.monotonic() - started < 5.0
 
     def test_consumer_of_some_topics_receives_only_those(self, transport: Transport, names: Names) -> None:
+        self.skip_without(transport, "per_topic_consumption")
         self.subscribed(transport, names.queue, names.topic, names.other_topic)
         only_first = transport.consumer(names.queue, [names.topic])
         only_second = transport.consumer(names.queue, [names.other_topic])
@@ -397,6 +411,7 @@ class TransportContract:
         assert _bodies([*requeued, *self.receive(consumer, 1)]) == bodies
 
     def test_status_counts(self, transport: Transport, names: Names, clock: ContractClock) -> None:
+        self.skip_without(transport, "status_counts")
         consumer = self.subscribed(transport, names.queue, names.topic, names.other_topic)
         self.publish(transport, names.topic, 4)
         assert self._counts(transport, names) == (4, 0, 0)

@@ -18,7 +18,11 @@ if TYPE_CHECKING:
 
 
 class _Provisioner:
-    """Finds what is missing and creates it (or, in a dry run, only says so)."""
+    """Finds what is missing and creates it (or, in a dry run, only says so).
+
+    Whether something exists is asked of the broker each time, never of the transport's
+    caches: in a long-running process a queue may have been deleted since it was last seen.
+    """
 
     def __init__(self, transport: AWSTransport, dry_run: bool) -> None:
         self.transport = transport
@@ -26,6 +30,7 @@ class _Provisioner:
         self.sns = transport._client("sns")
         self.sqs = transport._client("sqs")
         self.actions: list[str] = []
+        self.urls: dict[str, str] = {}  # queues found or created in this run
 
     def do(self, action: str, call: Callable[[], Any]) -> Any:
         self.actions.append(action)
@@ -77,22 +82,36 @@ class _Provisioner:
 
     def ensure_queue(self, name: str, attributes: dict[str, str], what: str) -> str:
         arn = self.transport._arn("sqs", name)
-        if not self.exists(lambda: self.transport._queue_url(name)):
-            self.do(
+        if self.find_queue(name) is None:
+            created = self.do(
                 f"create queue {name} ({what})", lambda: self.sqs.create_queue(QueueName=name, Attributes=attributes)
             )
+            if created is not None:
+                self.urls[name] = self.transport._queue_urls[name] = str(created["QueueUrl"])
             return arn
         return self.attributes(name, "QueueArn").get("QueueArn", arn)
 
+    def find_queue(self, name: str) -> str | None:
+        """The queue's URL as SQS gives it now (also refreshing the transport's cache), or None."""
+        try:
+            with _boundary(f"provision: look up queue {name}"):
+                url = str(self.sqs.get_queue_url(QueueName=name)["QueueUrl"])
+        except TransportError as exc:
+            if _missing(exc):
+                self.transport._queue_urls.pop(name, None)
+                return None
+            raise
+        self.urls[name] = self.transport._queue_urls[name] = url
+        return url
+
     def attributes(self, name: str, *names: str) -> dict[str, str]:
-        if name not in self.transport._queue_urls and self.dry_run:
-            return {}  # planned, not created: nothing set yet
-        return self.transport._queue_attributes(self.transport._queue_url(name), *names)
+        if name not in self.urls:
+            return {}  # planned in a dry run, not created: nothing set yet
+        return self.transport._queue_attributes(self.urls[name], *names)
 
     def set_attributes(self, action: str, name: str, attributes: dict[str, str]) -> None:
-        url = self.transport._queue_urls.get(name, "")
-        self.do(action, lambda: self.sqs.set_queue_attributes(QueueUrl=url or self.transport._queue_url(name),
-                                                               Attributes=attributes))  # fmt: skip
+        url = self.urls.get(name, "")
+        self.do(action, lambda: self.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes))
 
     def allow(self, name: str, queue_arn: str, policy_text: str | None, topics: list[tuple[str, str]]) -> None:
         """Let SNS deliver each topic to the queue, keeping whatever else the policy says."""

@@ -3,6 +3,7 @@ constants, the error boundary and the wire helpers. See ``aws.py`` for the desig
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -24,8 +25,6 @@ logger = logging.getLogger("hedwig_tasks.transports.aws")  # one logger for the 
 DEFAULT_LEASE_S = 30.0
 #: Receives after which the redrive policy moves a message to the DLQ (the safety net).
 DEFAULT_MAX_RECEIVE_COUNT = 20
-#: How long an ack waits for others to share its DeleteMessageBatch, in seconds.
-DEFAULT_ACK_LINGER_S = 0.05
 #: Longest visibility SQS allows, counted from a receive, in seconds (12 hours).
 MAX_VISIBILITY_S = 43200
 #: Longest long poll SQS allows, in seconds.
@@ -78,6 +77,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Characters SQS accepts in bodies and attribute values (raw SNS delivery drops anything else).
 _BAD_CHARS_RE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _RECEIVE_SYSTEM_ATTRIBUTES = ["ApproximateReceiveCount", "SentTimestamp"]
+_WHOLE_RE = re.compile(r"[0-9]{1,18}")
 
 
 # -- boundary and wire helpers ----------------------------------------------------------------
@@ -124,13 +124,44 @@ def _sqs_attributes(attributes: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return {name: {"DataType": "String", "StringValue": value} for name, value in attributes.items()}
 
 
-def _plain_attributes(raw: Mapping[str, Any] | None) -> dict[str, str]:
-    """String values of SQS message attributes (binary ones as they came, base64 text)."""
-    found = {}
-    for name, value in (raw or {}).items():
-        text = value.get("StringValue", value.get("BinaryValue", b""))
-        found[name] = text.decode("ascii", "replace") if isinstance(text, bytes) else str(text)
-    return found
+def _plain_attributes(raw: Any) -> dict[str, str]:
+    """SQS message attributes as text (binary ones as base64), whatever could be read."""
+    return _read_attributes(raw)[0]
+
+
+def _read_attributes(raw: Any) -> tuple[dict[str, str], list[str]]:
+    """SQS message attributes as text, and a fault for each one that is not text."""
+    if raw is None:
+        return {}, []
+    if not isinstance(raw, Mapping):
+        return {}, [f"message attributes are {type(raw).__name__}, not a map"]
+    found, faults = {}, []
+    for name, value in raw.items():
+        text, fault = _attribute_text(str(name), value)
+        if text is not None:
+            found[str(name)] = text
+        if fault:
+            faults.append(fault)
+    return found, faults
+
+
+def _attribute_text(name: str, value: Any) -> tuple[str | None, str]:
+    """One attribute's text (None if there is none) and a fault ("" when it is plain text).
+
+    Hedwig sends every attribute as a String; a Number's text is kept as it came. A Binary
+    one is shown as base64, and is a fault: a header that is not text has no meaning here.
+    """
+    if not isinstance(value, Mapping):
+        return None, f"attribute {name!r} is {type(value).__name__}, not an SQS attribute value"
+    kind = str(value.get("DataType", ""))
+    if kind.startswith("Binary"):
+        raw = value.get("BinaryValue")
+        text = base64.b64encode(raw).decode() if isinstance(raw, (bytes, bytearray)) else None
+        return text, f"attribute {name!r} is of type {kind}, not text (shown as base64)"
+    text = value.get("StringValue")
+    if not isinstance(text, str):
+        return None, f"attribute {name!r} of type {kind or '?'} has no text value"
+    return text, ""
 
 
 def _wire_size(body: str, attributes: Mapping[str, str]) -> int:
@@ -175,31 +206,119 @@ def _sized_batches(entries: list[tuple[int, str, Mapping[str, str]]]) -> Iterato
         yield batch
 
 
-def _unwrap_envelope(body: str, attributes: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """Body and attributes of an SNS notification delivered without raw delivery."""
+def _unwrap_envelope(body: str, attributes: dict[str, str]) -> tuple[str, dict[str, str], str]:
+    """Body and attributes of an SNS notification delivered without raw delivery, and a fault.
+
+    Anything else comes back as it was. An envelope whose message or attributes are not
+    text comes back as it was too, with a fault naming what is wrong, so nothing is lost.
+    """
     if attributes or not body.startswith("{"):
-        return body, attributes
+        return body, attributes, ""
     try:
         envelope = json.loads(body)
-    except ValueError:
-        return body, attributes
+    except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes
+        return body, attributes, ""
     if not isinstance(envelope, dict) or envelope.get("Type") != "Notification" or "TopicArn" not in envelope:
-        return body, attributes
+        return body, attributes, ""
+    message = envelope.get("Message", "")
+    if not isinstance(message, str) or _BAD_CHARS_RE.search(message):
+        return body, attributes, "SNS envelope: its Message is not text SQS can carry"
     raw = envelope.get("MessageAttributes") or {}
-    return str(envelope.get("Message", "")), {k: str(v.get("Value", "")) for k, v in raw.items()}
+    if not isinstance(raw, dict):
+        return body, attributes, f"SNS envelope: its MessageAttributes are {type(raw).__name__}, not a map"
+    found = {}
+    for name, value in raw.items():
+        kind = value.get("Type", "") if isinstance(value, dict) else ""
+        text = value.get("Value") if isinstance(value, dict) else None
+        if not str(kind).startswith(("String", "Number")) or not isinstance(text, str) or _BAD_CHARS_RE.search(text):
+            return body, attributes, f"SNS envelope: attribute {name!r} is not text (type {kind or '?'})"
+        found[name] = text
+    return message, found, ""
 
 
 def _split_dead_letter(attributes: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
-    """The message's own attributes (displaced ones restored) and the dead-letter info."""
+    """The message's own attributes (displaced ones restored) and the dead-letter info.
+
+    Lenient, for the dead-letter tools: info that cannot be read is left out.
+    """
     raw = attributes.pop(DEAD_LETTER_ATTRIBUTE, None)
-    try:
-        info = json.loads(raw) if raw else {}
-    except ValueError:
-        info = {}
-    if not isinstance(info, dict):
-        info = {}
+    info, _ = _dead_letter_info(raw)
     attributes.update(info.get("attributes") or {})
     return attributes, info
+
+
+def _restore_displaced(attributes: dict[str, str]) -> tuple[dict[str, str], str]:
+    """For a consumer: attributes with those a dead letter displaced restored, and a fault
+    (the attribute kept as it came) when the dead-letter info cannot be read."""
+    raw = attributes.get(DEAD_LETTER_ATTRIBUTE)
+    if raw is None:
+        return attributes, ""
+    info, fault = _dead_letter_info(raw)
+    if fault:
+        return attributes, fault
+    rest = {k: v for k, v in attributes.items() if k != DEAD_LETTER_ATTRIBUTE}
+    return {**rest, **(info.get("attributes") or {})}, ""
+
+
+def _dead_letter_info(raw: str | None) -> tuple[dict[str, Any], str]:
+    """The JSON of a ``hedwig_dead_letter`` attribute, and a fault ("" if it reads as ours)."""
+    if not raw:
+        return {}, ""
+    try:
+        info = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}, f"attribute {DEAD_LETTER_ATTRIBUTE} is not JSON: {raw[:200]!r}"
+    if not isinstance(info, dict):
+        return {}, f"attribute {DEAD_LETTER_ATTRIBUTE} is JSON {type(info).__name__}, not an object: {raw[:200]!r}"
+    displaced = info.get("attributes") or {}
+    if not isinstance(displaced, dict) or not all(isinstance(v, str) for v in displaced.values()):
+        return {k: v for k, v in info.items() if k != "attributes"}, (
+            f"attribute {DEAD_LETTER_ATTRIBUTE}: its displaced attributes are not a map of text: {raw[:200]!r}"
+        )
+    return info, ""
+
+
+def _whole(value: Any) -> int | None:
+    """A whole number 0 or more, from text or an int; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if isinstance(value, str) and _WHOLE_RE.fullmatch(value.strip()):
+        return int(value)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read:
+    """What a consumer reads from one received SQS message."""
+
+    body: str
+    attributes: dict[str, str]
+    attempt: int
+    fault: str  #: what could not be read; "" when everything could
+
+
+def _read_message(message: Mapping[str, Any]) -> _Read:
+    """Body, attributes and attempt of one received message. Never raises: whatever cannot
+    be read is named in the fault, the body stays as it came and the attempt falls back to 1."""
+    faults: list[str] = []
+    body = message.get("Body", "")
+    if not isinstance(body, str):
+        faults.append(f"body is {type(body).__name__}, not text")
+        body = ""
+    attributes, attribute_faults = _read_attributes(message.get("MessageAttributes"))
+    faults += attribute_faults
+    if not faults:
+        unwrapped, attributes, fault = _unwrap_envelope(body, attributes)
+        body = unwrapped if not fault else body
+        faults += [fault] if fault else []
+    attributes, fault = _restore_displaced(attributes)
+    faults += [fault] if fault else []
+    system = message.get("Attributes")
+    count = system.get("ApproximateReceiveCount", "1") if isinstance(system, Mapping) else "1"
+    attempt = _whole(count)
+    if not attempt:
+        faults.append(f"ApproximateReceiveCount {count!r} is not a whole number 1 or more")
+    return _Read(body, attributes, attempt or 1, "; ".join(faults))
 
 
 def _with_dead_letter(attributes: Mapping[str, str], info: dict[str, Any]) -> dict[str, str]:
@@ -252,7 +371,8 @@ def _chunks(entries: Sequence[Any]) -> Iterator[Sequence[Any]]:
 
 
 def _sent_at(message: Mapping[str, Any]) -> int:
-    return int(message.get("Attributes", {}).get("SentTimestamp", 0))
+    """When SQS took the message, in epoch ms (0 if it does not say)."""
+    return _whole((message.get("Attributes") or {}).get("SentTimestamp")) or 0
 
 
 def _log_failures(what: str, chunk: Sequence[tuple[str, str]], result: Mapping[str, Any]) -> None:

@@ -13,17 +13,14 @@ from typing import TYPE_CHECKING, Any
 from hedwig_tasks.exceptions import TransportError
 from hedwig_tasks.transports._aws_common import (
     BATCH,
-    DEAD_LETTER_ATTRIBUTE,
     MAX_POLLERS,
     MAX_REASON_CHARS,
     MAX_VISIBILITY_S,
     MAX_WAIT_S,
     _boundary,
-    _plain_attributes,
+    _read_message,
     _Receipt,
-    _split_dead_letter,
     _sqs_attributes,
-    _unwrap_envelope,
     _whole_seconds,
     _with_dead_letter,
 )
@@ -44,9 +41,11 @@ class SQSConsumer(Consumer):
     """Receives and settles the messages of one SQS queue. Thread-safe.
 
     Receives run on a small pool of pollers, so one call can keep several long polls open;
-    messages a poller brings after its caller returned wait for the next ``receive``. A
-    lock orders lease extensions against settlements, so an extension never undoes a
-    ``retry_later`` or ``release`` that came after it.
+    messages a poller brings after its caller returned wait for the next ``receive``. Every
+    settling call returns once SQS has been told, so a caller that counts what it holds (the
+    worker's prefetch bound) never counts a message SQS still holds for it. A lock orders
+    lease extensions against settlements, so an extension never undoes a ``retry_later`` or
+    ``release`` that came after it.
     """
 
     def __init__(self, transport: AWSTransport, queue: str) -> None:
@@ -60,8 +59,6 @@ class SQSConsumer(Consumer):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._latest: dict[str, _Receipt] = {}  # message id -> its newest live receipt here
         self._settle_lock = threading.Lock()
-        self._acks: list[tuple[str, str]] = []
-        self._acker: threading.Thread | None = None
         self._closed = False
 
     @property
@@ -143,17 +140,19 @@ class SQSConsumer(Consumer):
             self.release(deliveries)
 
     def _delivery(self, message: dict[str, Any]) -> Delivery:
-        body, attributes = _unwrap_envelope(str(message["Body"]), _plain_attributes(message.get("MessageAttributes")))
-        if DEAD_LETTER_ATTRIBUTE in attributes:  # requeued: restore what the dead-letter info displaced
-            attributes, _ = _split_dead_letter(attributes)
+        """One received message as a Delivery; a field that cannot be read makes a fault, never
+        an error (a message without a receipt handle or id is the broker's failure, and raises)."""
         receipt = _Receipt(str(message["ReceiptHandle"]), str(message["MessageId"]), time.monotonic())
+        read = _read_message(message)
+        if read.fault:
+            logger.warning("SQS message %s cannot be read: %s", receipt.message_id, read.fault)
         with self._settle_lock:
             previous = self._latest.get(receipt.message_id)
             if previous is not None:
                 previous.superseded = True
             self._latest[receipt.message_id] = receipt
-        attempt = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
-        return Delivery(body.encode(), attributes, attempt, receipt, self._name, receipt.message_id)
+        body = read.body.encode("utf-8", "surrogatepass")
+        return Delivery(body, read.attributes, read.attempt, receipt, self._name, receipt.message_id, read.fault)
 
     # -- settling -----------------------------------------------------------------------------
 
@@ -171,36 +170,16 @@ class SQSConsumer(Consumer):
         return live
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Delete them, batched with other acks within ``ack_linger_s`` (``close`` flushes)."""
+        """Delete them with ``DeleteMessageBatch``, ten a call; returns once every call was sent.
+
+        Batching across messages is the caller's (the worker's acker hands over what finished
+        together). Raises ``TransportError`` when a call fails: those messages come back when
+        their lease runs out.
+        """
         with self._settle_lock:
             receipts = self._claim(deliveries)
-        if not receipts:
-            return
-        if self._closed:
+        if receipts:
             self._transport._delete(self._url, [(r.message_id, r.handle) for r in receipts])
-            return
-        with self._cond:
-            self._acks.extend((r.message_id, r.handle) for r in receipts)
-            if self._acker is None:
-                self._acker = threading.Thread(target=self._ack_loop, name="hedwig-sqs-acker", daemon=True)
-                self._acker.start()
-            self._cond.notify_all()
-
-    def _ack_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._acks and not self._closed:
-                    self._cond.wait()
-                if not self._acks:
-                    return
-                if len(self._acks) < BATCH and not self._closed:
-                    self._cond.wait(self._transport.ack_linger_s)
-                batch, self._acks = self._acks, []
-            try:
-                self._transport._delete(self._url, batch)
-            except TransportError as exc:
-                ids = ", ".join(message_id for message_id, _ in batch)
-                logger.warning("ack failed, the messages will be redelivered (%s): %s", ids, exc)
 
     def retry_later(self, delivery: Delivery, delay_s: float) -> None:
         """Hide it for ``delay_s`` (whole seconds, capped at what SQS allows: 12 h from receipt)."""
@@ -245,20 +224,19 @@ class SQSConsumer(Consumer):
                 return
             with _boundary(f"dead-letter SQS message {receipt.message_id} to {dlq}"):
                 self._transport._client("sqs").send_message(
-                    QueueUrl=dlq, MessageBody=delivery.body.decode(), MessageAttributes=_sqs_attributes(attributes)
+                    QueueUrl=dlq,
+                    MessageBody=delivery.body.decode("utf-8", "surrogatepass"),
+                    MessageAttributes=_sqs_attributes(attributes),
                 )
             self._claim([delivery])
         self._transport._delete(self._url, [(receipt.message_id, receipt.handle)])
 
     def close(self) -> None:
-        """Flush pending acks and give back messages pollers brought that nobody took."""
+        """Give back messages pollers brought that nobody took."""
         with self._cond:
             self._closed = True
             unclaimed, self._stash = self._stash, []
             self._cond.notify_all()
-            acker = self._acker
-        if acker is not None:
-            acker.join(10.0)
         if unclaimed:
             self.release(unclaimed)
         if self._pool is not None:

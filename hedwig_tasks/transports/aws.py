@@ -28,7 +28,11 @@ raises ``ConfigurationError``.
 SQS keeps one stream per queue, so a consumer receives every topic its queue is subscribed to,
 and :meth:`AWSTransport.status` reports one row for the queue. A receipt that was superseded by
 a later receive of the same message in the same consumer settles nothing; across processes SQS
-itself decides. Acks are sent in the background within ``ack_linger_s``; ``close`` flushes them.
+itself decides. An ack returns once its ``DeleteMessageBatch`` calls were sent.
+
+Per-message fields that cannot be read (a Binary attribute, an SNS envelope whose message or
+attributes are not text, a ``hedwig_dead_letter`` attribute that is not ours, a receive count
+that is not a number) come back as a delivery with a ``fault``, the body as it came.
 
 Modules: this one holds the transport (publishing, status and dead letters);
 ``_aws_consumer`` the consumer; ``_aws_admin`` provisioning; ``_aws_common`` the constants,
@@ -53,7 +57,6 @@ from hedwig_tasks.transports._aws_common import (
     _RECEIVE_SYSTEM_ATTRIBUTES,
     BATCH,
     DEAD_LETTER_ATTRIBUTE,
-    DEFAULT_ACK_LINGER_S,
     DEFAULT_LEASE_S,
     DEFAULT_MAX_RECEIVE_COUNT,
     HEDWIG_SETTINGS,
@@ -74,6 +77,7 @@ from hedwig_tasks.transports._aws_common import (
     _sized_batches,
     _split_dead_letter,
     _sqs_attributes,
+    _whole,
     _whole_seconds,
     _with_dead_letter,
 )
@@ -103,6 +107,7 @@ class AWSTransport(Transport):
         max_receive_batch=BATCH * MAX_POLLERS,
         max_publish_batch=BATCH,
         max_attributes=MAX_ATTRIBUTES,
+        per_topic_consumption=False,  # one SQS queue per app carries every topic it subscribes to
     )
 
     def __init__(
@@ -119,7 +124,6 @@ class AWSTransport(Transport):
         sqs_endpoint_url: str | None = None,
         lease_s: float = DEFAULT_LEASE_S,
         max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
-        ack_linger_s: float = DEFAULT_ACK_LINGER_S,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 10.0,
         max_attempts: int = 3,
@@ -136,7 +140,6 @@ class AWSTransport(Transport):
         self.endpoint_url = endpoint_url
         self.lease_s = float(_whole_seconds(lease_s))
         self.max_receive_count = int(max_receive_count)
-        self.ack_linger_s = ack_linger_s
         self._credentials = (access_key_id, secret_access_key, session_token)
         self._config = {"connect": connect_timeout_s, "read": read_timeout_s, "attempts": max_attempts}
         self._lock = threading.Lock()
@@ -387,14 +390,15 @@ class AWSTransport(Transport):
 
     def _record(self, queue: str, message: dict[str, Any]) -> DeadLetterRecord:
         attributes, info = _split_dead_letter(_plain_attributes(message.get("MessageAttributes")))
-        count = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+        count = _whole((message.get("Attributes") or {}).get("ApproximateReceiveCount")) or 1
+        dead_at = info.get("dead_at")
         return DeadLetterRecord(
-            body=str(message.get("Body", "")).encode(),
+            body=str(message.get("Body", "")).encode("utf-8", "surrogatepass"),
             attributes=attributes,
             reason=str(info.get("reason", "moved by the queue's redrive policy (never settled by a worker)")),
             subscription=str(info.get("subscription", self.queue_name(queue))),
-            attempts=int(info.get("attempts", count)),
-            dead_at=float(info.get("dead_at", _sent_at(message) / 1000)),
+            attempts=_whole(info.get("attempts")) or count,
+            dead_at=float(dead_at) if isinstance(dead_at, (int, float)) else _sent_at(message) / 1000,
             transport_id=str(message.get("MessageId", "")),
         )
 

@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
 from conftest import SCHEMA_FILE
 from helpers import wait_for
 
 from hedwig_tasks import Hedwig
 from hedwig_tasks.health import ProbeServer, health_routes
+from hedwig_tasks.testing.worker_contract import Broker, Fleet
 from hedwig_tasks.transports.base import Delivery
 from hedwig_tasks.transports.memory import MemoryConsumer, MemoryTransport
-from hedwig_tasks.transports.sqlite import SQLiteTransport
 from hedwig_tasks.worker import Worker, WorkerOptions
-
-TESTS = Path(__file__).parent
 
 
 def free_port() -> int:
@@ -53,30 +48,31 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def test_metrics_of_a_running_worker_count_exactly(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/bus.db"
-    app = Hedwig("procapp", schema=SCHEMA_FILE, transport=url)
-    app.handler("user-created", "1.*")(lambda message: None)
-    app.provision()
-    for user_id in ("U1", "U2", "U3", "fail-1"):
-        app.publish("user-created", "1.0", {"user_id": user_id})
-    SQLiteTransport.from_url(url).publish("user-created-v1", b"{not json", {"hedwig_schema": "x"})
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """The worker contract's app on a temporary SQLite bus, run through the CLI."""
+    fleet = Fleet(Broker(f"sqlite:///{tmp_path}/bus.db"), tmp_path, lease_s=30.0, timeout_s=60.0)
+    yield fleet
+    fleet.close()
+
+
+def test_metrics_of_a_running_worker_count_exactly(fleet: Fleet) -> None:
+    fleet.provision()
+    fleet.publish(["U1", "U2", "U3", "fail-1"])
+    fleet.transport.publish(fleet.topic, b"{not json", {"hedwig_schema": "x"})
     port = free_port()
-    env = {**os.environ, "HEDWIG_TRANSPORT_URL": url, "PROC_RESULTS": str(tmp_path / "r"), "PYTHONPATH": str(TESTS)}
-    command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "apps.proc_app", "--metrics-port", str(port)]
-    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = fleet.worker("--metrics-port", str(port))
+    text = ""
+
+    def settled() -> bool:
+        nonlocal text
+        status, text = get(f"http://127.0.0.1:{port}/metrics")
+        return status == 200 and sample(text, "hedwig_dead_lettered_total", type="user-created", major="1") == 1
+
     try:
-        text = ""
-
-        def settled() -> bool:
-            nonlocal text
-            status, text = get(f"http://127.0.0.1:{port}/metrics")
-            return status == 200 and sample(text, "hedwig_dead_lettered_total", type="user-created", major="1") == 1
-
-        wait_for(settled)
+        fleet.wait(settled, "fail-1 dead-lettered, as the metrics say")
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(30)
+        returncode = fleet.stop(worker)
     labels = {"type": "user-created", "major": "1"}
     assert sample(text, "hedwig_handled_total", **labels) == 3
     assert sample(text, "hedwig_failed_total", **labels) == 3  # fail-1: three attempts
@@ -85,7 +81,7 @@ def test_metrics_of_a_running_worker_count_exactly(tmp_path: Path) -> None:
     assert sample(text, "hedwig_dead_lettered_total", type="", major="") == 1  # the undecodable one
     assert sample(text, "hedwig_handler_duration_seconds_count", **labels) == 6
     assert sample(text, "hedwig_running") == 0
-    assert worker.returncode == 0
+    assert returncode == 0
 
 
 class Stalling(MemoryTransport):
@@ -136,17 +132,13 @@ def test_readyz_waits_for_the_connection_and_healthz_sees_a_stall() -> None:
     assert get(f"{base}/healthz")[0] == 0  # closed with the worker
 
 
-def test_json_log_lines_carry_the_message_fields(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/bus.db"
-    app = Hedwig("procapp", schema=SCHEMA_FILE, transport=url)
-    app.handler("user-created", "1.*")(lambda message: None)
-    app.provision()
-    sent = app.publish("user-created", "1.0", {"user_id": "U1"})
-    env = {**os.environ, "HEDWIG_TRANSPORT_URL": url, "PROC_RESULTS": str(tmp_path / "r"), "PYTHONPATH": str(TESTS)}
-    command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "apps.proc_app", "--burst", "--log-format", "json"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+def test_json_log_lines_carry_the_message_fields(fleet: Fleet) -> None:
+    fleet.provision()
+    fleet.publish(["U1"])
+    result = fleet.cli("worker", "--burst", "--log-format", "json")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stderr.splitlines()]
-    [handled] = [line for line in lines if line.get("message_id") == sent.id]
+    [started] = fleet.events("start")
+    [handled] = [line for line in lines if line.get("message_id") == started["id"]]
     assert handled["outcome"] == "ack" and handled["attempt"] == 1 and handled["message_type"] == "user-created"
     assert isinstance(handled["duration_ms"], float)

@@ -30,6 +30,7 @@ class TestAWSTransport(TransportContract):
     lease_s = 2.0
     quiet_s = 1.0
     deliver_timeout_s = 10.0
+    at_least_once = True
 
     @pytest.fixture
     def clock(self) -> ContractClock:

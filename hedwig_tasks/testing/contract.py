@@ -18,6 +18,11 @@ short as its broker allows. Every duration in the tests is a multiple of ``lease
 
 Brokers that deliver eventually (rather than the moment a publish returns) set ``quiet_s``, how
 long a receive must stay empty before "nothing came" is believed, and ``deliver_timeout_s``.
+Brokers that may deliver a message twice (SQS, Pub/Sub) set ``at_least_once``: the tests then
+assert that nothing was lost, and count repeats instead of failing on them.
+
+Tests of an optional capability skip, naming it, on a transport whose ``capabilities`` say it
+lacks it, so ``pytest -ra`` lists what was not tested and why.
 Names are unique per test, so a shared broker or emulator needs no cleaning between tests.
 """
 
@@ -105,6 +110,11 @@ class TransportContract:
     quiet_s: ClassVar[float] = 0.5
     #: Longest wait for messages that should arrive, in seconds.
     deliver_timeout_s: ClassVar[float] = 10.0
+    #: The broker may hand out a message again while it is leased (SQS, Pub/Sub): receiving
+    #: keeps the newest delivery of each message and counts the repeats in ``duplicates``.
+    at_least_once: ClassVar[bool] = False
+    #: Repeats this test received and set aside (``at_least_once`` brokers only).
+    duplicates: int = 0
 
     # -- fixtures and helpers ---------------------------------------------------------------
 
@@ -132,13 +142,33 @@ class TransportContract:
         return bodies
 
     def receive(self, consumer: Consumer, count: int, *, batch: int = 10) -> list[Delivery]:
-        """Receive until ``count`` deliveries came (or the timeout); fails if more came."""
+        """Receive until ``count`` deliveries came (or the timeout); fails if more came.
+
+        With ``at_least_once``, ``count`` distinct messages: the newest delivery of each.
+        """
         found: list[Delivery] = []
         deadline = time.monotonic() + self.deliver_timeout_s
         while len(found) < count and time.monotonic() < deadline:
-            found += consumer.receive(min(batch, count - len(found)), wait_s=0.5)
+            found = self._distinct(found + consumer.receive(min(batch, count - len(found)), wait_s=0.5))
         assert len(found) == count, f"expected {count} deliveries, got {len(found)}"
         return found
+
+    def _distinct(self, deliveries: list[Delivery]) -> list[Delivery]:
+        if not self.at_least_once:
+            return deliveries
+        newest = {d.transport_id or d.body: d for d in deliveries}
+        self.duplicates += len(deliveries) - len(newest)
+        return list(newest.values())
+
+    def assert_all_came(self, bodies: Sequence[bytes], expected: Sequence[bytes]) -> None:
+        """Every expected body came, and nothing else; repeats too on an ``at_least_once`` broker."""
+        if self.at_least_once:
+            missing = sorted(set(expected) - set(bodies))
+            assert sorted(set(bodies)) == sorted(expected), (
+                f"lost {missing!r}; {len(bodies) - len(set(bodies))} repeats"
+            )
+        else:
+            assert sorted(bodies) == sorted(expected)  # each exactly once
 
     def assert_nothing(self, consumer: Consumer) -> None:
         found = consumer.receive(10, wait_s=self.quiet_s)
@@ -230,7 +260,7 @@ class TransportContract:
         first = consumer.receive(2, wait_s=self.deliver_timeout_s)
         assert 1 <= len(first) <= 2
         rest = self.receive(consumer, 5 - len(first))
-        assert _bodies(first + rest) == bodies
+        self.assert_all_came(_bodies(first + rest), bodies)
 
     def test_empty_receive_returns_after_wait(self, transport: Transport, names: Names) -> None:
         consumer = self.subscribed(transport, names.queue, names.topic)
@@ -285,7 +315,7 @@ class TransportContract:
         for thread in threads:
             thread.join(self.deliver_timeout_s + 10)
         assert not any(thread.is_alive() for thread in threads), "a receiving thread is stuck"
-        assert sorted(seen) == bodies  # each exactly once
+        self.assert_all_came(seen, bodies)
 
     # -- leases and settling ----------------------------------------------------------------
 

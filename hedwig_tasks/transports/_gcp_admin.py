@@ -27,6 +27,7 @@ from hedwig_tasks.transports._gcp_common import (
     _boundary,
     _clean,
     _short,
+    _whole,
 )
 from hedwig_tasks.transports.base import DeadLetterRecord, Progress
 
@@ -163,11 +164,11 @@ def _record(item: Any) -> DeadLetterRecord:
     if REASON_ATTRIBUTE in attributes:
         reason = attributes[REASON_ATTRIBUTE]
         source = attributes.get(SOURCE_ATTRIBUTE, "")
-        attempts = int(attributes.get(DEAD_ATTEMPTS_ATTRIBUTE, "0") or 0)
-        dead_at = int(attributes.get(DEAD_AT_ATTRIBUTE, "0") or 0) / 1000 or dead_at
+        attempts = _whole(attributes.get(DEAD_ATTEMPTS_ATTRIBUTE)) or 0
+        dead_at = (_whole(attributes.get(DEAD_AT_ATTRIBUTE)) or 0) / 1000 or dead_at
     else:
         source = _short(attributes.get(f"{_GOOGLE_DEAD_PREFIX}SourceSubscription", ""))
-        attempts = int(attributes.get(f"{_GOOGLE_DEAD_PREFIX}SourceDeliveryCount", "0") or 0)
+        attempts = _whole(attributes.get(f"{_GOOGLE_DEAD_PREFIX}SourceDeliveryCount")) or 0
         reason = f"Pub/Sub dead-letter policy: not acknowledged after {attempts} deliveries"
     return DeadLetterRecord(
         bytes(message.data), _clean(attributes), reason, source, attempts, dead_at, message.message_id

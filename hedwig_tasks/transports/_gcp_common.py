@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -78,6 +79,7 @@ _URL_OPTIONS = (
     "max_delivery_attempts",
     "publish_timeout_s",
 )
+_WHOLE_RE = re.compile(r"[0-9]{1,18}")
 _RETRYABLE = (
     google_exceptions.ServiceUnavailable,
     google_exceptions.DeadlineExceeded,
@@ -148,6 +150,13 @@ def _number(name: str, value: Any, cast: Callable[[Any], float]) -> Any:
         return cast(value)
     except (TypeError, ValueError):
         raise ConfigurationError(f"gcp option {name}={value!r} must be a number") from None
+
+
+def _whole(text: str | None) -> int | None:
+    """A whole number 0 or more written in ``text``; None for anything else."""
+    if text is None or not _WHOLE_RE.fullmatch(text.strip()):
+        return None
+    return int(text)
 
 
 def _short(path: str) -> str:

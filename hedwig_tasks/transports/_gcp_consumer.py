@@ -33,6 +33,7 @@ from hedwig_tasks.transports._gcp_common import (
     _epoch_ms,
     _Receipt,
     _short,
+    _whole,
 )
 from hedwig_tasks.transports.base import Consumer, Delivery
 
@@ -119,22 +120,37 @@ class PubSubConsumer(Consumer):
         return deliveries
 
     def _delivery(self, name: str, path: str, item: Any) -> Delivery | None:
+        """The delivery for one pulled message; None for a retry not due yet (left with the broker).
+
+        A ``hedwig_not_before`` or ``hedwig_attempts`` that is not a whole number is a fault (the
+        attempt is then 1), never an error: the rest of the pull goes on.
+        """
         message = item.message
         attributes = dict(message.attributes)
-        not_before = attributes.get(NOT_BEFORE_ATTRIBUTE)
-        if not_before is not None and self._defer(path, item, int(not_before)):
-            return None
+        faults = []
+        if NOT_BEFORE_ATTRIBUTE in attributes:
+            not_before = _whole(attributes[NOT_BEFORE_ATTRIBUTE])
+            if not_before is None:
+                faults.append(f"{NOT_BEFORE_ATTRIBUTE}={attributes[NOT_BEFORE_ATTRIBUTE]!r} is not a time in epoch ms")
+            elif self._defer(path, item, not_before):
+                return None
         republished = ATTEMPTS_ATTRIBUTE in attributes
+        made = _whole(attributes.get(ATTEMPTS_ATTRIBUTE))
+        if republished and made is None:
+            faults.append(f"{ATTEMPTS_ATTRIBUTE}={attributes[ATTEMPTS_ATTRIBUTE]!r} is not a whole number")
         key = (path, message.message_id)
         with self._lock:
             if republished:
-                attempt = int(attributes[ATTEMPTS_ATTRIBUTE]) + 1
+                attempt = 1 if made is None else made + 1
             elif item.delivery_attempt:
                 attempt = int(item.delivery_attempt)
             else:
                 attempt = self._counts[key] = self._counts.get(key, 0) + 1
             receipt = self._current[key] = _Receipt(item.ack_id, path, message.message_id, republished)
-        return Delivery(bytes(message.data), _clean(attributes), attempt, receipt, name, message.message_id)
+        fault = "; ".join(faults)
+        if fault:
+            logger.warning("Pub/Sub message %s on %s cannot be read: %s", message.message_id, name, fault)
+        return Delivery(bytes(message.data), _clean(attributes), attempt, receipt, name, message.message_id, fault)
 
     def _defer(self, path: str, item: Any, not_before_ms: int) -> bool:
         """Keep a republished retry that is not due yet with the broker, not in memory."""
@@ -175,6 +191,11 @@ class PubSubConsumer(Consumer):
         return by_path
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge them, one call per subscription (a thousand ids a call); returns once sent.
+
+        Raises ``TransportError`` when a call fails: those messages come back when their ack
+        deadline passes.
+        """
         for path, receipts in self._settle(deliveries).items():
             self._ack_ids(path, [r.ack_id for r in receipts])
 

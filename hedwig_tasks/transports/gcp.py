@@ -29,6 +29,9 @@ knobs, Hedwig's ``HEDWIG_PUBLISHER_GCP_BATCH_SETTINGS``), ``retry_min_backoff_s`
 redelivery after a nack or an expired lease; off by default, since it also delays the messages
 a stopping worker gives back). An unknown option raises ``ConfigurationError``.
 
+A message whose own ``hedwig_attempts`` or ``hedwig_not_before`` is not a whole number comes
+back as a delivery with a ``fault`` (attempt 1 where the count cannot be read), never an error.
+
 Why unary pull and not the client's streaming pull: the Pub/Sub emulator ignores a streaming
 pull's ``max_outstanding_messages`` and pushes up to about a hundred messages per response, which
 the client library then leases and keeps extending while they wait on hold; a pull asks for
@@ -106,6 +109,7 @@ class GooglePubSubTransport(Transport):
         max_receive_batch=MAX_BATCH,
         max_publish_batch=MAX_BATCH,
         max_attributes=MAX_ATTRIBUTES,
+        status_counts=False,  # Pub/Sub's API has no counts (they are Cloud Monitoring metrics)
     )
 
     def __init__(

@@ -32,6 +32,10 @@ class TestRabbitMQWorkers(WorkerContract):
         return kombu_broker(server_url("amqp"))
 
 
+# Kombu keeps one unacked store per Redis database, and a worker restores from it whatever is
+# older than its own visibility timeout, whoever holds it: workers with a 1 s lease beside ones
+# with a 30 s lease would take the others' messages back. Under xdist these run one at a time.
+@pytest.mark.xdist_group("redis-workers")
 class TestRedisWorkers(WorkerContract):
     # A killed worker's messages come back after Kombu's visibility timeout (lease plus a grace)
     # and once its restore lock has expired.

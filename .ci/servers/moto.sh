@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# needs: venv
 # moto_server (PyPI moto[server]) for the SNS/SQS tests: a free loopback port, reached over HTTP.
 # Sourced by .ci/run, which provides free_port, started, wait_port and $LOGS.
 moto_port=$(free_port)

@@ -2,7 +2,7 @@
 # RabbitMQ on 127.0.0.1:5672 (guest/guest) for the Kombu tests. Sourced by .ci/run.
 # It normally runs on the machine already; when it does not answer, start it detached (it is
 # left running afterwards: it is the machine's service, not one this run owns).
-if ! python -c "import socket; socket.create_connection(('127.0.0.1', 5672), 0.5)" 2>/dev/null; then
+if ! answers 5672; then
   echo "rabbitmq is down: starting it"
   rabbitmq-server -detached >>"$LOGS/rabbitmq.log" 2>&1
 fi

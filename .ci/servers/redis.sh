@@ -2,7 +2,7 @@
 # Redis on 127.0.0.1:6379 for the Kombu tests. Sourced by .ci/run.
 # It normally runs on the machine already; when it does not answer, start it daemonized and
 # record it, so .ci/run stops it at exit. The tests use database 9 and names of their own.
-if ! python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 0.5)" 2>/dev/null; then
+if ! answers 6379; then
   echo "redis is down: starting it"
   mkdir -p /var/lib/redis /var/log/redis
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \

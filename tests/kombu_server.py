@@ -22,7 +22,6 @@ from hedwig_tasks.transports.kombu import (
     dlq_name,
     exchange_name,
     subscription_name,
-    unreadable_key,
 )
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -58,8 +57,8 @@ def cleanup(url: str, queues: Iterable[str], topics: Iterable[str]) -> None:
         import redis
 
         client = redis.Redis.from_url(url)
-        keys = [*subscriptions, *map(delayed_key, subscriptions), *map(dlq_name, queues), *map(unreadable_key, queues)]
-        keys += [f"_kombu.binding.{exchange_name(t)}" for t in topics]
+        keys = [*subscriptions, *map(delayed_key, subscriptions), *map(dlq_name, queues)]
+        keys += [f"_kombu.binding{kind}{exchange_name(t)}" for t in topics for kind in (".", "_permanent.")]
         client.delete(*keys)
         client.srem("hedwig-topics", *topics)
         client.close()

@@ -18,7 +18,6 @@ from hedwig_tasks.transports.kombu import (
     KombuTransport,
     delay_queue_name,
     subscription_name,
-    unreadable_key,
 )
 from tests.kombu_server import cleanup, server_url
 
@@ -203,7 +202,7 @@ def test_redis_takes_a_backlog_in_one_receive_and_records_it_as_kombu_does(
     again.close()
 
 
-def test_redis_keeps_what_is_not_a_message_aside_and_goes_on(
+def test_redis_hands_out_what_is_not_a_message_as_a_fault_and_restores_it_after_a_crash(
     redis_bus: tuple[KombuTransport, Names], caplog: pytest.LogCaptureFixture
 ) -> None:
     bus, names = redis_bus
@@ -215,11 +214,21 @@ def test_redis_keeps_what_is_not_a_message_aside_and_goes_on(
     client.lpush(queue, *odd)
     bus.publish(names.topic, b"fine", {})
     found = consumer.receive(10, wait_s=1)
-    assert [d.body for d in found] == [b"fine"]
-    assert client.lrange(unreadable_key(names.queue), 0, -1) == odd[::-1]
-    assert "not Kombu's JSON" in caplog.text
-    consumer.ack(found)
+    assert [(d.body, d.fault) for d in found if not d.fault] == [(b"fine", "")]
+    faults = [d for d in found if d.fault]
+    assert [d.body for d in faults] == odd  # each whole, in order, none kept aside
+    assert all(d.fault.startswith("not a Kombu message (") and d.attempt == 1 for d in faults)
+    assert "is not a Kombu message" in caplog.text
+    consumer.ack([d for d in found if not d.fault])
+    channel = consumer._link.channel
+    for delivery in faults:  # the consumer dies holding them: Kombu's restore brings each back
+        channel.qos.restore_by_tag(consumer._held[delivery.receipt].message.delivery_tag)
     consumer.close()
+    again = bus.consumer(names.queue, [names.topic])
+    back = again.receive(10, wait_s=1)
+    assert sorted((d.body, d.fault) for d in back) == sorted((d.body, d.fault) for d in faults)
+    again.ack(back)
+    again.close()
 
 
 def test_a_consumer_reconnects_after_its_connection_drops() -> None:

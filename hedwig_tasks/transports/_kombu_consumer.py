@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import select
 import threading
 import time
+import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import kombu
 import kombu.exceptions
 import kombu.transport.virtual
+from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 
 from hedwig_tasks.transports._kombu_link import (
@@ -27,10 +28,12 @@ from hedwig_tasks.transports._kombu_link import (
     DEAD_AT,
     DRAIN_SLICE_S,
     EXISTENCE_CHECK_S,
+    FAULT,
     HOUSEKEEPING_S,
+    RAW,
     REASON,
     SUBSCRIPTION,
-    _attributes,
+    Reading,
     _bucket,
     _exists,
     _payload,
@@ -38,7 +41,9 @@ from hedwig_tasks.transports._kombu_link import (
     delay_queue_name,
     delayed_key,
     dlq_name,
-    unreadable_key,
+    read,
+    read_payload,
+    wrap,
 )
 from hedwig_tasks.transports.base import Consumer, Delivery
 
@@ -60,33 +65,96 @@ end
 return #due
 """
 
-# Redis: takes up to ARGV[1] messages from the queues KEYS[4..] in turn into Kombu's unacked
-# store (hash KEYS[1], index KEYS[2] scored ARGV[2]) exactly as Kombu's own delivery records
-# them, atomically, in one round trip instead of a BRPOP and a transaction per message. Returns
-# (queue number, payload) pairs; one that is not Kombu's JSON is moved to the list KEYS[3] and
-# returned with queue number 0, so it is kept and reported, never lost nor received forever.
+# Redis: takes up to ARGV[1] items from the lists KEYS[3..] (subscriptions ARGV[4..]) in turn
+# into Kombu's unacked store (hash KEYS[1], index KEYS[2] scored ARGV[2]) as Kombu's own delivery
+# records them, atomically, in one round trip instead of a BRPOP and a transaction per message.
+# An item Kombu cannot read, or could not restore if its consumer died (it would drop it), is
+# stored wrapped whole instead, hex-encoded in a message of its own that says why, tagged
+# ARGV[3].n: it is handed out with a fault and dead-lettered, never lost nor received forever.
+# ``tag_of`` and ``wrapped`` are the twins of ``_kombu_link``'s ``read_payload`` and ``wrap``.
+# Returns (queue number, tag, payload) triples.
 _FETCH = """
-local taken, left = {}, tonumber(ARGV[1])
-for q = 4, #KEYS do
+local function utf8_ok(s)
+  local i = s:find('[\\128-\\255]')
+  while i do
+    local c, len, lo, hi = s:byte(i), 0, 128, 191
+    if c >= 194 and c <= 223 then len = 2
+    elseif c >= 224 and c <= 239 then len = 3
+      if c == 224 then lo = 160 elseif c == 237 then hi = 159 end
+    elseif c >= 240 and c <= 244 then len = 4
+      if c == 240 then lo = 144 elseif c == 244 then hi = 143 end
+    else return false end
+    for j = i + 1, i + len - 1 do
+      local b = s:byte(j)
+      if not b or b < lo or b > hi then return false end
+      lo, hi = 128, 191
+    end
+    i = s:find('[\\128-\\255]', i + len)
+  end
+  return true
+end
+
+-- cjson reads [] and {} alike: an array where an object must be is found in the text
+local function array_at(payload, key)
+  return payload:find('"' .. key .. '"%s*:%s*%[') ~= nil
+end
+
+local function tag_of(payload)
+  if not utf8_ok(payload) then return nil, 'not UTF-8 text' end
+  local ok, message = pcall(cjson.decode, payload)
+  if not ok then return nil, 'not JSON' end
+  if type(message) ~= 'table' or not payload:find('^%s*{') then return nil, 'not a JSON object' end
+  local props = message['properties']
+  if type(props) ~= 'table' or array_at(payload, 'properties') then
+    return nil, 'properties is not an object'
+  end
+  if type(props['delivery_info']) ~= 'table' or array_at(payload, 'delivery_info') then
+    return nil, 'delivery_info is not an object'
+  end
+  local tag = props['delivery_tag']
+  if type(tag) ~= 'string' or tag == '' then return nil, 'no delivery tag' end
+  local headers = message['headers']
+  if headers ~= nil and (type(headers) ~= 'table' or array_at(payload, 'headers')) then
+    return nil, 'headers is not an object'
+  end
+  return tag
+end
+
+local function hex(s)
+  local parts = {}
+  for i = 1, #s, 64 do
+    local chunk = s:sub(i, i + 63)
+    parts[#parts + 1] = string.format(string.rep('%02x', #chunk), chunk:byte(1, -1))
+  end
+  return table.concat(parts)
+end
+
+local function wrapped(payload, reason, tag, queue)
+  return cjson.encode({
+    body = '', ['content-encoding'] = 'binary', ['content-type'] = 'application/octet-stream',
+    headers = {['x-hedwig-fault'] = 'not a Kombu message (' .. reason .. ')', ['x-hedwig-raw'] = hex(payload)},
+    properties = {body_encoding = 'base64', delivery_mode = 2, delivery_tag = tag, priority = 0,
+                  delivery_info = {exchange = '', routing_key = queue}}})
+end
+
+local taken, left, made = {}, tonumber(ARGV[1]), 0
+for q = 3, #KEYS do
+  local queue = ARGV[q + 1]
   while left > 0 do
     local payload = redis.call('RPOP', KEYS[q])
     if not payload then break end
-    local ok, message = pcall(cjson.decode, payload)
-    local props = ok and type(message) == 'table' and message['properties']
-    local info = type(props) == 'table' and props['delivery_info']
-    local tag = type(props) == 'table' and props['delivery_tag']
-    if type(info) ~= 'table' or (type(tag) ~= 'string' and type(tag) ~= 'number') then
-      redis.call('LPUSH', KEYS[3], payload)
-      taken[#taken + 1] = 0
-    else
-      local entry = '[' .. payload .. ',' .. cjson.encode(info['exchange'] or '') .. ','
-        .. cjson.encode(info['routing_key'] or '') .. ']'
-      redis.call('HSET', KEYS[1], tag, entry)
-      redis.call('ZADD', KEYS[2], ARGV[2], tag)
-      taken[#taken + 1] = q - 3
-      left = left - 1
+    local tag, reason = tag_of(payload)
+    if not tag then
+      made = made + 1
+      tag = ARGV[3] .. '.' .. made
+      payload = wrapped(payload, reason, tag, queue)
     end
+    redis.call('HSET', KEYS[1], tag, '[' .. payload .. ',"",' .. cjson.encode(queue) .. ']')
+    redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    taken[#taken + 1] = q - 2
+    taken[#taken + 1] = tag
     taken[#taken + 1] = payload
+    left = left - 1
   end
 end
 return taken
@@ -113,9 +181,16 @@ def _ack_redis(channel: Any, messages: list[Any]) -> None:
 class _Held:
     message: Any  # a kombu Message
     subscription: str
-    attempt: int
+    reading: Reading  # what the delivery handed out was made of; copies are made of it
     generation: int
     expires_at: float
+
+    def headers(self, **extra: Any) -> dict[str, Any]:
+        """Headers for a copy: the attributes, the attempt count, and the fault if there was one."""
+        found: dict[str, Any] = {**self.reading.attributes, ATTEMPTS: self.reading.attempt, **extra}
+        if self.reading.fault:
+            found[FAULT] = self.reading.fault
+        return found
 
 
 class KombuConsumer(Consumer):
@@ -143,6 +218,7 @@ class KombuConsumer(Consumer):
         self._rotation = 0  # Redis: the subscription a fetch starts with, in turn
         self._missing: list[str] = []  # subscriptions whose queue does not exist (yet)
         self._warned: set[str] = set()
+        self._restore_failed = False
         self._next_existence_check = 0.0
         self._wake_r, self._wake_w = os.pipe()  # settling wakes a receive waiting on the socket
         os.set_blocking(self._wake_r, False)  # several waiters may see one byte; only one gets it
@@ -218,12 +294,20 @@ class KombuConsumer(Consumer):
                 continue
             queue = kombu.Queue(name, no_declare=True)
             callback = self._collector(name)
-            consumer = kombu.Consumer(self._link.channel, [queue], auto_declare=False, on_message=callback)
+            # Kombu raises out of the drain on a message it could not decompress or encode, unless
+            # told what to do: collect it all the same (its fields are read with care, in ``read``).
+            consumer = kombu.Consumer(
+                self._link.channel,
+                [queue],
+                auto_declare=False,
+                on_message=callback,
+                on_decode_error=callback,
+            )
             consumer.consume()
             self._missing.remove(name)
 
-    def _collector(self, name: str) -> Callable[[Any], None]:
-        def collect(message: Any) -> None:
+    def _collector(self, name: str) -> Callable[..., None]:
+        def collect(message: Any, error: Exception | None = None) -> None:
             self._buffer.append((name, message))
 
         return collect
@@ -239,19 +323,29 @@ class KombuConsumer(Consumer):
             return
         names = self._subscriptions[self._rotation :] + self._subscriptions[: self._rotation]
         self._rotation = (self._rotation + 1) % len(self._subscriptions)
-        keys = [channel.unacked_key, channel.unacked_index_key, unreadable_key(self._queue)]
-        keys += [channel._q_for_pri(name, 0) for name in names]
+        keys = [channel.unacked_key, channel.unacked_index_key, *(channel._q_for_pri(name, 0) for name in names)]
         with channel.conn_or_acquire() as client:
             if self._fetch is None:
                 self._fetch = client.register_script(_FETCH)
-            taken = self._fetch(keys=keys, args=[room, time.time()], client=client)
-        for number, raw in zip(taken[::2], taken[1::2], strict=True):
-            if not number:
-                logger.error("a message on Redis that is not Kombu's JSON was moved to %s", unreadable_key(self._queue))
-                continue
-            message = channel.Message(json.loads(raw), channel=channel)
+            taken = self._fetch(keys=keys, args=[room, time.time(), uuid.uuid4().hex, *names], client=client)
+        for number, tag, raw in zip(taken[::3], taken[1::3], taken[2::3], strict=True):
+            name = names[number - 1]
+            message = self._taken(channel, name, bytes_to_str(tag), raw)
             kombu.transport.virtual.QoS.append(channel.qos, message, message.delivery_tag)  # Kombu's prefetch count
-            self._buffer.append((names[number - 1], message))
+            self._buffer.append((name, message))
+
+    def _taken(self, channel: Any, name: str, tag: str, raw: bytes) -> Any:
+        """Kombu's message of an item the fetch took; one the script passed and Kombu cannot read
+        (JSON that Redis's parser takes and Python's does not) is wrapped in its place."""
+        message, reason = read_payload(channel, raw)
+        if message is None:
+            payload = wrap(raw, reason, tag, name)
+            with channel.conn_or_acquire() as client:
+                client.hset(channel.unacked_key, tag, dumps([payload, "", name]))
+            message = channel.Message(payload, channel=channel)
+        if RAW in message.headers:
+            logger.error("an item on Redis list %s is not a Kombu message: %s", name, message.headers.get(FAULT))
+        return message
 
     def _drain(self, timeout_s: float) -> None:
         assert self._link.connection is not None
@@ -276,12 +370,14 @@ class KombuConsumer(Consumer):
         expires_at = self._transport.clock() + self._transport.lease_s
         while self._buffer and len(found) < max_messages:
             name, message = self._buffer.popleft()
-            headers = message.headers or {}
-            attempt = int(headers.get(ATTEMPTS, 0)) + 1 + bool(message.delivery_info.get("redelivered"))
+            reading = read(message)
             token = next(self._tokens)
-            self._held[token] = _Held(message, name, attempt, self._link.generation, expires_at)
-            message_id = str(message.properties.get("message_id") or "")
-            found.append(Delivery(bytes(message.body), _attributes(headers), attempt, token, name, message_id))
+            self._held[token] = _Held(message, name, reading, self._link.generation, expires_at)
+            found.append(
+                Delivery(
+                    reading.body, reading.attributes, reading.attempt, token, name, reading.message_id, reading.fault
+                )
+            )
         return found
 
     def _housekeep(self) -> None:
@@ -293,9 +389,7 @@ class KombuConsumer(Consumer):
             if held.generation != self._link.generation:
                 del self._held[token]  # its connection is gone; the broker gives it back
             elif held.expires_at <= now:
-                logger.warning(
-                    "lease ran out on id=%s from %s", held.message.properties.get("message_id"), held.subscription
-                )
+                logger.warning("lease ran out on id=%s from %s", held.reading.message_id, held.subscription)
                 del self._held[token]
                 self._resend(held, held.subscription)
         if self._transport.redis and time.monotonic() >= self._next_housekeeping:
@@ -310,7 +404,12 @@ class KombuConsumer(Consumer):
             now = time.time()
             for name in self._subscriptions:
                 self._move_due(keys=[delayed_key(name), channel._q_for_pri(name, 0)], args=[now, 100], client=client)
-        channel.qos.restore_visible(num=100, interval=1)
+        try:
+            channel.qos.restore_visible(num=100, interval=1)
+        except (ValueError, TypeError) as exc:  # an unacked entry Kombu cannot parse, in the db's shared store
+            if not self._restore_failed:  # it stays there; restoring every other one goes on each time
+                logger.error("restoring dead consumers' messages on Redis failed: %s", exc)
+            self._restore_failed = True
 
     # -- settling ---------------------------------------------------------------------------
 
@@ -352,11 +451,10 @@ class KombuConsumer(Consumer):
 
     def _resend(self, held: _Held, routing_key: str, **options: Any) -> None:
         """Publish a copy (confirmed on RabbitMQ) that carries the attempt, then ack the held one."""
-        message = held.message
-        headers = {**_attributes(message.headers or {}), ATTEMPTS: held.attempt}
-        message_id = message.properties.get("message_id")
-        _send(self._link.channel, routing_key, message.body, headers, message_id=message_id, **options)
-        message.ack()
+        reading = held.reading
+        message_id = reading.message_id or None
+        _send(self._link.channel, routing_key, reading.body, held.headers(), message_id=message_id, **options)
+        held.message.ack()
 
     def _delay_rabbit(self, held: _Held, delay_s: float) -> None:
         bucket = _bucket(delay_s)
@@ -369,12 +467,11 @@ class KombuConsumer(Consumer):
 
     def _delay_redis(self, held: _Held, delay_s: float) -> None:
         channel = self._link.channel
-        message = held.message
-        headers = {**_attributes(message.headers or {}), ATTEMPTS: held.attempt}
-        payload = _payload(channel, held.subscription, message.body, headers, message.properties.get("message_id"))
+        reading = held.reading
+        payload = _payload(channel, held.subscription, reading.body, held.headers(), reading.message_id or None)
         with channel.conn_or_acquire() as client:
             client.zadd(delayed_key(held.subscription), {dumps(payload): time.time() + delay_s})
-        message.ack()
+        held.message.ack()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish a copy with the reason to the app's dead-letter queue, then ack the held one."""
@@ -382,21 +479,20 @@ class KombuConsumer(Consumer):
             held = self._take(delivery)
             if held is None:
                 return
-            message = held.message
+            reading = held.reading
             headers = {
-                **_attributes(message.headers or {}),
+                **reading.attributes,
                 REASON: reason,
                 SUBSCRIPTION: held.subscription,
-                ATTEMPTS: held.attempt,
+                ATTEMPTS: reading.attempt,
                 DEAD_AT: repr(time.time()),
             }
-            message_id = message.properties.get("message_id")
             dlq = dlq_name(self._queue)
             if dlq not in self._declared and not self._transport.redis:  # unrouted, it would be dropped
                 self._link.channel.queue_declare(dlq, durable=True, auto_delete=False)
                 self._declared.add(dlq)
-            _send(self._link.channel, dlq, message.body, headers, message_id=message_id)
-            message.ack()
+            _send(self._link.channel, dlq, reading.body, headers, message_id=reading.message_id or None)
+            held.message.ack()
 
     def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
         """Move the consumer's deadline; on Redis also the score Kombu restores by."""

@@ -12,24 +12,32 @@ app's topics); dead letters go to ``hedwig-Q-dlq`` with the reason in ``x-hedwig
 
 RabbitMQ: topics are durable ``fanout`` exchanges; publishes use publisher confirms, so a
 publish to a topic never provisioned (or one the broker could not take) raises
-``PublishError``. A retry goes to ``hedwig-Q-T-delay-<B>s``, one delay queue per power of two
-``B`` seconds (created on first use), with the delay as the message's TTL and dead-lettering
-back to the subscription. Per-message TTLs expire only at a queue's head; bucketing by powers
-of two bounds that head-of-line wait: a message waits at most its bucket, under twice its delay.
+``PublishError``. They are ``mandatory``: one that no queue takes comes back, and a warning
+says (once per topic per process) that the topic has no subscription. A retry goes to
+``hedwig-Q-T-delay-<B>s``, one delay queue per power of two ``B`` seconds (created on first
+use), with the delay as the message's TTL and dead-lettering back to the subscription.
+Per-message TTLs expire only at a queue's head; bucketing by powers of two bounds that
+head-of-line wait: a message waits at most its bucket, under twice its delay.
 
 Redis: Kombu's Redis ``fanout`` is PUB/SUB (a message published while no consumer listens is
 lost), so fan-out here uses Kombu's binding table of a ``direct`` exchange and the publish puts
 one copy on each bound queue's list, all in one transaction; provisioned topics are kept in the
-set ``hedwig-topics``.
+set ``hedwig-topics``; a topic bound to no queue is warned about, as on RabbitMQ.
 A receive takes what is waiting, up to what it may hold, with one Lua script that moves the
 messages into Kombu's unacked store exactly as Kombu's own delivery records them (Kombu takes
 one message per BRPOP and records it in a second round trip); only an empty queue is waited on
-with Kombu's BRPOP. What is not Kombu's JSON is moved to ``hedwig-Q-unreadable`` and logged.
+with Kombu's BRPOP. An item Kombu cannot read (or could not restore after a crash: it would
+drop it) is stored, and handed out, wrapped whole in a message that says why, and so it is
+dead-lettered; Kombu's BRPOP reader gets such an item wrapped the same way.
 Unacked messages are Kombu's (hash ``unacked`` and index ``unacked_index``); Kombu's
 visibility timeout is set to ``lease_s`` plus a grace, so a crashed worker's messages come back
 after it, and extending a lease moves the message's score in Kombu's index. A retry is kept in
 the sorted set ``hedwig-Q-T-delayed`` (score: when it is due) and moved back to the queue's
 list by a Lua script that its consumers run, atomically.
+
+Other publishers: a delivery whose own fields cannot be read (a body of another type, headers
+or an attempt count of the wrong types) is handed out with ``Delivery.fault`` saying why; a
+text body (what AMQP clients make of one with a ``content_encoding``) is encoded back to bytes.
 
 Leases: neither broker has one (RabbitMQ keeps an unacked message until the channel closes).
 The consumer keeps it: a delivery not settled or extended within ``lease_s`` is given back
@@ -88,12 +96,13 @@ from hedwig_tasks.transports._kombu_link import (
     _payload,
     _queue_depth,
     _send,
+    body_bytes,
     delay_queue_name,
     delayed_key,
     dlq_name,
     exchange_name,
     subscription_name,
-    unreadable_key,
+    warn_unrouted,
 )
 from hedwig_tasks.transports.base import (
     Capabilities,
@@ -113,7 +122,6 @@ __all__ = [
     "dlq_name",
     "exchange_name",
     "subscription_name",
-    "unreadable_key",
 ]
 
 
@@ -210,15 +218,25 @@ class KombuTransport(Transport):
         *,
         owner: str | None = None,
     ) -> list[str]:
-        """Publish each persistently; on RabbitMQ each is confirmed. Raises ``PublishError``."""
+        """Publish each persistently; on RabbitMQ each is confirmed. Raises ``PublishError``.
+
+        A topic that does not exist raises, naming it; one no queue subscribes to is warned about.
+        """
         ids = [uuid.uuid4().hex for _ in messages]
         link = self._publisher()
         with link.errors(f"publish to {topic!r}", PublishError):
             if self.redis:
                 self._publish_redis(link.channel, topic, ids, messages)
                 return ids
-            for message_id, (body, attributes) in zip(ids, messages, strict=True):
-                _send(link.channel, topic, body, attributes, exchange=exchange_name(topic), message_id=message_id)
+            try:
+                for message_id, (body, attributes) in zip(ids, messages, strict=True):
+                    exchange = exchange_name(topic)
+                    _send(
+                        link.channel, topic, body, attributes, exchange=exchange, message_id=message_id, mandatory=True
+                    )
+            except amqp.exceptions.NotFound as exc:  # the exchange: it closed the channel
+                link.reset()
+                raise PublishError(_missing_topic(topic)) from exc
         return ids
 
     def _publish_redis(
@@ -231,8 +249,10 @@ class KombuTransport(Transport):
             pipe.smembers(channel.keyprefix_queue % exchange_name(topic))
             exists, bindings = pipe.execute()
             if not exists:
-                raise PublishError(f"topic {topic!r} does not exist; provision it first")
+                raise PublishError(_missing_topic(topic))
             queues = sorted({bytes_to_str(b).split(channel.sep)[-1] for b in bindings})
+            if not queues:
+                warn_unrouted(topic, ids[0] if ids else None)
             pipe = client.pipeline(transaction=True)  # every copy of the batch, or none
             for message_id, (body, attributes) in zip(ids, messages, strict=True):
                 for queue in queues:
@@ -324,7 +344,7 @@ class KombuTransport(Transport):
 
     def _redis_counts(self, channel: Any, names: list[str]) -> list[tuple[int, int | None]]:
         with channel.conn_or_acquire() as client:
-            unacked = [json.loads(v)[2] for v in client.hvals(channel.unacked_key)]
+            unacked = [_routing_key(v) for v in client.hvals(channel.unacked_key)]
             return [(client.llen(n) + client.zcard(delayed_key(n)), unacked.count(n)) for n in names]
 
     def _dead_counts(self, link: _Link, queue: str) -> dict[str, int] | None:
@@ -403,14 +423,27 @@ class KombuTransport(Transport):
                 raise TransportError(f"dead letter's subscription {target!r} no longer exists")
             checked.add(target)
         message_id = message.properties.get("message_id")
-        _send(channel, target, message.body, _attributes(message.headers), message_id=message_id)
+        body, _ = body_bytes(message.body, message.content_encoding)
+        _send(channel, target, body, _attributes(message.headers), message_id=message_id)
         message.ack()
+
+
+def _missing_topic(topic: str) -> str:
+    return f"topic {topic!r} does not exist: run `hedwig-tasks provision` to create it"
+
+
+def _routing_key(entry: bytes) -> Any:
+    """The queue an entry of Kombu's unacked store goes back to; None if it cannot be read."""
+    try:
+        return json.loads(entry)[2]
+    except (ValueError, TypeError, LookupError):  # the db's store is shared: not every entry is ours
+        return None
 
 
 def _record(message: Any) -> DeadLetterRecord:
     headers = message.headers or {}
     return DeadLetterRecord(
-        body=bytes(message.body),
+        body=body_bytes(message.body, message.content_encoding)[0],
         attributes=_attributes(headers),
         reason=str(headers.get(REASON, "")),
         subscription=str(headers.get(SUBSCRIPTION, "")),

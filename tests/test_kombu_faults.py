@@ -1,0 +1,446 @@
+"""Messages other systems put on the Kombu transport's queues, on real RabbitMQ and Redis.
+
+Each test writes at the broker as another client would (a plain Kombu producer, py-amqp's
+``basic_publish``, a raw ``LPUSH`` on the list Kombu reads), never through our publisher. A
+delivery whose own fields cannot be read comes back with ``Delivery.fault`` and its raw bytes; a
+worker dead-letters it with a reason and goes on with the good messages behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import amqp
+import kombu
+import pytest
+import redis
+
+from hedwig_tasks import Hedwig, Message
+from hedwig_tasks.exceptions import PublishError
+from hedwig_tasks.testing.contract import Names
+from hedwig_tasks.transports.base import Delivery
+from hedwig_tasks.transports.kombu import KombuConsumer, KombuTransport, exchange_name, subscription_name
+from hedwig_tasks.validators.base import to_transport
+from hedwig_tasks.worker import Worker, WorkerOptions
+from tests.kombu_server import cleanup, server_url
+
+ATTEMPTS = "x-hedwig-attempts"
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "schema.json"
+
+
+class Bench:
+    """An app subscribed to a topic of the test's own on one broker, and a record of what it handled."""
+
+    def __init__(self, broker: str) -> None:
+        self.url = server_url(broker)
+        self.names = Names.fresh()
+        self.bus = KombuTransport(self.url, lease_s=30.0)
+        self.app = Hedwig(
+            self.names.queue, schema=SCHEMA_FILE, transport=self.bus, routing={"user-created": self.names.topic}
+        )
+        self.handled: list[str] = []
+        self.app.handler("user-created", "1.*")(self._handle)
+        self.app.provision()
+        self.subscription = subscription_name(self.names.queue, self.names.topic)
+
+    def _handle(self, message: Message) -> None:
+        self.handled.append(message.data["user_id"])
+
+    def wire(self, user_id: str) -> tuple[bytes, dict[str, str]]:
+        """A valid ``user-created`` 1.0 as it travels: the body and the Hedwig attributes."""
+        message = self.app.message("user-created", "1.0", {"user_id": user_id})
+        body, attributes = to_transport(self.app.validator.encode(message), text_only=False)
+        return body, attributes
+
+    def publish_good(self, count: int) -> list[str]:
+        user_ids = [f"good-{n}" for n in range(count)]
+        for user_id in user_ids:
+            self.app.publish("user-created", "1.0", {"user_id": user_id})
+        return user_ids
+
+    def consumer(self) -> KombuConsumer:
+        return self.bus.consumer(self.names.queue, [self.names.topic])
+
+    def redis(self) -> redis.Redis:
+        """A client of the test's own, as another system's (never one of the consumer's connections)."""
+        return redis.Redis.from_url(self.url)
+
+    def close(self) -> None:
+        self.bus.close()
+        cleanup(self.url, [self.names.queue], [self.names.topic, self.names.other_topic])
+
+
+@pytest.fixture
+def rabbit() -> Iterator[Bench]:
+    bench = Bench("amqp")
+    yield bench
+    bench.close()
+
+
+@pytest.fixture
+def redis_bench() -> Iterator[Bench]:
+    bench = Bench("redis")
+    yield bench
+    bench.close()
+
+
+def receive_n(consumer: KombuConsumer, count: int, timeout_s: float = 10.0) -> list[Delivery]:
+    """Receive until ``count`` deliveries came (or fail after ``timeout_s``)."""
+    found: list[Delivery] = []
+    deadline = time.monotonic() + timeout_s
+    while len(found) < count:
+        assert time.monotonic() < deadline, f"received {len(found)} of {count}"
+        found += consumer.receive(count - len(found), wait_s=0.5)
+    return found
+
+
+def run_burst(app: Hedwig, timeout_s: float = 30.0) -> Worker:
+    """Run an in-process worker in burst mode until the queue is empty; re-raise what it raised."""
+    worker = Worker(app, WorkerOptions(burst=True, concurrency=2, prefetch=4, wait_s=0.2))
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # the test thread re-raises it
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, name="burst-worker", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        worker.stop()
+        worker.stop()
+        thread.join(10)
+        raise AssertionError("the burst worker did not finish")
+    if raised:
+        raise raised[0]
+    return worker
+
+
+# -- RabbitMQ -----------------------------------------------------------------------------------
+
+
+def amqp_channel(url: str) -> tuple[amqp.Connection, Any]:
+    """A bare py-amqp connection, as a client of another system would have."""
+    parts = urlsplit(url)
+    connection = amqp.Connection(
+        f"{parts.hostname}:{parts.port or 5672}", userid=parts.username or "guest", password=parts.password or "guest"
+    )
+    connection.connect()
+    return connection, connection.channel()
+
+
+def publish_raw(bench: Bench, *messages: tuple[Any, dict[str, Any], dict[str, Any]]) -> None:
+    """(body, headers, properties) each, with py-amqp's ``basic_publish`` to the test's topic."""
+    connection, channel = amqp_channel(bench.url)
+    try:
+        for body, headers, properties in messages:
+            message = amqp.Message(body, application_headers=headers, **properties)
+            channel.basic_publish(message, exchange=exchange_name(bench.names.topic), routing_key="")
+    finally:
+        connection.close()
+
+
+def publish_as_text(bench: Bench, user_id: str) -> bytes:
+    """A valid message from a plain Kombu producer that sends its body as UTF-8 text; its bytes."""
+    body, attributes = bench.wire(user_id)
+    with kombu.Connection(bench.url) as connection:
+        connection.Producer().publish(
+            body.decode("utf-8"),
+            exchange=exchange_name(bench.names.topic),
+            routing_key="",
+            headers={**attributes, "case": "text"},
+            content_type="text/plain",
+            content_encoding="utf-8",
+        )
+    return body
+
+
+def test_rabbitmq_text_and_empty_bodies_are_delivered_as_bytes(rabbit: Bench) -> None:
+    # py-amqp decodes a body that has a content_encoding to str, and leaves an empty one as "".
+    text = publish_as_text(rabbit, "text-1")
+    publish_raw(
+        rabbit,
+        (b"", {"case": "empty"}, {}),
+        (b"", {"case": "empty-utf8"}, {"content_encoding": "utf-8"}),
+        (b"caf\xe9", {"case": "latin-1"}, {"content_encoding": "latin-1"}),
+    )
+    rabbit.publish_good(2)
+    consumer = rabbit.consumer()
+    found = receive_n(consumer, 6)
+    by_case = {d.attributes.get("case"): d for d in found}
+    assert by_case["text"].body == text
+    assert (by_case["empty"].body, by_case["empty-utf8"].body) == (b"", b"")
+    assert by_case["latin-1"].body == b"caf\xe9"  # encoded back with the encoding it was sent with
+    assert all(not d.fault and d.attempt == 1 for d in found)
+    assert sorted(json.loads(d.body)["user_id"] for d in found if d.attributes.get("case") is None) == [
+        "good-0",
+        "good-1",
+    ]
+    consumer.ack(found)
+    consumer.close()
+
+
+ODD_HEADERS: list[tuple[str, dict[str, Any], str]] = [
+    ("attempts-text", {ATTEMPTS: "three"}, "x-hedwig-attempts is 'three', not a count"),
+    ("attempts-float", {ATTEMPTS: 2.5}, "x-hedwig-attempts is 2.5, not a count"),
+    ("attempts-negative", {ATTEMPTS: -4}, "x-hedwig-attempts is -4, not a count"),
+    ("attempts-bool", {ATTEMPTS: True}, "x-hedwig-attempts is True, not a count"),
+    ("number", {"hedwig_id": 12345}, "headers that are not text: hedwig_id (int)"),
+    ("table", {"trace": {"span": 1}, "tags": [1, 2]}, "headers that are not text: tags (list), trace (dict)"),
+    ("void", {"nothing": None}, "headers that are not text: nothing (null)"),
+]
+
+
+def test_rabbitmq_odd_headers_are_faults_and_the_rest_of_the_batch_goes_on(rabbit: Bench) -> None:
+    body, attributes = rabbit.wire("odd")
+    publish_raw(rabbit, *[(body, {**attributes, **odd, "case": case}, {}) for case, odd, _ in ODD_HEADERS])
+    # Kombu cannot decompress this one: without an error handler it raises out of the drain.
+    publish_raw(rabbit, (body, {**attributes, "compression": "bogus", "case": "compression"}, {}))
+    good = rabbit.publish_good(2)
+    consumer = rabbit.consumer()
+    found = receive_n(consumer, len(ODD_HEADERS) + 3)
+    by_case = {d.attributes.get("case"): d for d in found}
+    for case, _, fault in ODD_HEADERS:
+        assert (by_case[case].fault, by_case[case].body, by_case[case].attempt) == (fault, body, 1), case
+        assert by_case[case].attributes["hedwig_schema"] == attributes["hedwig_schema"]  # the text ones are kept
+    assert (by_case["compression"].fault, by_case["compression"].body) == ("", body)
+    assert sorted(json.loads(d.body)["user_id"] for d in found if "case" not in d.attributes) == good
+    # A copy the consumer makes (released at shutdown here) keeps its fault.
+    consumer.release([by_case["attempts-text"]])
+    [again] = receive_n(consumer, 1)
+    assert (again.fault, again.body, again.attempt) == (by_case["attempts-text"].fault, body, 2)
+    consumer.ack([again, *(d for d in found if d is not by_case["attempts-text"])])
+    consumer.close()
+
+
+def test_rabbitmq_worker_dead_letters_the_poison_and_handles_the_messages_behind_it(rabbit: Bench) -> None:
+    body, attributes = rabbit.wire("poisoned")
+    publish_raw(
+        rabbit,
+        (b"", {"case": "empty"}, {}),
+        (body, {**attributes, ATTEMPTS: "many", "case": "attempts"}, {}),
+        (body, {**attributes, "hedwig_id": 7, "case": "number"}, {}),
+    )
+    publish_as_text(rabbit, "text-1")
+    good = rabbit.publish_good(5)
+    worker = run_burst(rabbit.app)
+    assert sorted(rabbit.handled) == sorted([*good, "text-1"])  # none lost; duplicates allowed
+    dead = {r.attributes.get("case"): r for r in rabbit.bus.dead_letters(rabbit.names.queue)}
+    assert sorted(dead) == ["attempts", "empty", "number"]
+    assert dead["empty"].body == b""
+    assert dead["empty"].reason.startswith("invalid message: ")
+    assert dead["attempts"].reason == "unreadable delivery: x-hedwig-attempts is 'many', not a count"
+    assert dead["number"].reason == "unreadable delivery: headers that are not text: hedwig_id (int)"
+    assert (dead["attempts"].body, dead["attempts"].attempts) == (body, 1)
+    assert worker.counts["dead_lettered"] == 3
+    # Dead letters go back as they are, an empty body included.
+    assert rabbit.bus.requeue_dead_letters(rabbit.names.queue) == 3
+    consumer = rabbit.consumer()
+    back = receive_n(consumer, 3)
+    assert sorted(d.body for d in back) == sorted([b"", body, body])
+    consumer.ack(back)
+    consumer.close()
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+def kombu_item(bench: Bench, *, body: Any = "", headers: Any = None, **changes: Any) -> bytes:
+    """A list item as a Kombu client writes it on Redis, with ``changes`` over its top level."""
+    item: dict[str, Any] = {
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {} if headers is None else headers,
+        "properties": {
+            "delivery_info": {"exchange": "", "routing_key": bench.subscription},
+            "delivery_mode": 2,
+            "delivery_tag": uuid.uuid4().hex,
+            "priority": 0,
+        },
+        **changes,
+    }
+    return json.dumps(item).encode()
+
+
+def not_kombu(bench: Bench) -> list[tuple[str, bytes, str]]:
+    """Items Kombu cannot read (or could not restore), each with the reason in its fault."""
+    tag = {"delivery_info": {}, "delivery_tag": "t-1"}
+    return [
+        ("not-json", b"not json", "not JSON"),
+        ("not-utf8", b'{"body": "\xff\xfe"}', "not UTF-8 text"),
+        ("null", b"null", "not a JSON object"),
+        ("array", b"[]", "not a JSON object"),
+        ("properties-null", b'{"properties": null}', "properties is not an object"),
+        ("properties-number", b'{"properties": 7}', "properties is not an object"),
+        ("properties-array", b'{"properties": []}', "properties is not an object"),
+        ("info-array", b'{"properties": {"delivery_info": [], "delivery_tag": "t"}}', "delivery_info is not an object"),
+        ("tag-null", b'{"properties": {"delivery_info": {}, "delivery_tag": null}}', "no delivery tag"),
+        ("headers-null", json.dumps({"headers": None, "properties": tag}).encode(), "headers is not an object"),
+        ("headers-array", json.dumps({"headers": [], "properties": tag}).encode(), "headers is not an object"),
+        ("headers-text", json.dumps({"headers": "h", "properties": tag}).encode(), "headers is not an object"),
+        # Redis's JSON parser takes these and Python's does not, or Kombu fails decoding the body:
+        ("hex-number", kombu_item(bench, priority=1).replace(b'"priority": 1', b'"priority": 0x1'), "not JSON"),
+        (
+            "bad-encoding",
+            kombu_item(bench, body="abc").replace(b'"priority"', b'"body_encoding": "rot13", "priority"'),
+            "Kombu cannot decode it: AttributeError",
+        ),
+        (
+            "bad-base64",
+            kombu_item(bench, body="abc").replace(b'"priority"', b'"body_encoding": "base64", "priority"'),
+            "Kombu cannot decode it: Error",
+        ),
+    ]
+
+
+def kombu_faults(bench: Bench) -> list[tuple[str, bytes, bytes, str]]:
+    """Kombu messages whose Hedwig fields cannot be read: (case, item, body handed out, fault)."""
+    body, attributes = bench.wire("odd")
+    text = body.decode()
+
+    def item(case: str, **changes: Any) -> bytes:
+        headers = {**attributes, "case": case, **changes.pop("headers", {})}
+        return kombu_item(bench, body=changes.pop("body", text), headers=headers, **changes)
+
+    return [
+        ("attempts", item("attempts", headers={ATTEMPTS: "x"}), body, "x-hedwig-attempts is 'x', not a count"),
+        ("number", item("number", headers={"hedwig_id": 5}), body, "headers that are not text: hedwig_id (int)"),
+        ("body-number", item("body-number", body=5), b"", "body is int, not bytes or text"),
+    ]
+
+
+def test_redis_odd_items_waiting_are_faults_and_survive_a_crash(redis_bench: Bench) -> None:
+    bench = redis_bench
+    odd = not_kombu(bench)
+    faulty = kombu_faults(bench)
+    body, attributes = bench.wire("text-1")
+    text = kombu_item(bench, body=body.decode(), headers={**attributes, "case": "text"})  # another Kombu client's
+    consumer = bench.consumer()
+    with bench.redis() as client:
+        client.lpush(bench.subscription, *(item for _, item, _ in odd), *(item for _, item, _, _ in faulty), text)
+    good = bench.publish_good(2)
+    found = receive_n(consumer, len(odd) + len(faulty) + 3)
+    by_body = {d.body: d for d in found if not d.attributes}
+    for case, item, reason in odd:  # whole, as the raw item, with why
+        assert by_body[item].fault.startswith(f"not a Kombu message ({reason}"), case
+        assert by_body[item].attempt == 1
+    by_case = {d.attributes.get("case"): d for d in found if d.attributes}
+    for case, _, handed, fault in faulty:
+        assert (by_case[case].fault, by_case[case].body, by_case[case].attempt) == (fault, handed, 1), case
+    assert (by_case["text"].fault, json.loads(by_case["text"].body)) == ("", {"user_id": "text-1"})
+    assert sorted(json.loads(d.body)["user_id"] for d in found if "case" not in d.attributes and not d.fault) == good
+    # The consumer dies holding them all: Kombu restores each to its queue, none dropped.
+    channel = consumer._link.channel
+    for delivery in found:
+        channel.qos.restore_by_tag(consumer._held[delivery.receipt].message.delivery_tag)
+    consumer.close()
+    again = bench.consumer()
+    back = receive_n(again, len(found))
+    assert sorted((d.body, d.fault) for d in back) == sorted((d.body, d.fault) for d in found)
+    again.ack(back)
+    again.close()
+
+
+def _blocked_in_brpop(consumer: KombuConsumer, client: redis.Redis) -> bool:
+    """Whether the consumer's BRPOP connection is blocked on the server (waiting for an item)."""
+    sock = getattr(consumer._link.channel.client.connection, "_sock", None)
+    if sock is None:
+        return False
+    host, port = sock.getsockname()[:2]
+    for entry in client.client_list():
+        if entry["addr"] == f"{host}:{port}":
+            return "b" in entry["flags"] and entry["cmd"] == "brpop"
+    return False
+
+
+def test_redis_odd_items_that_arrive_while_a_receive_waits_are_faults(redis_bench: Bench) -> None:
+    # An item pushed while the consumer is blocked in Kombu's BRPOP goes to it at once, not to
+    # the fetch script: Kombu parses it itself (and raised on, and lost, what it could not read).
+    bench = redis_bench
+    body, attributes = bench.wire("no-exchange")
+    properties = {"delivery_info": {}, "delivery_tag": uuid.uuid4().hex}  # without exchange and routing key
+    cases = [(item, reason) for case, item, reason in not_kombu(bench) if case in ("not-json", "properties-null")]
+    cases += [(item, fault) for _, item, _, fault in kombu_faults(bench)]
+    cases.append((json.dumps({"body": body.decode(), "headers": attributes, "properties": properties}).encode(), ""))
+    consumer = bench.consumer()
+    consumer._link.channel.brpop_timeout = 20  # one BRPOP stays blocked through each push below
+    assert consumer.receive(1, wait_s=0.2) == []  # sets up consuming
+    client = bench.redis()
+    for item, fault in cases:
+        received: list[Delivery] = []
+        waiting = threading.Thread(target=lambda into=received: into.extend(receive_n(consumer, 1)), daemon=True)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while not _blocked_in_brpop(consumer, client):
+            assert time.monotonic() < deadline, "the consumer never waited in BRPOP"
+            time.sleep(0.01)
+        client.lpush(bench.subscription, item)
+        waiting.join(15)
+        [delivery] = received
+        assert fault in delivery.fault and bool(delivery.fault) == bool(fault), (item, delivery.fault)
+        consumer.ack([delivery])
+    consumer.close()
+    client.close()
+
+
+def test_redis_worker_dead_letters_the_poison_and_handles_the_messages_behind_it(redis_bench: Bench) -> None:
+    bench = redis_bench
+    poison = [(case, item) for case, item, _ in not_kombu(bench)[:5]]
+    poison += [(case, item) for case, item, _, _ in kombu_faults(bench)]
+    body, attributes = bench.wire("text-1")
+    text = kombu_item(bench, body=body.decode(), headers=attributes)
+    with bench.redis() as client:
+        client.lpush(bench.subscription, *(item for _, item in poison), text)
+    good = bench.publish_good(5)
+    run_burst(bench.app)
+    assert sorted(bench.handled) == sorted([*good, "text-1"])
+    dead = bench.bus.dead_letters(bench.names.queue, limit=100)
+    assert len(dead) == len(poison)
+    assert all(r.reason.startswith("unreadable delivery: ") for r in dead)
+    raw = {r.body: r for r in dead if not r.attributes}
+    for case, item in poison[:5]:
+        assert raw[item].reason.startswith("unreadable delivery: not a Kombu message ("), case
+    by_case = {r.attributes["case"]: r for r in dead if r.attributes}
+    assert by_case["attempts"].reason == "unreadable delivery: x-hedwig-attempts is 'x', not a count"
+    assert by_case["body-number"].body == b""
+
+
+# -- publishing to topics nobody reads, or that do not exist ------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["amqp", "redis"])
+def test_a_topic_without_subscriptions_is_warned_about_once_and_a_missing_one_raises(
+    broker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bench = Bench(broker)
+    names = bench.names
+    try:
+        bench.bus.provision(None, [], [names.other_topic])  # a topic, and no queue subscribed to it
+        with caplog.at_level(logging.WARNING, logger="hedwig_tasks.transports.kombu"):
+            bench.bus.publish(names.other_topic, b"to nobody", {})
+            bench.bus.publish_many(names.other_topic, [(b"again", {}), (b"and again", {})])
+            bench.publish_good(1)  # a topic with a subscription: nothing to say
+        warned = [r.getMessage() for r in caplog.records if "has no subscription" in r.getMessage()]
+        assert len(warned) == 1
+        assert warned[0].startswith(f"topic {names.other_topic} has no subscription")
+        with pytest.raises(
+            PublishError, match=f"topic 'never-{names.topic}' does not exist: run `hedwig-tasks provision`"
+        ):
+            bench.bus.publish(f"never-{names.topic}", b"lost?", {})
+        bench.bus.publish(names.topic, b"after a refusal", {})  # the publisher goes on
+        consumer = bench.consumer()
+        assert {d.body for d in receive_n(consumer, 2)} >= {b"after a refusal"}
+        consumer.close()
+    finally:
+        bench.close()

@@ -311,3 +311,16 @@ def test_we_decode_authedwigs_newer_minor(container: bool) -> None:
     assert (got.type, got.version, got.id, got.data) == ("user-created", Version(1, 2), theirs.id, {"user_id": "U_9"})
     with pytest.raises(DecodeError, match="minor version 2 is newer"):
         JSONSchemaValidator(schema_knowing("1.0"), strict_minor=True).decode(payload.encode(), attributes)
+
+
+def test_a_body_nested_too_deep_to_parse_is_a_decode_error() -> None:
+    validator = JSONSchemaValidator(SCHEMA_FILE)
+    attributes = {
+        "hedwig_format_version": "1.0",
+        "hedwig_id": "6a8d6c4e-5d0e-4b8e-9a59-6ad1c0d3b1f1",
+        "hedwig_message_timestamp": "1795719926586",
+        "hedwig_publisher": "other",
+        "hedwig_schema": f"{validator.root}#/schemas/user-created/1.0",
+    }
+    with pytest.raises(DecodeError, match="nested too deep to parse"):
+        validator.decode(b"[" * 100_000, attributes)

@@ -217,6 +217,8 @@ class JSONSchemaValidator(Validator):
             payload = json.loads(body)
         except ValueError as exc:
             raise DecodeError(f"body is not valid JSON: {exc}") from None
+        except RecursionError:  # nested deeper than the parser goes: not data any schema takes
+            raise DecodeError("body is not valid JSON: nested too deep to parse") from None
         if "hedwig_schema" in attributes or "hedwig_id" in attributes:
             message_id, metadata, schema = read_meta_attributes(attributes)
             data = payload

@@ -12,6 +12,7 @@ Typed, versioned, schema-validated messages between services, handled by a worke
 
 from __future__ import annotations
 
+from hedwig_tasks._version import __version__ as __version__
 from hedwig_tasks.app import Hedwig
 from hedwig_tasks.exceptions import (
     ConfigurationError,
@@ -30,8 +31,6 @@ from hedwig_tasks.exceptions import (
 from hedwig_tasks.handler import Handler
 from hedwig_tasks.message import Message, Metadata, Version
 from hedwig_tasks.retry import RetryPolicy
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ConfigurationError",

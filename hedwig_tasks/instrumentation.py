@@ -16,6 +16,7 @@ from typing import Any
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from hedwig_tasks._version import __version__
 from hedwig_tasks.message import Message
 from hedwig_tasks.transports.base import Delivery
 
@@ -46,8 +47,6 @@ class Tracing:
 
     def __init__(self, *, enabled: bool = True, tracer_provider: Any = None) -> None:
         self.enabled = enabled
-        from hedwig_tasks import __version__
-
         self._tracer = trace.get_tracer("hedwig_tasks", __version__, tracer_provider=tracer_provider)
         self._own_provider = tracer_provider is not None
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import re
 import time
 import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from hedwig_tasks.app import Hedwig
+from typing import Any, TypeVar
 
 __all__ = ["Message", "Metadata", "Version", "VersionLike"]
+
+_M = TypeVar("_M", bound="Message")
 
 _VERSION_RE = re.compile(r"^\s*(\d+)\.(\d+)\s*$")
 _PARSED: dict[str, Version] = {}  # versions seen, by their text: a service meets only a few
@@ -106,7 +106,7 @@ class Message:
 
     @classmethod
     def new(
-        cls,
+        cls: builtins.type[_M],
         type: str,
         version: VersionLike,
         data: Any,
@@ -115,8 +115,8 @@ class Message:
         id: str | None = None,
         publisher: str = "",
         timestamp: int | None = None,
-    ) -> Message:
-        """Build a new message with a fresh id and the current time.
+    ) -> _M:
+        """Build a new message (of this class) with a fresh id and the current time.
 
         Raises ``TypeError`` for a type that is not a string and ``ValueError`` for a bad version.
         """
@@ -160,19 +160,6 @@ class Message:
     def delivery(self) -> Any:
         """The transport delivery this message came in, or None for one built locally."""
         return self.metadata.delivery
-
-    def publish(self, app: Hedwig | None = None) -> Message:
-        """Publish through ``app``, or, as in Hedwig, through the app built from settings.
-
-        Returns the message as sent (with the app's publisher and default headers). Raises
-        ``ValidationError``, ``RoutingError``, ``PublishError`` or, with no app and no settings,
-        ``ConfigurationError``.
-        """
-        if app is None:
-            from hedwig_tasks.conf import default_app
-
-            app = default_app()
-        return app.publish_message(self)
 
     def with_headers(self, headers: Mapping[str, str]) -> Message:
         """A copy whose headers are these merged over the current ones."""

@@ -222,7 +222,8 @@ def read_payload(channel: Any, raw: bytes | str) -> tuple[Any, str]:
 
     Beside parsing, Kombu's restore of an unacked message (a consumer died) needs ``properties``
     and its ``delivery_info`` to be objects and ``headers`` an object if there: else it drops it.
-    The fetch script checks the same (its ``tag_of``); keep the two alike.
+    The fetch script checks the shape alike (its ``tag_of``; keep the two so); only this checks
+    that the text is UTF-8, that Python's JSON parser takes it, and that Kombu can decode it.
     """
     try:
         text = raw if isinstance(raw, str) else raw.decode("utf-8")
@@ -361,6 +362,7 @@ class _Link:
         self.connect_timeout_s = connect_timeout_s
         self.connection: kombu.Connection | None = None
         self._channel: Any = None
+        self._pool: Any = None  # Redis: the pool of the channel's shared client
         self.generation = 0
 
     @property
@@ -373,7 +375,7 @@ class _Link:
                 connection.ensure_connection(max_retries=0)
                 self._channel = connection.channel()
                 if self.redis:
-                    _reuse_client(self._channel)
+                    self._pool = _reuse_client(self._channel).connection_pool
                     _guard_brpop(self._channel)
                 else:
                     self._channel.events["basic_return"].add(_on_return)
@@ -387,6 +389,7 @@ class _Link:
 
     def reset(self) -> None:
         connection, self.connection, self._channel = self.connection, None, None
+        pool, self._pool = self._pool, None
         if connection is None:
             return
         self.generation += 1  # receipts from this connection settle nothing from now on
@@ -395,6 +398,9 @@ class _Link:
             connection.release()
         except Exception as exc:  # a broken connection: there is nothing more to say to it
             logger.debug("closing a broken connection to %s: %s", _mask(self.url), exc)
+        if pool is not None:  # Kombu's Redis close restores what was unacked after closing its pools
+            with contextlib.suppress(Exception):
+                pool.disconnect()
         if getattr(raw, "_transport", None) is not None and hasattr(raw, "collect"):
             with contextlib.suppress(Exception):
                 raw.collect()  # py-amqp: close the socket without talking
@@ -415,7 +421,7 @@ class _Link:
         return self.connection.channel()
 
 
-def _reuse_client(channel: Any) -> None:
+def _reuse_client(channel: Any) -> Any:
     """Make a Kombu Redis channel run its commands on one client instead of a new one each time.
 
     Kombu builds a ``redis.Redis`` per ack, restore and publish (``conn_or_acquire``); with
@@ -429,6 +435,7 @@ def _reuse_client(channel: Any) -> None:
         yield given or client
 
     channel.conn_or_acquire = conn_or_acquire
+    return client
 
 
 def _send(

@@ -47,8 +47,8 @@ class Capabilities:
     #: a consumer can take some of its queue's topics and leave the others (False: one stream
     #: per queue carries every topic it is subscribed to, as an SQS queue does)
     per_topic_consumption: bool = True
-    #: ``status`` counts depth, in flight and dead letters (False: they are None, as Pub/Sub's
-    #: API reports no counts)
+    #: ``status`` counts depth, in flight and dead letters exactly and at once (False: some are
+    #: None or lag, as Pub/Sub's API reports no counts and RabbitMQ none of what is unacked)
     status_counts: bool = True
 
 

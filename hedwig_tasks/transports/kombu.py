@@ -129,7 +129,9 @@ class KombuTransport(Transport):
     """RabbitMQ or Redis through Kombu. Construction does no I/O; connecting is lazy."""
 
     scheme = "kombu"
-    capabilities = Capabilities(max_delay_s=float(DELAY_BUCKETS_S[-1]))
+    # RabbitMQ cannot count unacked messages over AMQP, and a lease that ran out is given back by
+    # the consumer at its next receive, so status() counts lag or are None.
+    capabilities = Capabilities(max_delay_s=float(DELAY_BUCKETS_S[-1]), status_counts=False)
 
     def __init__(
         self,

@@ -119,8 +119,7 @@ def _install_signals(worker: Worker) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    app = _app_of(args)
+def cmd_worker(args: argparse.Namespace, app: Hedwig) -> int:
     options = WorkerOptions(
         concurrency=args.concurrency,
         prefetch=args.prefetch,
@@ -170,8 +169,7 @@ def _parse_headers(pairs: Sequence[str]) -> dict[str, str]:
     return headers
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
-    app = _app_of(args)
+def cmd_publish(args: argparse.Namespace, app: Hedwig) -> int:
     try:
         data = json.loads(args.data)
     except ValueError as exc:
@@ -181,8 +179,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_provision(args: argparse.Namespace) -> int:
-    app = _app_of(args)
+def cmd_provision(args: argparse.Namespace, app: Hedwig) -> int:
     actions = app.provision(dry_run=args.dry_run)
     prefix = "would " if args.dry_run else ""
     for action in actions:
@@ -192,8 +189,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    app = _app_of(args)
+def cmd_status(args: argparse.Namespace, app: Hedwig) -> int:
     rows = app.transport.status(app.queue, app.subscribed_topics())
     print(f"{'subscription':40} {'depth':>8} {'in flight':>10} {'dead':>8}")
     for row in rows:
@@ -214,8 +210,7 @@ def _describe_dead(record: DeadLetterRecord) -> dict[str, Any]:
     }
 
 
-def cmd_dlq(args: argparse.Namespace) -> int:
-    app = _app_of(args)
+def cmd_dlq(args: argparse.Namespace, app: Hedwig) -> int:
     if args.action == "list":
         records = app.transport.dead_letters(app.queue, limit=args.limit)
         for record in records:
@@ -364,13 +359,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.limit = 100
     _configure_logging(args.loglevel, args.log_format)
     try:
-        code: int = args.func(args)
+        app = _app_of(args)
+        try:
+            code: int = args.func(args, app)
+        finally:
+            _close_transport(app)
     except HedwigError as exc:
         from hedwig_tasks.exceptions import TransportError
 
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TRANSPORT if isinstance(exc, TransportError) else EXIT_CONFIG
     return code
+
+
+def _close_transport(app: Hedwig) -> None:
+    """Free the connections the command opened (and flush what a transport batches), if any."""
+    if app._transport is not None:  # never built: nothing to close, and nothing to connect now
+        app._transport.close()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import runpy
 import shutil
 import signal
@@ -38,6 +40,17 @@ def quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
         signal.signal(number, handler)
 
 
+def open_files_under(folder: Path) -> list[str]:
+    """What this process holds open in ``folder`` (the bus file, its -wal and -shm), from /proc."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listing the directory itself is gone by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(f"{folder}{os.sep}"):
+                found.append(target)
+    return found
+
+
 def test_publish_before_provisioning_fails_and_says_how(quickstart: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = '{"user_id": "U1", "email": "u1@example.com"}'
     assert main(["publish", "-A", "tasks", "user-created", "1.0", data]) == EXIT_TRANSPORT
@@ -67,6 +80,7 @@ def test_provision_publish_then_a_burst_worker(
     assert capsys.readouterr().out.count("published user-created 1.0 id=") == 2
 
     assert main(["worker", "-A", "tasks", "--burst"]) == EXIT_OK
+    assert open_files_under(quickstart / ".hedwig") == []  # the command closed the bus it opened
     sent = sorted(r.getMessage() for r in caplog.records if r.name == "quickstart")
     assert sent == [
         "e-mail to user1@example.com: Welcome! (request signup-1)",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -166,6 +169,58 @@ def test_close_then_use_reconnects(tmp_path: Path) -> None:
     bus.publish("t", b"after close", {})
     assert [d.body for d in bus.consumer("q", ["t"]).receive(1, wait_s=0)] == [b"after close"]
     bus.close()
+
+
+def files_open_on(bus_file: Path) -> list[str]:
+    """What this process holds open of the bus file (and its -wal and -shm), from /proc."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listing the directory itself is gone by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(bus_file)):
+                found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_a_threads_connection_is_closed_when_the_thread_ends(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.close()
+    assert files_open_on(bus.path) == []
+    threads = [threading.Thread(target=bus.publish, args=("t", b"x", {})) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert files_open_on(bus.path) == []  # a worker's threads leave nothing open behind them
+    assert bus.status("q", ["t"])[0].depth == 3
+    assert files_open_on(bus.path) != []  # this thread's connection stays open until close()
+    bus.close()
+    assert files_open_on(bus.path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_a_dropped_transport_closes_its_connections(tmp_path: Path) -> None:
+    path = tmp_path / "bus.db"
+    buses = [SQLiteTransport(path)]  # the only reference, so that clearing it drops the transport
+    buses[0].provision("q", ["t"], [])
+    ready, done = threading.Event(), threading.Event()
+
+    def hold_a_connection() -> None:
+        buses[0].publish("t", b"x", {})
+        ready.set()
+        done.wait(10)
+
+    holder = threading.Thread(target=hold_a_connection)
+    holder.start()
+    ready.wait(10)
+    assert files_open_on(path) != []
+    buses.clear()
+    gc.collect()
+    assert files_open_on(path) == []  # this thread's connection and the live thread's alike
+    done.set()
+    holder.join()
 
 
 def test_threads_publishing_and_receiving_at_once(tmp_path: Path) -> None:

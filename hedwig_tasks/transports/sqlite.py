@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -194,6 +195,39 @@ def _options(query: str) -> dict[str, float]:
     return {name: _positive(name, values[-1]) for name, values in given.items()}
 
 
+class _Slot:
+    """One thread's connection to the bus, kept in that thread's local storage.
+
+    Python drops a thread's local storage when the thread ends, and every thread's when the
+    transport goes; the slot then closes its connection, so a worker's threads (or a dropped
+    transport) do not leave connections open behind them. A connection another process
+    opened (before a fork) is never touched.
+    """
+
+    __slots__ = ("__weakref__", "connection", "key")
+
+    def __init__(
+        self,
+        key: tuple[int, int],
+        connection: sqlite3.Connection,
+        registry: set[tuple[int, sqlite3.Connection]],
+        lock: threading.RLock,
+    ) -> None:
+        self.key = key  # (pid, generation) it was opened in
+        self.connection = connection
+        weakref.finalize(self, _close_slot, key[0], connection, registry, lock)
+
+
+def _close_slot(
+    pid: int, connection: sqlite3.Connection, registry: set[tuple[int, sqlite3.Connection]], lock: threading.RLock
+) -> None:
+    if pid != os.getpid():  # a parent's: leave it referenced, never closed here
+        return
+    with lock:
+        registry.discard((pid, connection))
+    connection.close()  # closing twice (after SQLiteTransport.close) is harmless
+
+
 class SQLiteTransport(Transport):
     """A bus in one SQLite file (WAL mode), with one connection per thread and process."""
 
@@ -214,9 +248,10 @@ class SQLiteTransport(Transport):
         self.lease_s = lease_s
         self.busy_timeout_s = busy_timeout_s
         self.clock = clock
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[tuple[int, sqlite3.Connection]] = []  # (pid, connection)
+        self._local = threading.local()  # each thread's _Slot
+        # Reentrant: a slot dropped while this thread holds it closes its connection under it.
+        self._lock = threading.RLock()
+        self._connections: set[tuple[int, sqlite3.Connection]] = set()  # (pid, connection), open ones
         self._generation = 0  # bumped by close(), so threads reconnect afterwards
         self._topics: set[str] = set()  # known to exist; topics are never removed
         self._warned: set[str] = set()  # topics already warned of as having no subscription
@@ -245,12 +280,11 @@ class SQLiteTransport(Transport):
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened (with the schema ensured) on first use."""
         key = (os.getpid(), self._generation)
-        local = self._local
-        if getattr(local, "key", None) != key:
-            local.connection = self._connect()
-            local.key = key
-        connection: sqlite3.Connection = local.connection
-        return connection
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        if slot is None or slot.key != key:
+            slot = _Slot(key, self._connect(), self._connections, self._lock)
+            self._local.slot = slot  # the slot it replaces, if any, closes its own connection
+        return slot.connection
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +303,7 @@ class SQLiteTransport(Transport):
             connection.close()
             raise
         with self._lock:
-            self._connections.append((os.getpid(), connection))
+            self._connections.add((os.getpid(), connection))
         return connection
 
     @contextlib.contextmanager
@@ -301,12 +335,14 @@ class SQLiteTransport(Transport):
 
     def close(self) -> None:
         """Close every connection this process opened; a later call reconnects."""
+        pid = os.getpid()
         with self._lock:
-            connections, self._connections = self._connections, []
+            # A parent's connections (after a fork) stay referenced: never closed, nor collected, here.
+            mine = {entry for entry in self._connections if entry[0] == pid}
+            self._connections -= mine
             self._generation += 1
-        for pid, connection in connections:
-            if pid == os.getpid():  # never touch a parent's connection after a fork
-                connection.close()
+        for _, connection in mine:
+            connection.close()
 
     # -- publishing -------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """In-process transport, for unit tests and eager runs.
 
 Features: fan-out to every subscribed queue, leases with visibility deadlines, attempt counts,
-delayed retries, dead letters with reasons. Nothing survives the process.
+delayed retries, dead letters with reasons. Nothing survives the process. As on every
+transport, publishing never provisions: a topic that does not exist raises ``PublishError``,
+and a message to a topic no queue subscribes to is kept nowhere (with a warning, once per topic).
 
 Connection string: ``memory://`` (each URL builds a new, empty bus).
 

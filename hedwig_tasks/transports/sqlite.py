@@ -6,6 +6,11 @@ write is one ``BEGIN IMMEDIATE`` transaction, so however many worker and publish
 share the file, a message is claimed by one consumer at a time and a fan-out publish lands in
 every subscription or in none. Deadlines use the wall clock, which all processes share.
 
+Like the cloud transports, publishing never provisions: a publish to a topic that does not
+exist raises ``PublishError``, and one to a topic no queue subscribes to is kept nowhere (with
+a warning, once per topic). Rows another program wrote with fields that cannot be read (say,
+attributes that are not a JSON object of strings) are received with ``Delivery.fault`` set.
+
 Connection string: ``sqlite:///relative/path.db`` (from the working directory) or
 ``sqlite:////absolute/path.db``. The parent directory and the file are created on first use,
 never at construction.

@@ -34,7 +34,8 @@ class TestRabbitMQWorkers(WorkerContract):
 
 # Kombu keeps one unacked store per Redis database, and a worker restores from it whatever is
 # older than its own visibility timeout, whoever holds it: workers with a 1 s lease beside ones
-# with a 30 s lease would take the others' messages back. Under xdist these run one at a time.
+# with a 30 s lease would take the others' messages back. Under xdist these run one at a time:
+# .ci/run's --dist loadscope keeps a class in one process, and the group does the same for loadgroup.
 @pytest.mark.xdist_group("redis-workers")
 class TestRedisWorkers(WorkerContract):
     # A killed worker's messages come back after Kombu's visibility timeout (lease plus a grace)

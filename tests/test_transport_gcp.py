@@ -188,3 +188,29 @@ def test_ack_is_sent_when_it_returns(gcp: GooglePubSubTransport, emulator_host: 
         other._client("subscriber").modify_ack_deadline(subscription=path, ack_ids=ack_ids, ack_deadline_seconds=0)
     assert consumer.receive(10, wait_s=1.5) == []
     other.close()
+
+
+def test_provisioning_the_same_names_at_once_from_many_processes_succeeds(emulator_host: str) -> None:
+    # Each transport reads "not there" and creates: all but one creation meet AlreadyExists.
+    import threading
+
+    queue, topic = f"q-{tag()}", f"t-{tag()}"
+    transports = [gcp_transport(emulator_host) for _ in range(6)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(transports))
+
+    def provision(transport: GooglePubSubTransport) -> None:
+        barrier.wait(10)
+        try:
+            transport.provision(queue, [topic], [topic])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=provision, args=(t,)) for t in transports]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for transport in transports:
+        transport.close()
+    assert errors == []

@@ -81,7 +81,7 @@ class _Provisioner:
         self.actions.append(f"create topic {described}: {path}")
         self._created.add(path)
         if not self.dry_run:
-            with contextlib.suppress(google_exceptions.AlreadyExists), _boundary(f"creating topic {path}"):
+            with _boundary(f"creating topic {path}"), contextlib.suppress(google_exceptions.AlreadyExists):
                 self.publisher.create_topic(name=path, timeout=CALL_TIMEOUT_S)
 
     def subscription(self, queue: str, topic: str | None, topic_path: str, dlq: str | None) -> None:
@@ -117,7 +117,7 @@ class _Provisioner:
                 f"subscribe {queue} to {what}: {name} (dead letters after {transport.max_delivery_attempts} deliveries)"
             )
         if not self.dry_run:
-            with contextlib.suppress(google_exceptions.AlreadyExists), _boundary(f"creating subscription {name}"):
+            with _boundary(f"creating subscription {name}"), contextlib.suppress(google_exceptions.AlreadyExists):
                 self.subscriber.create_subscription(request=request, timeout=CALL_TIMEOUT_S)
 
 

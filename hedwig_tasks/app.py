@@ -238,7 +238,7 @@ class Hedwig:
         """Send a ready :class:`Message` (from :meth:`message` or ``Message.new``); returns it as sent."""
         message = self._complete(message)
         route = self.router.route(message.type, message.major_version)
-        with self.tracing.publishing(message, route.topic, self.transport.scheme) as trace_headers:
+        with self.tracing.publishing(message, route.topic, self.transport.messaging_system) as trace_headers:
             if trace_headers:
                 message = message.with_headers(trace_headers)
             encoded = self.validator.encode(message, container=self.container)

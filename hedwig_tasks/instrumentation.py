@@ -22,17 +22,6 @@ from hedwig_tasks.transports.base import Delivery
 
 __all__ = ["Tracing"]
 
-#: ``messaging.system`` for each transport scheme, as the semantic conventions name them.
-MESSAGING_SYSTEMS = {
-    "aws": "aws_sqs",
-    "gcp": "gcp_pubsub",
-    "amqp": "rabbitmq",
-    "redis": "redis",
-    "sqlite": "sqlite",
-    "memory": "memory",
-}
-
-
 #: Attributes that carry trace context; without an SDK only these make a span worth starting.
 _CARRIED = frozenset({"traceparent", "tracestate", "baggage"})
 
@@ -55,14 +44,14 @@ class Tracing:
         return not self._own_provider and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
     @contextlib.contextmanager
-    def publishing(self, message: Message, topic: str, scheme: str) -> Iterator[dict[str, str]]:
+    def publishing(self, message: Message, topic: str, system: str) -> Iterator[dict[str, str]]:
         """A PRODUCER span around one publish; yields the trace headers to send with it."""
         headers: dict[str, str] = {}
         if not self.enabled or (self._noop() and not _has_context()):
             yield headers
             return
         attributes = {
-            "messaging.system": MESSAGING_SYSTEMS.get(scheme, scheme),
+            "messaging.system": system,
             "messaging.operation.type": "send",
             "messaging.operation.name": "publish",
             "messaging.destination.name": topic,
@@ -75,14 +64,14 @@ class Tracing:
             yield headers
 
     @contextlib.contextmanager
-    def processing(self, delivery: Delivery, scheme: str) -> Iterator[Span | None]:
+    def processing(self, delivery: Delivery, system: str) -> Iterator[Span | None]:
         """A CONSUMER span around the handling of one delivery, child of the publisher's span."""
         if not self.enabled or (self._noop() and not _CARRIED.intersection(delivery.attributes)):
             yield None
             return
         parent = propagate.extract(dict(delivery.attributes))
         attributes = {
-            "messaging.system": MESSAGING_SYSTEMS.get(scheme, scheme),
+            "messaging.system": system,
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
             "messaging.destination.subscription.name": delivery.subscription,

@@ -188,7 +188,7 @@ class Metrics:
         now = time.monotonic()
         if self.worker is not None and now - read_at >= self._depth_every_s:
             try:
-                rows = self.app.transport.status(self.app.queue, self.worker.topics)
+                rows = self.app.transport.counts(self.app.queue, self.worker.topics)
             except Exception:  # a metrics scrape must never fail because the broker is slow
                 rows = []
             self._depth = (now, rows)

@@ -119,7 +119,10 @@ class Worker:
         self.last_beat = time.monotonic()  #: when the receive loop last came round
         self.ready = False  #: connected and consuming: a receive has succeeded
         self._last_hook_beat = 0.0
-        self.lease_s = self.options.lease_s or app.transport.lease_s
+        capabilities = app.transport.capabilities
+        lease_s = self.options.lease_s or app.transport.lease_s
+        self.lease_s = min(lease_s, capabilities.max_lease_s or lease_s)  #: what each extension asks for
+        self._max_delay_s = capabilities.max_delay_s
         signals.send(signals.worker_init, app, worker=self)
 
     # -- public -------------------------------------------------------------------------------
@@ -166,7 +169,7 @@ class Worker:
 
     def _connect(self) -> Consumer:
         transport = self.app.transport
-        if getattr(transport, "scheme", "") in ("memory", "sqlite"):
+        if transport.capabilities.local:
             self.app.provision()
         held = self.options.concurrency + self.options.prefetch
         return transport.consumer(self.app.queue, self.topics, max_outstanding=held)
@@ -244,7 +247,7 @@ class Worker:
     def _idle(self) -> bool:
         if self.held or not self._acks.empty():
             return False
-        statuses = self.app.transport.status(self.app.queue, self.topics)
+        statuses = self.app.transport.counts(self.app.queue, self.topics)
         if any(s.depth or s.in_flight for s in statuses):
             return False
         if all(s.depth is not None for s in statuses):
@@ -400,7 +403,7 @@ class Worker:
 
     def _process(self, delivery: Delivery) -> None:
         """Handle one delivery, inside its consumer span."""
-        with self.app.tracing.processing(delivery, self.app.transport.scheme) as span:
+        with self.app.tracing.processing(delivery, self.app.transport.messaging_system) as span:
             action, error, reason = self._handle(delivery, span)
             Tracing.outcome(span, action, error, reason)
 
@@ -494,7 +497,7 @@ class Worker:
             self._local.settled = "ack"
             self._acks.put(delivery)
         elif outcome.action == "retry":
-            delay_s = outcome.delay_s
+            delay_s = outcome.delay_s if self._max_delay_s is None else min(outcome.delay_s, self._max_delay_s)
             self._local.settled = "retry"
             self._settle("retry", self._consumer.retry_later, delivery, delay_s)
             with self._held_lock:

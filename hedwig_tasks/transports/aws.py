@@ -100,12 +100,12 @@ class AWSTransport(Transport):
     """SNS topics and SQS queues in one account and region; clients are made on first use."""
 
     scheme = "aws"
+    messaging_system = "aws_sqs"
     capabilities = Capabilities(
         text_only=True,
         max_delay_s=float(MAX_VISIBILITY_S),
         max_lease_s=float(MAX_VISIBILITY_S),
         max_receive_batch=BATCH * MAX_POLLERS,
-        max_publish_batch=BATCH,
         max_attributes=MAX_ATTRIBUTES,
         per_topic_consumption=False,  # one SQS queue per app carries every topic it subscribes to
     )

@@ -36,14 +36,23 @@ Progress = Callable[[int, "int | None"], None]
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What a transport can do natively; the worker adapts to it."""
+    """What a transport can do natively; the core adapts to it and enforces its limits.
+
+    The app refuses a publish with more than ``max_attributes`` attributes; the worker clamps a
+    retry delay to ``max_delay_s`` and a lease extension to ``max_lease_s``, asks a receive for
+    at most ``max_receive_batch``, and provisions a ``local`` bus's subscriptions itself. A
+    memory transport built with another transport's capabilities catches that one's limits
+    in unit tests.
+    """
 
     text_only: bool = False  #: bodies must be text (binary ones are base64-encoded)
     max_delay_s: float | None = None  #: longest retry delay it keeps (None: no limit)
     max_lease_s: float | None = None  #: longest single lease extension (None: no limit)
     max_receive_batch: int = 1000  #: most deliveries one receive returns
-    max_publish_batch: int = 1000  #: most messages one publish call carries
     max_attributes: int | None = None  #: most attributes a message may carry
+    #: the bus lives on this machine and costs nothing to set up, so a worker provisions its own
+    #: subscriptions when it starts (the SQLite bus, memory); elsewhere that is ``provision``'s job
+    local: bool = False
     #: a consumer can take some of its queue's topics and leave the others (False: one stream
     #: per queue carries every topic it is subscribed to, as an SQS queue does)
     per_topic_consumption: bool = True
@@ -134,10 +143,13 @@ class Transport(abc.ABC):
     """A broker backend, chosen by URL. Construction does no I/O; connecting is lazy."""
 
     scheme: ClassVar[str]
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: What it can do natively (an instance may carry other limits than its class's).
+    capabilities: Capabilities = Capabilities()
     #: How long a receive leases a delivery before it is offered again, in seconds; the worker's
     #: lease keeper extends by this much.
     lease_s: float = 30.0
+    #: The ``messaging.system`` its spans report, as OpenTelemetry's semantic conventions name it.
+    messaging_system: str = "unknown"
 
     @classmethod
     @abc.abstractmethod
@@ -191,7 +203,20 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
-        """Depth, in flight and dead letters for each of ``queue``'s subscriptions."""
+        """Depth, in flight and dead letters for each of ``queue``'s subscriptions, in full.
+
+        For the ``status`` command; it may read a lot (browse dead letters, scan unacked
+        stores). The worker and the metrics endpoint ask :meth:`counts` instead.
+        """
+
+    def counts(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
+        """What :meth:`status` says, as far as the broker tells it cheaply: a few round trips.
+
+        Asked by a burst worker each time a receive comes back empty and by every metrics
+        scrape. A field the broker cannot count cheaply is None. The default is
+        :meth:`status`; a transport whose status is costly overrides this.
+        """
+        return self.status(queue, topics)
 
     @abc.abstractmethod
     def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:

@@ -102,12 +102,12 @@ class GooglePubSubTransport(Transport):
     """Topics and subscriptions of one Google Cloud project; clients are made on first use."""
 
     scheme = "gcp"
+    messaging_system = "gcp_pubsub"
     capabilities = Capabilities(
         text_only=False,
         max_delay_s=None,  # past 600 s, retries are republished with a not-before time
         max_lease_s=float(MAX_ACK_DEADLINE_S),
         max_receive_batch=MAX_BATCH,
-        max_publish_batch=MAX_BATCH,
         max_attributes=MAX_ATTRIBUTES,
         status_counts=False,  # Pub/Sub's API has no counts (they are Cloud Monitoring metrics)
     )

@@ -148,6 +148,7 @@ class KombuTransport(Transport):
             raise ConfigurationError(f"the kombu transport speaks amqp:// and redis://, not {scheme}://")
         self.url = url
         self.redis = scheme.startswith("redis")
+        self.messaging_system = "redis" if self.redis else "rabbitmq"
         self.lease_s = lease_s
         self.connect_timeout_s = connect_timeout_s
         self.clock = clock

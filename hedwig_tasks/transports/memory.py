@@ -58,7 +58,8 @@ class MemoryTransport(Transport):
     """A whole bus in a dict, guarded by one condition variable."""
 
     scheme = "memory"
-    capabilities = Capabilities()
+    capabilities = Capabilities(local=True)
+    messaging_system = "memory"
 
     def __init__(self, *, lease_s: float = DEFAULT_LEASE_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.lease_s = lease_s

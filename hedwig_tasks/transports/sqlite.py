@@ -237,7 +237,8 @@ class SQLiteTransport(Transport):
     """A bus in one SQLite file (WAL mode), with one connection per thread and process."""
 
     scheme = "sqlite"
-    capabilities = Capabilities(text_only=False)
+    capabilities = Capabilities(local=True)
+    messaging_system = "sqlite"
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hedwig_tasks import signals
-from hedwig_tasks.exceptions import ConfigurationError, HandlerNotFound, RoutingError
+from hedwig_tasks.exceptions import ConfigurationError, HandlerNotFound, PublishError, RoutingError
 from hedwig_tasks.handler import Handler
 from hedwig_tasks.instrumentation import Tracing
 from hedwig_tasks.message import Message, VersionLike
@@ -20,8 +20,8 @@ from hedwig_tasks.registry import Registry, parse_majors
 from hedwig_tasks.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from hedwig_tasks.routing import DEFAULT_TOPIC, Route, Router
 from hedwig_tasks.transports import DEFAULT_URL, from_url
-from hedwig_tasks.transports.base import Transport
-from hedwig_tasks.validators.base import Encoded, Validator, from_transport, to_transport
+from hedwig_tasks.transports.base import Delivery, Transport
+from hedwig_tasks.validators.base import Validator, from_transport, to_transport
 
 __all__ = ["Hedwig", "Hooks"]
 
@@ -33,17 +33,20 @@ TRANSPORT_ENV = "HEDWIG_TRANSPORT_URL"
 DefaultHeaders = Callable[[Message], Mapping[str, str]] | Mapping[str, str] | None
 
 
-def _validator_for(schema: Any) -> Validator:
+def _validator_for(schema: Any, *, strict_minor: bool) -> Validator:
     if isinstance(schema, Validator):
+        if strict_minor and not schema.strict_minor:
+            raise ConfigurationError("strict_minor: build the validator given as schema with strict_minor=True")
         return schema
     if isinstance(schema, (str, Path, Mapping)):
         from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
 
-        return JSONSchemaValidator(schema)
+        return JSONSchemaValidator(schema, strict_minor=strict_minor)
     if isinstance(schema, types.ModuleType) or isinstance(schema, Iterable):
         from hedwig_tasks.validators.protobuf import ProtobufValidator, messages_of
 
-        return ProtobufValidator(messages_of(schema) if isinstance(schema, types.ModuleType) else schema)
+        classes = messages_of(schema) if isinstance(schema, types.ModuleType) else schema
+        return ProtobufValidator(classes, strict_minor=strict_minor)
     raise ConfigurationError(
         f"schema: expected a JSON-Schema file path, a protobuf module or a Validator, got {schema!r}"
     )
@@ -77,8 +80,10 @@ class Hedwig:
     ``transport`` is a URL or a :class:`Transport`; by default ``$HEDWIG_TRANSPORT_URL`` at
     first use, else the embedded bus ``sqlite:///.hedwig/bus.db``. ``container`` publishes
     Hedwig's container form instead of transport attributes. ``subscriptions`` names the
-    topics to consume when they are not simply those of the handlers. Nothing connects until
-    used.
+    topics to consume when they are not simply those of the handlers. ``strict_minor``
+    dead-letters a received message whose minor version is newer than the schema knows
+    (by default it is accepted and validated against its major's schema, as Hedwig does).
+    Nothing connects until used.
     """
 
     def __init__(
@@ -98,13 +103,14 @@ class Hedwig:
         subscriptions: Sequence[str] | None = None,
         hooks: Hooks | None = None,
         tracing: bool = True,
+        strict_minor: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name: expected the service's name, got {name!r}")
         self.name = name
         self.queue = queue or name
         self.publisher = name if publisher is None else publisher
-        self.validator = _validator_for(schema)
+        self.validator = _validator_for(schema, strict_minor=strict_minor)
         self.router = Router(routing, default=default_topic)
         self.registry = Registry()
         self.container = container
@@ -241,31 +247,58 @@ class Hedwig:
         with self.tracing.publishing(message, route.topic, self.transport.messaging_system) as trace_headers:
             if trace_headers:
                 message = message.with_headers(trace_headers)
-            encoded = self.validator.encode(message, container=self.container)
+            # eager runs take the strictest path (text only), so encoding errors surface in tests
+            body, attributes = self.encode(message, text_only=True if self.eager else None)
             signals.send(signals.before_publish, self, message=message, topic=route.topic)
-            transport_id = self._send(message, encoded, route)
+            transport_id = self._send(message, body, attributes, route)
         signals.send(signals.after_publish, self, message=message, topic=route.topic, transport_id=transport_id)
         return message
 
-    def _send(self, message: Message, encoded: Encoded, route: Route) -> str:
+    def _send(self, message: Message, body: bytes, attributes: dict[str, str], route: Route) -> str:
         if self.eager:
-            self._run_eagerly(encoded)
+            self._run_eagerly(Delivery(body, attributes, attempt=1, receipt=None, subscription="eager"))
             return "eager"
-        body, attributes = to_transport(encoded, text_only=self.transport.capabilities.text_only)
+        limit = self.transport.capabilities.max_attributes
+        if limit is not None and len(attributes) > limit:
+            raise PublishError(
+                f"publish {message.type} {message.version} id={message.id} to {route.topic!r}: "
+                f"{len(attributes)} attributes, and {type(self.transport).__name__} carries at most {limit}; "
+                "send fewer headers or publish the container form (container=True)"
+            )
         transport_id = self.transport.publish(route.topic, body, attributes, owner=route.owner)
         logger.debug("published %s %s id=%s to %s", message.type, message.version, message.id, route.topic)
         return transport_id
 
-    def _run_eagerly(self, encoded: Encoded) -> None:
+    def _run_eagerly(self, delivery: Delivery) -> None:
         # The same round trip a worker sees, so schema and encoding errors surface in tests.
-        body, attributes = to_transport(encoded, text_only=True)
-        message = self.validator.decode(from_transport(body, attributes), attributes)
+        message = self.decode(delivery)
         try:
             handler = self.handler_for(message)
         except HandlerNotFound:
             logger.debug("eager: no local handler for %s %s id=%s", message.type, message.version, message.id)
             return
         handler.run(message)
+
+    # -- the wire -----------------------------------------------------------------------------
+
+    def encode(self, message: Message, *, text_only: bool | None = None) -> tuple[bytes, dict[str, str]]:
+        """The body and attributes that carry ``message`` on the wire, in this app's form.
+
+        ``text_only`` (by default the transport's) base64-encodes a binary body, as Hedwig does
+        on SQS. Raises ``ValidationError`` naming the field, or a minor the schema does not know.
+        """
+        if text_only is None:
+            text_only = self.transport.capabilities.text_only
+        encoded = self.validator.encode(message, container=self.container)
+        return to_transport(encoded, text_only=text_only)
+
+    def decode(self, delivery: Delivery) -> Message:
+        """The validated message a delivery carries, with the delivery attached.
+
+        Raises ``DecodeError`` saying what is wrong (the worker dead-letters it with that reason).
+        """
+        body = from_transport(delivery.body, delivery.attributes)
+        return self.validator.decode(body, delivery.attributes).with_metadata(delivery=delivery)
 
     def __repr__(self) -> str:
         return f"<Hedwig {self.name!r} queue={self.queue!r} handlers={len(self.registry)}>"

@@ -61,11 +61,17 @@ class Handler:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
-    def run(self, message: Message) -> Any:
-        """Run on one message; an ``async def`` handler runs to completion on a fresh loop."""
-        if self.is_async:
+    def run(self, message: Message, *, loop: asyncio.AbstractEventLoop | None = None) -> Any:
+        """Run on one message; an ``async def`` handler runs to completion on ``loop``.
+
+        Without a loop an ``async`` handler gets a fresh one (eager mode); the worker passes
+        each handler thread's own loop, so one is not built per message.
+        """
+        if not self.is_async:
+            return self.fn(message)
+        if loop is None:
             return asyncio.run(self.fn(message))
-        return self.fn(message)
+        return loop.run_until_complete(self.fn(message))
 
     @property
     def retry_policy(self) -> RetryPolicy:

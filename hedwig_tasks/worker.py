@@ -32,7 +32,6 @@ from hedwig_tasks.instrumentation import Tracing
 from hedwig_tasks.message import Message
 from hedwig_tasks.retry import Outcome, decide
 from hedwig_tasks.transports.base import Consumer, Delivery
-from hedwig_tasks.validators.base import from_transport
 
 __all__ = ["Worker", "WorkerOptions"]
 
@@ -423,8 +422,7 @@ class Worker:
             self._dead_letter(delivery, None, reason)
             return "dead_letter", None, reason
         try:
-            body = from_transport(delivery.body, delivery.attributes)
-            message = app.validator.decode(body, delivery.attributes).with_metadata(delivery=delivery)
+            message = app.decode(delivery)
         except DecodeError as exc:
             signals.send(signals.message_invalid, app, delivery=delivery, error=exc)
             self._dead_letter(delivery, None, f"invalid message: {exc}")
@@ -443,16 +441,13 @@ class Worker:
         started = time.perf_counter()
         error: Exception | None = None
         try:
-            if handler.is_async:
-                self._event_loop().run_until_complete(handler.fn(message))
-            else:
-                handler.fn(message)
+            handler.run(message, loop=self._event_loop() if handler.is_async else None)
         except Exception as exc:
             error = exc
         duration_s = time.perf_counter() - started
         outcome = decide(handler.retry_policy, error, delivery.attempt)
         self._report(handler, message, error, duration_s, outcome)
-        self._carry_out(outcome, delivery, message)
+        self._carry_out(outcome, delivery, message, handler)
         return outcome.action, error, outcome.reason
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
@@ -488,7 +483,7 @@ class Worker:
         else:
             logger.error("failed %s: %s", tag, outcome.reason, exc_info=error, extra=fields)
 
-    def _carry_out(self, outcome: Outcome, delivery: Delivery, message: Message) -> None:
+    def _carry_out(self, outcome: Outcome, delivery: Delivery, message: Message, handler: Handler) -> None:
         assert self._consumer is not None
         if outcome.action == "ack":
             post = self.app.hooks.post_process
@@ -507,7 +502,7 @@ class Worker:
                 signals.handler_retried,
                 self.app,
                 message=message,
-                handler=self.app.handler_for(message),
+                handler=handler,
                 error=outcome.reason,
                 delay_s=delay_s,
                 attempt=delivery.attempt,

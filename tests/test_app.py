@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -238,3 +239,44 @@ def test_nothing_happens_at_construction(tmp_path: Any, monkeypatch: pytest.Monk
     app.handler("send_email", "1.*")(lambda message: None)
     assert list(tmp_path.iterdir()) == []
     assert "lazy" in repr(app)
+
+
+def test_strict_minor_reaches_the_validator_built_from_the_schema(schema_file: Path) -> None:
+    from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
+
+    assert Hedwig("lenient", schema=schema_file).validator.strict_minor is False
+    assert Hedwig("strict", schema=schema_file, strict_minor=True).validator.strict_minor is True
+    ready = JSONSchemaValidator(schema_file)
+    with pytest.raises(ConfigurationError, match="strict_minor"):
+        Hedwig("strict", schema=ready, strict_minor=True)
+
+
+def test_the_app_encodes_and_decodes_one_way_for_publish_eager_and_worker(schema_file: Path) -> None:
+    from hedwig_tasks.transports.base import Delivery
+
+    app = Hedwig("wire", schema=schema_file, transport="memory://")
+    sent = app.message("user-created", "1.0", {"user_id": "U1"}, headers={"request_id": "r"})
+    body, attributes = app.encode(sent)
+    assert attributes["hedwig_schema"].endswith("/user-created/1.0")
+    delivery = Delivery(body, attributes, attempt=3, receipt=None, subscription="s")
+    got = app.decode(delivery)
+    assert (got.id, got.data, dict(got.headers), got.delivery) == (
+        sent.id,
+        {"user_id": "U1"},
+        {"request_id": "r"},
+        delivery,
+    )
+
+
+def test_a_publish_over_the_transports_attribute_limit_fails_before_sending(schema_file: Path) -> None:
+    import dataclasses
+
+    from hedwig_tasks.transports.memory import MemoryTransport
+
+    bus = MemoryTransport()
+    bus.capabilities = dataclasses.replace(bus.capabilities, max_attributes=10)  # AWS's limit
+    app = Hedwig("limits", schema=schema_file, transport=bus)
+    app.provision()
+    app.publish("user-created", "1.0", {"user_id": "U"}, headers={f"h{i}": "v" for i in range(4)})
+    with pytest.raises(PublishError, match=r"12 attributes, and MemoryTransport carries at most 10"):
+        app.publish("user-created", "1.0", {"user_id": "U"}, headers={f"h{i}": "v" for i in range(6)})

@@ -145,6 +145,18 @@ class Hedwig:
                     self._transport = from_url(str(spec))
         return self._transport
 
+    def close(self) -> None:
+        """Close the transport, if it was ever used (flushing what it buffered).
+
+        A transport built from a URL is built again on next use; one passed in is closed.
+        """
+        with self._lock:
+            transport = self._transport
+            if not isinstance(self._transport_spec, Transport):
+                self._transport = None
+        if transport is not None:
+            transport.close()
+
     def subscribed_topics(self) -> list[str]:
         """The topics this app consumes: ``subscriptions`` if given, else its handlers' topics.
 

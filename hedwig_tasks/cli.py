@@ -363,19 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             code: int = args.func(args, app)
         finally:
-            _close_transport(app)
+            app.close()
     except HedwigError as exc:
         from hedwig_tasks.exceptions import TransportError
 
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TRANSPORT if isinstance(exc, TransportError) else EXIT_CONFIG
     return code
-
-
-def _close_transport(app: Hedwig) -> None:
-    """Free the connections the command opened (and flush what a transport batches), if any."""
-    if app._transport is not None:  # never built: nothing to close, and nothing to connect now
-        app._transport.close()
 
 
 if __name__ == "__main__":

@@ -148,7 +148,9 @@ def handler(message_type: str, pattern: Any = "1.*", **options: Any) -> Any:
 def reset() -> None:
     """Forget the configured settings and the default app (for tests)."""
     with _default_lock:
-        _default.clear()
+        app = _default.pop("app", None)
+    if app is not None:
+        app.close()
     settings.reset()
 
 

@@ -28,6 +28,7 @@ class Running:
 
     def __init__(self, app: Hedwig, **options: Any) -> None:
         options.setdefault("wait_s", 0.05)
+        app.provision()  # the worker would, in its thread; the test publishes straight away
         self.worker = Worker(app, WorkerOptions(**options))
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)

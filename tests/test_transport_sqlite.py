@@ -72,7 +72,7 @@ def test_url_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "complaint"),
     [
-        ("sqlite:///bus.db?lease=3&visibility_s=1&lease_s=2", "unknown sqlite option(s) lease, visibility_s"),
+        ("sqlite:///bus.db?lease=3&visibility_s=1&lease_s=2", "unknown sqlite option 'lease'; did you mean lease_s?"),
         ("sqlite:///bus.db?lease_s=soon", "lease_s='soon'"),
         ("sqlite:///bus.db?lease_s=0", "lease_s='0'"),
         ("sqlite://host/bus.db", "expected sqlite:///"),

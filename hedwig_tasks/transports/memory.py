@@ -5,9 +5,11 @@ delayed retries, dead letters with reasons. Nothing survives the process. As on 
 transport, publishing never provisions: a topic that does not exist raises ``PublishError``,
 and a message to a topic no queue subscribes to is kept nowhere (with a warning, once per topic).
 
-Connection string: ``memory://`` (each URL builds a new, empty bus).
+Connection string: ``memory://`` (each URL builds a new, empty bus), with ``lease_s``.
 
-Options: ``clock`` (a ``() -> float`` of seconds) can be injected so tests move time by hand.
+Options: ``clock`` (a ``() -> float`` of seconds) can be injected so tests move time by hand;
+``capabilities`` gives the bus another transport's limits (``AWSTransport.capabilities``), so
+that unit tests meet those limits (attribute counts, delays, leases) without the cloud.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 from hedwig_tasks.exceptions import PublishError
+from hedwig_tasks.transports._url import read_options, seconds
 from hedwig_tasks.transports.base import (
     Capabilities,
     Consumer,
@@ -61,7 +65,15 @@ class MemoryTransport(Transport):
     capabilities = Capabilities(local=True)
     messaging_system = "memory"
 
-    def __init__(self, *, lease_s: float = DEFAULT_LEASE_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        clock: Callable[[], float] = time.monotonic,
+        capabilities: Capabilities | None = None,
+    ) -> None:
+        if capabilities is not None:  # another transport's limits; local, since this bus is
+            self.capabilities = dataclasses.replace(capabilities, local=True)
         self.lease_s = lease_s
         self.clock = clock
         self._cond = threading.Condition()
@@ -74,7 +86,9 @@ class MemoryTransport(Transport):
 
     @classmethod
     def from_url(cls, url: str) -> MemoryTransport:
-        return cls()
+        """``memory://``, with ``lease_s``."""
+        options, _ = read_options("memory", urlsplit(url).query, {"lease_s": seconds})
+        return cls(**options)
 
     def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
         with self._cond:

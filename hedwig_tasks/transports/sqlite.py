@@ -36,9 +36,11 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
+from hedwig_tasks.transports._boundary import boundary
+from hedwig_tasks.transports._url import Option, read_options, seconds
 from hedwig_tasks.transports.base import (
     Capabilities,
     Consumer,
@@ -180,24 +182,8 @@ def _subscription(queue: str, topic: str) -> str:
     return f"{queue}:{topic}"
 
 
-def _positive(name: str, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not number > 0:
-        raise ConfigurationError(f"sqlite option {name}={value!r} must be a positive number of seconds")
-    return number
-
-
-def _options(query: str) -> dict[str, float]:
-    """The URL's query options, checked: only known names, positive numbers of seconds."""
-    known = ("busy_timeout_s", "lease_s")
-    given = parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise ConfigurationError(f"unknown sqlite option(s) {', '.join(unknown)} (known: {', '.join(known)})")
-    return {name: _positive(name, values[-1]) for name, values in given.items()}
+#: The URL's options, each with what it takes.
+_OPTIONS: dict[str, Option] = {"busy_timeout_s": seconds, "lease_s": seconds}
 
 
 class _Slot:
@@ -271,7 +257,7 @@ class SQLiteTransport(Transport):
             raise ConfigurationError(f"expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {url!r}")
         if path == ":memory:":
             raise ConfigurationError("an in-memory SQLite bus cannot be shared between connections; use memory://")
-        options = _options(parts.query)
+        options, _ = read_options("sqlite", parts.query, _OPTIONS)
         return cls(
             path,
             lease_s=options.get("lease_s", DEFAULT_LEASE_S),
@@ -315,10 +301,8 @@ class SQLiteTransport(Transport):
     @contextlib.contextmanager
     def _errors(self, doing: str, error: type[TransportError] = TransportError) -> Iterator[None]:
         """Turn driver and file-system errors into ``error``: the transport boundary."""
-        try:
+        with boundary(f"{doing} on {self.path}", (sqlite3.Error, OSError), error=error):
             yield
-        except (sqlite3.Error, OSError) as exc:
-            raise error(f"{doing} on {self.path} failed: {exc}") from exc
 
     @contextlib.contextmanager
     def _reading(self, doing: str) -> Iterator[sqlite3.Connection]:

@@ -1,48 +1,55 @@
-"""The Pub/Sub transport's consumer: pulls that never lease more than asked, leases, settling,
-delayed retries and dead letters. See ``gcp.py`` for the design."""
+"""The Pub/Sub consumer: pulls that never lease more than asked, leases, settling, delayed
+retries (ack deadlines, or republishing to the app's own topic) and dead letters, all through
+the shared :class:`~hedwig_tasks.transports._gcp_client.PubSubClient`. See ``gcp.py`` for the design."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
-
-from google.api_core import exceptions as google_exceptions
+from typing import Any
 
 from hedwig_tasks.exceptions import TransportError
-from hedwig_tasks.transports._gcp_common import (
+from hedwig_tasks.transports._gcp_client import (
+    MAX_ACK_DEADLINE_S,
+    MIN_SUBSCRIPTION_DEADLINE_S,
+    PubSubClient,
+    short,
+)
+from hedwig_tasks.transports._gcp_wire import (
     ATTEMPTS_ATTRIBUTE,
-    CALL_TIMEOUT_S,
     DEAD_AT_ATTRIBUTE,
     DEAD_ATTEMPTS_ATTRIBUTE,
-    MAX_ACK_DEADLINE_S,
     MAX_ATTRIBUTE_VALUE_BYTES,
-    MAX_BATCH,
-    MAX_LONG_POLL_S,
-    MAX_POLL_PAUSE_S,
-    MIN_SUBSCRIPTION_DEADLINE_S,
     NOT_BEFORE_ATTRIBUTE,
-    PULL_DEADLINE_MARGIN_S,
     REASON_ATTRIBUTE,
     SOURCE_ATTRIBUTE,
-    _boundary,
-    _clean,
-    _epoch_ms,
-    _Receipt,
-    _short,
-    _whole,
+    clean,
+    epoch_ms,
+    whole,
 )
 from hedwig_tasks.transports.base import Consumer, Delivery
 
-if TYPE_CHECKING:
-    from hedwig_tasks.transports.gcp import GooglePubSubTransport
-
 __all__ = ["PubSubConsumer"]
 
+#: Longest pause between quick polls of several subscriptions, in seconds.
+MAX_POLL_PAUSE_S = 0.2
+
 logger = logging.getLogger("hedwig_tasks.transports.gcp")  # one logger for the whole transport
+
+
+@dataclasses.dataclass(eq=False)
+class _Receipt:
+    """One delivery of one message: its ack id, and whether it may still settle anything."""
+
+    ack_id: str
+    subscription: str  # full path
+    message_id: str
+    republished: bool  # carries hedwig_attempts: a retry that went through the app's own topic
+    settled: bool = False
 
 
 # -- consuming --------------------------------------------------------------------------------
@@ -51,10 +58,14 @@ logger = logging.getLogger("hedwig_tasks.transports.gcp")  # one logger for the 
 class PubSubConsumer(Consumer):
     """Pulls some subscriptions of one app: exactly as many messages as asked, never more."""
 
-    def __init__(self, transport: GooglePubSubTransport, queue: str, names: list[str]) -> None:
-        self._transport = transport
+    def __init__(
+        self, client: PubSubClient, queue: str, names: list[str], *, lease_s: float, max_delivery_attempts: int
+    ) -> None:
+        self._client = client
         self._queue = queue
         self._names = names
+        self._lease_s = lease_s
+        self._max_delivery_attempts = max_delivery_attempts
         self._lock = threading.Lock()
         self._current: dict[tuple[str, str], _Receipt] = {}  # (subscription, message id) -> latest receipt
         self._counts: dict[tuple[str, str], int] = {}  # receives seen, for subscriptions without a DLQ policy
@@ -97,21 +108,10 @@ class PubSubConsumer(Consumer):
         return found
 
     def _pull(self, name: str, max_messages: int, wait_s: float) -> list[Delivery]:
-        transport = self._transport
-        path = transport.subscription_path(name)
-        # Pub/Sub answers an empty pull shortly before the call's deadline: the deadline is the wait.
-        timeout_s = min(wait_s, MAX_LONG_POLL_S) + PULL_DEADLINE_MARGIN_S
-        request = {"subscription": path, "max_messages": max(1, min(max_messages, MAX_BATCH))}
-        try:
-            with _boundary(f"pull from subscription {name}"):
-                response = transport._client("subscriber").pull(request=request, timeout=timeout_s, retry=None)
-        except TransportError as exc:
-            if isinstance(exc.__cause__, google_exceptions.DeadlineExceeded):
-                return []
-            raise
-        received = list(response.received_messages)
-        if received and transport.lease_s < MIN_SUBSCRIPTION_DEADLINE_S:
-            self._modack(path, [r.ack_id for r in received], transport.lease_s)
+        path = self._client.subscription_path(name)
+        received = self._client.pull(path, max_messages, wait_s, doing=f"pull from subscription {name}")
+        if received and self._lease_s < MIN_SUBSCRIPTION_DEADLINE_S:
+            self._client.modify_ack_deadline(path, [r.ack_id for r in received], self._lease_s)
         deliveries = []
         for item in received:
             delivery = self._delivery(name, path, item)
@@ -129,13 +129,13 @@ class PubSubConsumer(Consumer):
         attributes = dict(message.attributes)
         faults = []
         if NOT_BEFORE_ATTRIBUTE in attributes:
-            not_before = _whole(attributes[NOT_BEFORE_ATTRIBUTE])
+            not_before = whole(attributes[NOT_BEFORE_ATTRIBUTE])
             if not_before is None:
                 faults.append(f"{NOT_BEFORE_ATTRIBUTE}={attributes[NOT_BEFORE_ATTRIBUTE]!r} is not a time in epoch ms")
             elif self._defer(path, item, not_before):
                 return None
         republished = ATTEMPTS_ATTRIBUTE in attributes
-        made = _whole(attributes.get(ATTEMPTS_ATTRIBUTE))
+        made = whole(attributes.get(ATTEMPTS_ATTRIBUTE))
         if republished and made is None:
             faults.append(f"{ATTEMPTS_ATTRIBUTE}={attributes[ATTEMPTS_ATTRIBUTE]!r} is not a whole number")
         key = (path, message.message_id)
@@ -150,20 +150,20 @@ class PubSubConsumer(Consumer):
         fault = "; ".join(faults)
         if fault:
             logger.warning("Pub/Sub message %s on %s cannot be read: %s", message.message_id, name, fault)
-        return Delivery(bytes(message.data), _clean(attributes), attempt, receipt, name, message.message_id, fault)
+        return Delivery(bytes(message.data), clean(attributes), attempt, receipt, name, message.message_id, fault)
 
     def _defer(self, path: str, item: Any, not_before_ms: int) -> bool:
         """Keep a republished retry that is not due yet with the broker, not in memory."""
-        remaining_s = (not_before_ms - _epoch_ms()) / 1000
+        remaining_s = (not_before_ms - epoch_ms()) / 1000
         if remaining_s <= 0:
             return False
-        near_limit = (item.delivery_attempt or 0) >= self._transport.max_delivery_attempts - 2
+        near_limit = (item.delivery_attempt or 0) >= self._max_delivery_attempts - 2
         if near_limit:  # every deferral counts as a delivery: start afresh before the DLQ policy acts
             message = item.message
-            self._republish_own(self._queue, bytes(message.data), dict(message.attributes))
-            self._call("ack", path, lambda: self._ack_ids(path, [item.ack_id]))
+            self._republish_own(bytes(message.data), dict(message.attributes))
+            self._call("ack", path, lambda: self._client.acknowledge(path, [item.ack_id]))
         else:
-            self._modack(path, [item.ack_id], min(math.ceil(remaining_s), MAX_ACK_DEADLINE_S))
+            self._client.modify_ack_deadline(path, [item.ack_id], min(math.ceil(remaining_s), MAX_ACK_DEADLINE_S))
         return True
 
     # -- settling -----------------------------------------------------------------------------
@@ -197,37 +197,19 @@ class PubSubConsumer(Consumer):
         deadline passes.
         """
         for path, receipts in self._settle(deliveries).items():
-            self._ack_ids(path, [r.ack_id for r in receipts])
-
-    def _ack_ids(self, path: str, ack_ids: list[str]) -> None:
-        for start in range(0, len(ack_ids), MAX_BATCH):
-            with _boundary(f"acknowledge on {_short(path)}"):
-                self._transport._client("subscriber").acknowledge(
-                    subscription=path, ack_ids=ack_ids[start : start + MAX_BATCH], timeout=CALL_TIMEOUT_S
-                )
-
-    def _modack(self, path: str, ack_ids: list[str], seconds: float) -> None:
-        deadline = max(0, min(MAX_ACK_DEADLINE_S, math.ceil(seconds - 1e-9)))
-        for start in range(0, len(ack_ids), MAX_BATCH):
-            with _boundary(f"modify ack deadline on {_short(path)}"):
-                self._transport._client("subscriber").modify_ack_deadline(
-                    subscription=path,
-                    ack_ids=ack_ids[start : start + MAX_BATCH],
-                    ack_deadline_seconds=deadline,
-                    timeout=CALL_TIMEOUT_S,
-                )
+            self._client.acknowledge(path, [r.ack_id for r in receipts])
 
     def _call(self, what: str, path: str, action: Callable[[], None]) -> None:
         try:
             action()
         except TransportError as exc:
-            logger.warning("%s on %s failed: %s (the message will come back)", what, _short(path), exc)
+            logger.warning("%s on %s failed: %s (the message will come back)", what, short(path), exc)
             raise
 
     def release(self, deliveries: Sequence[Delivery]) -> None:
         """Nack: visible again at once (a delivery attempt, as every receive is)."""
         for path, receipts in self._settle(deliveries).items():
-            self._modack(path, [r.ack_id for r in receipts], 0)
+            self._client.modify_ack_deadline(path, [r.ack_id for r in receipts], 0)
 
     def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
         by_path: dict[str, list[str]] = {}
@@ -236,7 +218,7 @@ class PubSubConsumer(Consumer):
             if receipt is not None:
                 by_path.setdefault(receipt.subscription, []).append(receipt.ack_id)
         for path, ack_ids in by_path.items():
-            self._modack(path, ack_ids, min(lease_s, MAX_ACK_DEADLINE_S))
+            self._client.modify_ack_deadline(path, ack_ids, min(lease_s, MAX_ACK_DEADLINE_S))
 
     def retry_later(self, delivery: Delivery, delay_s: float) -> None:
         """Up to 600 s: the ack deadline (the broker redelivers; the attempt counts toward the
@@ -247,20 +229,20 @@ class PubSubConsumer(Consumer):
             return
         if delay_s <= MAX_ACK_DEADLINE_S and not receipt.republished:
             if self._settle([delivery]):
-                self._modack(receipt.subscription, [receipt.ack_id], delay_s)
+                self._client.modify_ack_deadline(receipt.subscription, [receipt.ack_id], delay_s)
             return
         attributes = {
             **delivery.attributes,
-            NOT_BEFORE_ATTRIBUTE: str(_epoch_ms() + int(delay_s * 1000)),
+            NOT_BEFORE_ATTRIBUTE: str(epoch_ms() + int(delay_s * 1000)),
             ATTEMPTS_ATTRIBUTE: str(delivery.attempt),
         }
-        self._republish_own(self._queue, delivery.body, attributes)
+        self._republish_own(delivery.body, attributes)
         if self._settle([delivery]):
-            self._ack_ids(receipt.subscription, [receipt.ack_id])
+            self._client.acknowledge(receipt.subscription, [receipt.ack_id])
 
-    def _republish_own(self, queue: str, body: bytes, attributes: dict[str, str]) -> None:
-        transport = self._transport
-        transport._publish_now(transport.topic_path(queue), [(body, attributes)], queue)
+    def _republish_own(self, body: bytes, attributes: dict[str, str]) -> None:
+        """To the app's own topic ``hedwig-<queue>``."""
+        self._client.publish(self._client.topic_path(self._queue), [(body, attributes)], topic=self._queue)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish it to ``hedwig-<queue>-dlq`` with the reason, then acknowledge it here."""
@@ -273,15 +255,13 @@ class PubSubConsumer(Consumer):
             REASON_ATTRIBUTE: reason_bytes.decode("utf-8", "ignore"),
             SOURCE_ATTRIBUTE: delivery.subscription,
             DEAD_ATTEMPTS_ATTRIBUTE: str(delivery.attempt),
-            DEAD_AT_ATTRIBUTE: str(_epoch_ms()),
+            DEAD_AT_ATTRIBUTE: str(epoch_ms()),
         }
-        transport = self._transport
-        dlq = transport.dlq_name(self._queue)
-        path = f"projects/{transport._project()}/topics/{dlq}"
-        transport._publish_now(path, [(delivery.body, attributes)], dlq)
+        path = self._client.topic_path(f"{self._queue}-dlq")
+        self._client.publish(path, [(delivery.body, attributes)], topic=self._client.dlq_name(self._queue))
         if self._settle([delivery]):
-            self._ack_ids(receipt.subscription, [receipt.ack_id])
+            self._client.acknowledge(receipt.subscription, [receipt.ack_id])
 
     def close(self) -> None:
-        """Nothing to free: the transport owns the clients. Unsettled deliveries come back when
+        """Nothing to free: the transport owns the client. Unsettled deliveries come back when
         their ack deadline passes."""

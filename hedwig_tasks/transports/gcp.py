@@ -37,53 +37,25 @@ pull's ``max_outstanding_messages`` and pushes up to about a hundred messages pe
 the client library then leases and keeps extending while they wait on hold; a pull asks for
 exactly the free slots, so nothing is hoarded, on the emulator and on Pub/Sub alike.
 
-Modules: this one holds the transport (publishing, and the doors to the rest);
-``_gcp_consumer`` the consumer; ``_gcp_admin`` provisioning and dead letters; ``_gcp_common``
-the constants, error boundary and checks they share.
+Modules: this one holds the transport (its options, publishing, and the doors to the rest);
+``_gcp_client`` the Pub/Sub client the others share (Google's clients made on first use, names,
+the calls, the error boundary); ``_gcp_consumer`` the consumer; ``_gcp_admin`` provisioning and
+dead letters; ``_gcp_wire`` the attributes this transport adds and Pub/Sub's message limits.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import grpc
-from google.api_core.retry import Retry, if_exception_type
-from google.cloud import pubsub_v1
-from google.pubsub_v1.services.publisher import PublisherClient as GapicPublisher
-from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
-from google.pubsub_v1.services.subscriber import SubscriberClient as GapicSubscriber
-from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
-
 from hedwig_tasks.exceptions import ConfigurationError, PublishError
-from hedwig_tasks.transports._gcp_admin import (
-    _dlq_modack,
-    _Provisioner,
-    _read_dead_letters,
-    _requeue,
-)
-from hedwig_tasks.transports._gcp_common import (
-    _RETRYABLE,
-    ATTEMPTS_ATTRIBUTE,
-    CALL_TIMEOUT_S,
-    DEFAULT_LEASE_S,
-    DEFAULT_MAX_DELIVERY_ATTEMPTS,
-    DEFAULT_PUBLISH_TIMEOUT_S,
-    MAX_ACK_DEADLINE_S,
-    MAX_ATTRIBUTES,
-    MAX_BATCH,
-    NOT_BEFORE_ATTRIBUTE,
-    _boundary,
-    _check_message,
-    _number,
-    _options,
-)
+from hedwig_tasks.transports._gcp_admin import DeadLetterQueue, Provisioner, check_subscription
+from hedwig_tasks.transports._gcp_client import CALL_TIMEOUT_S, MAX_ACK_DEADLINE_S, MAX_BATCH, PubSubClient
 from hedwig_tasks.transports._gcp_consumer import PubSubConsumer
+from hedwig_tasks.transports._gcp_wire import ATTEMPTS_ATTRIBUTE, MAX_ATTRIBUTES, NOT_BEFORE_ATTRIBUTE, check_message
+from hedwig_tasks.transports._url import Option, count, read_options, seconds, text
 from hedwig_tasks.transports.base import (
     Capabilities,
     DeadLetterRecord,
@@ -93,6 +65,35 @@ from hedwig_tasks.transports.base import (
 )
 
 __all__ = ["ATTEMPTS_ATTRIBUTE", "NOT_BEFORE_ATTRIBUTE", "GooglePubSubTransport", "PubSubConsumer"]
+
+#: Ack deadline a receive takes and each lease extension asks for, in seconds.
+DEFAULT_LEASE_S = 30.0
+#: Deliveries after which the subscription's dead-letter policy moves a message (the safety net).
+DEFAULT_MAX_DELIVERY_ATTEMPTS = 20
+#: Longest a publish keeps retrying an unavailable service before it raises, in seconds.
+DEFAULT_PUBLISH_TIMEOUT_S = 30.0
+
+
+def _seconds_or_zero(value: str) -> float:
+    """0, or a positive and finite number of seconds (no backoff or batching latency is meaningful)."""
+    try:
+        return 0.0 if float(value) == 0 else seconds(value)
+    except ValueError:
+        raise ValueError("must be 0 or a positive number of seconds") from None
+
+
+#: The URL's options (see the module docstring) and how each is read.
+_OPTIONS: dict[str, Option] = {
+    "emulator": text,
+    "lease_s": seconds,
+    "max_delivery_attempts": count,
+    "publish_timeout_s": seconds,
+    "batch_max_messages": count,
+    "batch_max_bytes": count,
+    "batch_max_latency_s": _seconds_or_zero,
+    "retry_min_backoff_s": _seconds_or_zero,
+    "retry_max_backoff_s": _seconds_or_zero,
+}
 
 
 # -- the transport ----------------------------------------------------------------------------
@@ -136,19 +137,20 @@ class GooglePubSubTransport(Transport):
             )
         if publish_timeout_s <= 0:
             raise ConfigurationError(f"publish_timeout_s must be more than 0, got {publish_timeout_s!r}")
-        self.project = project
-        self.emulator = emulator
         self.lease_s = float(lease_s)
         self.max_delivery_attempts = int(max_delivery_attempts)
-        self.publish_timeout_s = float(publish_timeout_s)
-        self.batch_settings = pubsub_v1.types.BatchSettings(
-            max_bytes=int(batch_max_bytes), max_latency=float(batch_max_latency_s), max_messages=int(batch_max_messages)
-        )
         self.retry_backoff_s = None if retry_min_backoff_s is None else (retry_min_backoff_s, retry_max_backoff_s)
-        self.foreign = {topic: owner for topic, owner in subscriptions}  #: subscribed topics of other projects
-        self._credentials_file = credentials_file
-        self._lock = threading.Lock()
-        self._clients: dict[str, Any] = {}
+        #: Google's clients, the names and the calls; shared with consumers and provisioning.
+        self.client = PubSubClient(
+            project,
+            credentials_file=credentials_file,
+            emulator=emulator,
+            publish_timeout_s=publish_timeout_s,
+            batch_max_messages=batch_max_messages,
+            batch_max_bytes=batch_max_bytes,
+            batch_max_latency_s=batch_max_latency_s,
+            foreign={topic: owner for topic, owner in subscriptions},
+        )
 
     @classmethod
     def from_url(cls, url: str) -> GooglePubSubTransport:
@@ -156,19 +158,7 @@ class GooglePubSubTransport(Transport):
         parts = urlsplit(url)
         if parts.scheme != "gcp" or parts.path not in ("", "/"):
             raise ConfigurationError(f"expected gcp://PROJECT?option=..., got {url!r}")
-        options: dict[str, Any] = {k: v for k, v in _options(parts.query).items() if v}
-        for name in (
-            "lease_s",
-            "publish_timeout_s",
-            "batch_max_latency_s",
-            "retry_min_backoff_s",
-            "retry_max_backoff_s",
-        ):
-            if name in options:
-                options[name] = _number(name, options[name], float)
-        for name in ("max_delivery_attempts", "batch_max_messages", "batch_max_bytes"):
-            if name in options:
-                options[name] = int(_number(name, options[name], int))
+        options, _ = read_options("gcp", parts.query, _OPTIONS)
         return cls(parts.netloc or None, **options)
 
     @classmethod
@@ -199,78 +189,49 @@ class GooglePubSubTransport(Transport):
         shown = f" emulator={self.emulator!r}" if self.emulator else ""
         return f"<GooglePubSubTransport project={self.project!r}{shown}>"
 
-    # -- clients and names --------------------------------------------------------------------
+    # -- settings held by the client, and names -----------------------------------------------
 
-    def _client(self, kind: str) -> Any:
-        client = self._clients.get(kind)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(kind)
-                if client is None:
-                    client = self._clients[kind] = self._make_client(kind)
-        return client
+    @property
+    def project(self) -> str | None:
+        """The Google Cloud project; None until Google's default credentials tell it, if not given."""
+        return self.client.project
 
-    def _make_client(self, kind: str) -> Any:
-        emulator = self.emulator or os.environ.get("PUBSUB_EMULATOR_HOST")
-        options: dict[str, Any] = {}
-        if emulator:
-            self.emulator = emulator
-            channel = grpc.insecure_channel(emulator)
-            transport_class = SubscriberGrpcTransport if kind == "subscriber" else PublisherGrpcTransport
-            options["transport"] = transport_class(channel=channel)
-        else:
-            options["credentials"] = self._credentials()
-        if kind == "batcher":
-            return pubsub_v1.PublisherClient(batch_settings=self.batch_settings, **options)
-        return GapicSubscriber(**options) if kind == "subscriber" else GapicPublisher(**options)
+    @property
+    def emulator(self) -> str | None:
+        """``host:port`` of the Pub/Sub emulator in use (``$PUBSUB_EMULATOR_HOST`` once read), or None."""
+        return self.client.emulator
 
-    def _credentials(self) -> Any:
-        if self._credentials_file:
-            from google.oauth2 import service_account
+    @property
+    def publish_timeout_s(self) -> float:
+        """Longest a publish keeps retrying an unavailable service, in seconds."""
+        return self.client.publish_timeout_s
 
-            try:
-                return service_account.Credentials.from_service_account_file(
-                    self._credentials_file, scopes=["https://www.googleapis.com/auth/pubsub"]
-                )
-            except (OSError, ValueError) as exc:
-                raise ConfigurationError(f"GOOGLE_APPLICATION_CREDENTIALS: cannot read the key file: {exc}") from None
-        import google.auth
+    @property
+    def batch_settings(self) -> Any:
+        """The batching publisher's ``BatchSettings``."""
+        return self.client.batch_settings
 
-        try:
-            credentials, found_project = google.auth.default(scopes=["https://www.googleapis.com/auth/pubsub"])
-        except google.auth.exceptions.DefaultCredentialsError as exc:
-            raise ConfigurationError(f"no Google credentials: {exc}") from None
-        self.project = self.project or found_project
-        return credentials
-
-    def _project(self) -> str:
-        if not self.project:
-            if not (self.emulator or os.environ.get("PUBSUB_EMULATOR_HOST")):
-                self._client("publisher")  # google.auth.default() may know the project
-            if not self.project:
-                raise ConfigurationError("no Google Cloud project: use gcp://PROJECT or set GOOGLE_CLOUD_PROJECT")
-        return self.project
+    @property
+    def foreign(self) -> Mapping[str, str]:
+        """Subscribed topics of other projects: topic -> the project that owns it."""
+        return self.client.foreign
 
     def topic_path(self, topic: str, owner: str | None = None) -> str:
         """``projects/<owner or ours>/topics/hedwig-<topic>``."""
-        return f"projects/{owner or self._project()}/topics/hedwig-{topic}"
+        return self.client.topic_path(topic, owner)
 
     def subscription_name(self, queue: str, topic: str | None = None) -> str:
         """``hedwig-<queue>-<topic>``, ``hedwig-<queue>-<project>-<topic>`` for another project's
         topic, or the app's own ``hedwig-<queue>`` when ``topic`` is None."""
-        if topic is None:
-            return f"hedwig-{queue}"
-        owner = self.foreign.get(topic)
-        return f"hedwig-{queue}-{owner}-{topic}" if owner else f"hedwig-{queue}-{topic}"
+        return self.client.subscription_name(queue, topic)
 
     def subscription_path(self, name: str) -> str:
-        return f"projects/{self._project()}/subscriptions/{name}"
+        """``projects/<ours>/subscriptions/<name>``."""
+        return self.client.subscription_path(name)
 
     def dlq_name(self, queue: str) -> str:
-        return f"hedwig-{queue}-dlq"
-
-    def _retry(self, deadline_s: float) -> Retry:
-        return Retry(predicate=if_exception_type(*_RETRYABLE), initial=0.1, maximum=2.0, timeout=deadline_s)
+        """``hedwig-<queue>-dlq``: the dead letters' topic and subscription."""
+        return self.client.dlq_name(queue)
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -279,16 +240,8 @@ class GooglePubSubTransport(Transport):
 
         Retries an unavailable service for up to ``publish_timeout_s``, then raises ``PublishError``.
         """
-        _check_message(topic, body, attributes)
-        return self._publish_now(self.topic_path(topic, owner), [(bytes(body), dict(attributes))], topic)[0]
-
-    def _publish_now(self, path: str, messages: list[tuple[bytes, dict[str, str]]], topic: str) -> list[str]:
-        request = {"topic": path, "messages": [{"data": body, "attributes": attrs} for body, attrs in messages]}
-        with _boundary(f"publish to {topic!r} ({path})", PublishError):
-            sent = self._client("publisher").publish(
-                request=request, retry=self._retry(self.publish_timeout_s), timeout=self.publish_timeout_s
-            )
-        return list(sent.message_ids)
+        check_message(topic, body, attributes)
+        return self.client.publish(self.topic_path(topic, owner), [(bytes(body), dict(attributes))], topic=topic)[0]
 
     def publish_async(
         self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None
@@ -298,27 +251,8 @@ class GooglePubSubTransport(Transport):
         The limits are checked now (``PublishError``); a send that fails sets the future's exception
         to ``PublishError``.
         """
-        _check_message(topic, body, attributes)
-        path = self.topic_path(topic, owner)
-        result: concurrent.futures.Future[str] = concurrent.futures.Future()
-        with _boundary(f"publish to {topic!r} ({path})", PublishError):
-            inner = self._client("batcher").publish(
-                path,
-                bytes(body),
-                retry=self._retry(self.publish_timeout_s),
-                timeout=self.publish_timeout_s,
-                **attributes,
-            )
-
-        def done(future: Any) -> None:
-            try:
-                with _boundary(f"publish to {topic!r} ({path})", PublishError):
-                    result.set_result(str(future.result()))
-            except PublishError as exc:
-                result.set_exception(exc)
-
-        inner.add_done_callback(done)
-        return result
+        check_message(topic, body, attributes)
+        return self.client.publish_batched(self.topic_path(topic, owner), bytes(body), attributes, topic=topic)
 
     def publish_many(
         self,
@@ -333,7 +267,7 @@ class GooglePubSubTransport(Transport):
         of them were sent.
         """
         for body, attributes in messages:
-            _check_message(topic, body, attributes)
+            check_message(topic, body, attributes)
         futures = [self.publish_async(topic, body, attributes, owner=owner) for body, attributes in messages]
         ids, failure = [], None
         for future in futures:
@@ -345,7 +279,7 @@ class GooglePubSubTransport(Transport):
             raise PublishError(f"{failure} ({len(ids)} of {len(futures)} messages were sent)") from failure
         return ids
 
-    # -- administration -----------------------------------------------------------------------
+    # -- consuming and administration ---------------------------------------------------------
 
     def consumer(self, queue: str, topics: Sequence[str], *, max_outstanding: int | None = None) -> PubSubConsumer:
         """A consumer of ``hedwig-<queue>-<topic>`` for each topic, and of the app's own ``hedwig-<queue>``.
@@ -353,14 +287,27 @@ class GooglePubSubTransport(Transport):
         It never leases more than each receive asks for; the worker asks for its free slots.
         """
         names = [self.subscription_name(queue, topic) for topic in topics] + [self.subscription_name(queue)]
-        return PubSubConsumer(self, queue, list(dict.fromkeys(names)))
+        return PubSubConsumer(
+            self.client,
+            queue,
+            list(dict.fromkeys(names)),
+            lease_s=self.lease_s,
+            max_delivery_attempts=self.max_delivery_attempts,
+        )
 
     def provision(
         self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str], *, dry_run: bool = False
     ) -> list[str]:
         """Topics, the app's own topic and subscription, subscriptions with dead-letter and retry
         policies, the DLQ topic and its subscription; idempotent."""
-        return _Provisioner(self, dry_run).run(queue, subscribe, publish)
+        provisioner = Provisioner(
+            self.client,
+            lease_s=self.lease_s,
+            max_delivery_attempts=self.max_delivery_attempts,
+            retry_backoff_s=self.retry_backoff_s,
+            dry_run=dry_run,
+        )
+        return provisioner.run(queue, subscribe, publish)
 
     def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
         """A row per subscription. Pub/Sub reports no counts through its API (they are Cloud
@@ -369,32 +316,19 @@ class GooglePubSubTransport(Transport):
         rows = []
         for topic in topics:
             name = self.subscription_name(queue, topic)
-            with _boundary(f"reading subscription {name}"):
-                self._client("subscriber").get_subscription(
-                    subscription=self.subscription_path(name), timeout=CALL_TIMEOUT_S
-                )
+            check_subscription(self.client, name)
             rows.append(SubscriptionStatus(name, topic, None, None, None))
         return rows
 
     def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
         """Up to ``limit`` messages of ``hedwig-<queue>-dlq``, read and given back at once."""
-        records, ack_ids = _read_dead_letters(self, queue, limit)
-        if ack_ids:
-            _dlq_modack(self, queue, ack_ids, 0)
-        return records
+        return DeadLetterQueue(self.client, queue).read(limit)
 
     def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
         """Republish dead letters to the app's own topic ``hedwig-<queue>`` (as authedwig does), as
         they were before they died, then acknowledge them in the DLQ; returns how many moved."""
-        return _requeue(self, queue, limit, progress)
+        return DeadLetterQueue(self.client, queue).requeue(limit, progress)
 
     def close(self) -> None:
-        with self._lock:
-            clients, self._clients = self._clients, {}
-        batcher = clients.pop("batcher", None)
-        if batcher is not None:
-            with contextlib.suppress(Exception):
-                batcher.stop()  # flushes what is batched
-        for client in clients.values():
-            with contextlib.suppress(Exception):
-                client.transport.close()
+        """Flush the batching publisher and close Google's clients (made again if used after)."""
+        self.client.close()

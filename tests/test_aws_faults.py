@@ -16,7 +16,7 @@ from aws_server import aws_transport, moto_url, tag  # noqa: F401
 from helpers import wait_for
 
 from hedwig_tasks import Hedwig, Message
-from hedwig_tasks.transports._aws_common import _read_message
+from hedwig_tasks.transports._aws_wire import read_message
 from hedwig_tasks.transports.aws import AWSTransport
 from hedwig_tasks.transports.base import Delivery
 from hedwig_tasks.validators.base import to_transport
@@ -38,7 +38,7 @@ class Queue:
         self.app = Hedwig(self.name, schema=SCHEMA, transport=self.transport, routing={"user-created": self.topic})
         self.app.handler("user-created", "1.*")(self._handle)
         self.app.provision()
-        self.sqs = self.transport._client("sqs")
+        self.sqs = self.transport.client.sqs
         self.url = self.sqs.get_queue_url(QueueName=f"HEDWIG-{self.name}")["QueueUrl"]
 
     def _handle(self, message: Message) -> None:
@@ -160,7 +160,7 @@ def test_a_worker_dead_letters_the_poison_and_handles_the_good_message(queue: Qu
 def test_fields_sqs_itself_sets_are_read_safely(message: dict[str, Any], fault: str) -> None:
     """What moto cannot be made to send (its own counts, shapes botocore would not parse) read
     through the same function the consumer uses: never an error, attempt 1 when unreadable."""
-    read = _read_message({"Body": "{}", **message})
+    read = read_message({"Body": "{}", **message})
     assert read.fault.startswith(fault) if fault else read.fault == ""
     assert read.attempt == 1
 

@@ -105,15 +105,19 @@ def test_url_options() -> None:
     assert AWSTransport.queue_name("DEV-MYAPP", dlq=True) == "HEDWIG-DEV-MYAPP-DLQ"
     china = AWSTransport(region="cn-north-1", account_id="111122223333")
     assert china.topic_arn("t").startswith("arn:aws-cn:sns:cn-north-1:")
+    blank = AWSTransport.from_url("aws://?region=eu-west-1&endpoint_url=&profile=")  # empty: as if not given
+    assert (blank.endpoint_url, blank.sqs_endpoint_url, blank.profile) == (None, None, None)
 
 
 @pytest.mark.parametrize(
     ("url", "complaint"),
     [
-        ("aws://?region=us-east-1&regoin=x&visibility=3", "unknown aws option(s) regoin, visibility"),
+        ("aws://?region=us-east-1&regoin=x&visibility=3", "unknown aws option 'regoin'; did you mean region?"),
         ("aws://?lease_s=soon", "lease_s='soon'"),
-        ("aws://?lease_s=0", "lease_s must be 1 to 43200"),
-        ("aws://?max_receive_count=0", "max_receive_count must be 1 to 1000"),
+        ("aws://?lease_s=0", "lease_s='0' must be a positive number of seconds"),
+        ("aws://?lease_s=0.5", "lease_s must be 1 to 43200"),
+        ("aws://?max_receive_count=0", "max_receive_count='0' must be a whole number, 1 or more"),
+        ("aws://?max_receive_count=1001", "max_receive_count must be 1 to 1000"),
         ("aws://us-east-1", "expected aws://?region="),
     ],
 )
@@ -144,9 +148,9 @@ def test_hedwig_settings_and_secrets_stay_out_of_repr() -> None:
         "AWS_READ_TIMEOUT_S": 3.0,
     }
     transport = AWSTransport.from_settings(HedwigSettings.read({**settings, "HEDWIG_QUEUE": "q"}))
-    assert transport._client("sns").meta.config.read_timeout == 3.0
-    assert transport._client("sqs").meta.config.read_timeout == 30  # past the longest long poll
-    assert transport._client("sqs").meta.config.connect_timeout == 2.0
+    assert transport.client.sns.meta.config.read_timeout == 3.0
+    assert transport.client.sqs.meta.config.read_timeout == 30  # past the longest long poll
+    assert transport.client.sqs.meta.config.connect_timeout == 2.0
     assert (transport.sns_endpoint_url, transport.sqs_endpoint_url) == ("http://127.0.0.1:1", "http://127.0.0.1:2")
     assert repr(transport) == "<AWSTransport region='us-west-2' account='111122223333' endpoint='http://127.0.0.1:2'>"
     public = {k: v for k, v in vars(transport).items() if not k.startswith("_")}
@@ -159,7 +163,7 @@ def test_construction_does_no_io() -> None:
     transport = from_url("aws://?region=us-east-1&endpoint_url=http://127.0.0.1:1&account_id=123456789012")
     consumer = transport.consumer("lazy", ["t"])
     assert consumer is not None
-    assert transport._clients == {}
+    assert not transport.client.connected
 
 
 # -- publishing --------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ def test_limits_are_checked_before_sending(aws: AWSTransport) -> None:
 def test_publish_many_batches_by_count_and_size(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
-    calls = _count_calls(aws._client("sns"))
+    calls = _count_calls(aws.client.sns)
     big = b"z" * 100_000  # three of these do not fit one 256 KiB batch
     batch = [(big, {"i": str(i)}) for i in range(3)] + [(f"s{i}".encode(), {"i": str(i)}) for i in range(3, 25)]
     ids = aws.publish_many(topic, batch)
@@ -209,8 +213,9 @@ def test_publish_many_batches_by_count_and_size(aws: AWSTransport) -> None:
 def test_publish_to_another_accounts_topic_by_owner_and_by_arn(moto_url: str) -> None:
     other_account = "210987654321"
     theirs = aws_transport(moto_url, account_id=other_account)
-    for service in ("sns", "sqs"):  # moto keeps that account's resources apart when told which it is
-        theirs._client(service).meta.events.register("before-sign.*.*", _as_account(other_account))
+    # moto keeps that account's resources apart when told which it is
+    for client in (theirs.client.sns, theirs.client.sqs):
+        client.meta.events.register("before-sign.*.*", _as_account(other_account))
     ours = aws_transport(moto_url)
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(theirs, queue, topic)
@@ -225,12 +230,12 @@ def test_publish_to_another_accounts_topic_by_owner_and_by_arn(moto_url: str) ->
 
 def test_publish_fails_after_retries_with_publish_error() -> None:
     default = AWSTransport(region=REGION, account_id=ACCOUNT, endpoint_url="http://127.0.0.1:9", **CREDENTIALS)
-    assert default._client("sns").meta.config.retries == {"mode": "standard", "total_max_attempts": 3}
+    assert default.client.sns.meta.config.retries == {"mode": "standard", "total_max_attempts": 3}
     transport = AWSTransport(
         region=REGION, account_id=ACCOUNT, endpoint_url="http://127.0.0.1:9", max_attempts=2, **CREDENTIALS
     )
     attempts: list[str] = []
-    transport._client("sns").meta.events.register("before-send.sns.*", lambda **kw: attempts.append("x"))
+    transport.client.sns.meta.events.register("before-send.sns.*", lambda **kw: attempts.append("x"))
     started = time.monotonic()
     with pytest.raises(PublishError, match="Could not connect") as caught:
         transport.publish("t", b"x", {})
@@ -248,7 +253,7 @@ def test_more_than_ten_uses_parallel_pollers(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
     aws.publish_many(topic, [(f"m{i}".encode(), {}) for i in range(35)])
-    calls = _count_calls(aws._client("sqs"))
+    calls = _count_calls(aws.client.sqs)
     got = _receive_distinct(consumer, 35, batch=40)
     # Every message; under load moto's concurrent ReceiveMessage calls have handed out one
     # message twice (SQS is at-least-once too), so duplicates are allowed (and counted), a loss is not.
@@ -265,7 +270,7 @@ def test_ack_returns_once_deleted_ten_a_call(aws: AWSTransport) -> None:
     consumer = _consumer(aws, queue, topic)
     aws.publish_many(topic, [(f"m{i}".encode(), {}) for i in range(25)])
     got = _receive_distinct(consumer, 25)
-    calls = _count_calls(aws._client("sqs"))
+    calls = _count_calls(aws.client.sqs)
     consumer.ack(got[:24])
     (row,) = aws.status(queue, [topic])  # read at once: no background send may still be due
     assert (row.depth, row.in_flight) == (0, 1)
@@ -287,7 +292,7 @@ def test_an_extension_never_undoes_a_later_retry(aws: AWSTransport, moto_url: st
 def test_a_non_raw_subscription_is_unwrapped(aws: AWSTransport) -> None:
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     aws.provision(queue, [], [topic])
-    sqs, sns = aws._client("sqs"), aws._client("sns")
+    sqs, sns = aws.client.sqs, aws.client.sns
     aws.provision(queue, [], [])
     url = sqs.get_queue_url(QueueName=f"HEDWIG-{queue}")["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
@@ -307,7 +312,7 @@ def test_dead_letter_with_ten_attributes_keeps_them_all(aws: AWSTransport) -> No
     aws.publish(topic, b"full", ten)
     (delivery,) = consumer.receive(1, wait_s=5)
     consumer.dead_letter(delivery, "no")
-    sqs = aws._client("sqs")
+    sqs = aws.client.sqs
     dlq = sqs.get_queue_url(QueueName=f"HEDWIG-{queue}-DLQ")["QueueUrl"]
     (raw,) = sqs.receive_message(QueueUrl=dlq, MessageAttributeNames=["All"], VisibilityTimeout=0)["Messages"]
     assert len(raw["MessageAttributes"]) == 10
@@ -346,7 +351,7 @@ def test_provision_sets_policy_redrive_and_raw_delivery(aws: AWSTransport) -> No
         f"subscribe HEDWIG-{queue} to {topics[0]} (raw delivery)",
         f"subscribe HEDWIG-{queue} to {topics[1]} (raw delivery)",
     ]
-    sqs, sns = aws._client("sqs"), aws._client("sns")
+    sqs, sns = aws.client.sqs, aws.client.sns
     url = sqs.get_queue_url(QueueName=f"HEDWIG-{queue}")["QueueUrl"]
     attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
     redrive = json.loads(attributes["RedrivePolicy"])
@@ -377,7 +382,7 @@ def test_provision_recreates_a_queue_deleted_behind_its_back(aws: AWSTransport) 
     queue, topic = f"q-{tag()}", f"t-{tag()}"
     consumer = _consumer(aws, queue, topic)
     assert consumer.receive(1, wait_s=0) == []  # the consumer has its queue URL cached too
-    sqs = aws_transport(aws.endpoint_url or "")._client("sqs")  # someone else's client
+    sqs = aws_transport(aws.endpoint_url or "").client.sqs  # someone else's client
     for name in (f"HEDWIG-{queue}", f"HEDWIG-{queue}-DLQ"):
         sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=name)["QueueUrl"])
     actions = aws.provision(queue, [topic], [])
@@ -413,7 +418,7 @@ def test_a_worker_never_has_more_in_flight_than_concurrency_plus_prefetch(aws: A
     app.provision()
     for i in range(40):
         app.publish("user-created", "1.0", {"user_id": f"U{i}"})
-    sqs = aws_transport(aws.endpoint_url or "")._client("sqs")
+    sqs = aws_transport(aws.endpoint_url or "").client.sqs
     url = sqs.get_queue_url(QueueName=f"HEDWIG-{name}")["QueueUrl"]
     seen: list[int] = []
 

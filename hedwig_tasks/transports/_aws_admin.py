@@ -1,45 +1,63 @@
-"""The SNS/SQS transport's provisioning: topics, queues, subscriptions, policies and DLQs.
-See ``aws.py`` for the design."""
+"""The SNS/SQS transport's administration: provisioning (topics, queues, the DLQ and its redrive
+policy, the queue policy, raw-delivery subscriptions) and the dead-letter queue (counting,
+listing without removing, requeueing). Both call AWS through the
+:class:`~hedwig_tasks.transports._aws_client.AWSClient` they are given. See ``aws.py`` for the design.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from hedwig_tasks.exceptions import TransportError
-from hedwig_tasks.transports._aws_common import DLQ_RETENTION_S, POLICY_SID, _boundary, _missing
+from hedwig_tasks.transports._aws_client import AWSClient, aws_errors, missing, queue_name
+from hedwig_tasks.transports._aws_wire import (
+    BATCH,
+    MAX_ATTRIBUTES,
+    plain_attributes,
+    sent_at,
+    split_dead_letter,
+    whole,
+    with_dead_letter,
+)
+from hedwig_tasks.transports.base import DeadLetterRecord, Progress
 
-if TYPE_CHECKING:
-    from hedwig_tasks.transports.aws import AWSTransport
+__all__ = ["DeadLetterQueue", "Provisioner"]
+
+#: Retention of the dead-letter queue, in seconds (the SQS maximum, 14 days).
+DLQ_RETENTION_S = 1209600
+#: The queue policy statement provision writes to let SNS deliver.
+POLICY_SID = "HedwigTasksSNSDelivery"
 
 
 # -- provisioning -----------------------------------------------------------------------------
 
 
-class _Provisioner:
+class Provisioner:
     """Finds what is missing and creates it (or, in a dry run, only says so).
 
-    Whether something exists is asked of the broker each time, never of the transport's
-    caches: in a long-running process a queue may have been deleted since it was last seen.
+    Whether something exists is asked of the broker each time, never of the client's caches:
+    in a long-running process a queue may have been deleted since it was last seen.
     """
 
-    def __init__(self, transport: AWSTransport, dry_run: bool) -> None:
-        self.transport = transport
+    def __init__(self, client: AWSClient, *, lease_s: float, max_receive_count: int, dry_run: bool) -> None:
+        self.client = client
+        self.lease_s = lease_s
+        self.max_receive_count = max_receive_count
         self.dry_run = dry_run
-        self.sns = transport._client("sns")
-        self.sqs = transport._client("sqs")
         self.actions: list[str] = []
         self.urls: dict[str, str] = {}  # queues found or created in this run
 
     def do(self, action: str, call: Callable[[], Any]) -> Any:
         self.actions.append(action)
         if not self.dry_run:
-            with _boundary(f"provision: {action}"):
+            with aws_errors(f"provision: {action}"):
                 return call()
         return None
 
     def run(self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str]) -> list[str]:
+        """Provision; returns a line per action taken (or, in a dry run, that would be taken)."""
         for topic in dict.fromkeys([*publish, *subscribe]):
             self.topic(topic)
         if queue is not None:
@@ -47,27 +65,27 @@ class _Provisioner:
         return self.actions
 
     def topic(self, topic: str) -> None:
-        arn = self.transport.topic_arn(topic)
-        if topic.startswith("arn:") or self.exists(lambda: self.sns.get_topic_attributes(TopicArn=arn)):
+        arn = self.client.topic_arn(topic)
+        if topic.startswith("arn:") or self.exists(lambda: self.client.sns.get_topic_attributes(TopicArn=arn)):
             return
         name = arn.rsplit(":", 1)[1]
-        self.do(f"create topic {topic} (SNS {name})", lambda: self.sns.create_topic(Name=name))
+        self.do(f"create topic {topic} (SNS {name})", lambda: self.client.sns.create_topic(Name=name))
 
     def exists(self, call: Callable[[], Any]) -> bool:
         try:
-            with _boundary("provision: look up"):
+            with aws_errors("provision: look up"):
                 call()
         except TransportError as exc:
-            if _missing(exc):
+            if missing(exc):
                 return False
             raise
         return True
 
     def queue(self, queue: str, topics: list[str]) -> None:
-        name, dlq_name = self.transport.queue_name(queue), self.transport.queue_name(queue, dlq=True)
+        name, dlq_name = queue_name(queue), queue_name(queue, dlq=True)
         dlq_arn = self.ensure_queue(dlq_name, {"MessageRetentionPeriod": str(DLQ_RETENTION_S)}, "dead letters")
-        queue_arn = self.ensure_queue(name, {"VisibilityTimeout": str(int(self.transport.lease_s))}, "messages")
-        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": self.transport.max_receive_count}
+        queue_arn = self.ensure_queue(name, {"VisibilityTimeout": str(int(self.lease_s))}, "messages")
+        redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": self.max_receive_count}
         current = self.attributes(name, "RedrivePolicy", "Policy")
         if json.loads(current.get("RedrivePolicy") or "{}").get("deadLetterTargetArn") != dlq_arn:
             self.set_attributes(
@@ -75,55 +93,46 @@ class _Provisioner:
                 name,
                 {"RedrivePolicy": json.dumps(redrive)},
             )
-        arns = [self.transport.topic_arn(t) for t in topics]
+        arns = [self.client.topic_arn(t) for t in topics]
         self.allow(name, queue_arn, current.get("Policy"), [(t, a) for t, a in zip(topics, arns, strict=True)])
         for topic, arn in zip(topics, arns, strict=True):
             self.subscription(name, queue_arn, topic, arn)
 
     def ensure_queue(self, name: str, attributes: dict[str, str], what: str) -> str:
-        arn = self.transport._arn("sqs", name)
-        if self.find_queue(name) is None:
+        arn = self.client.arn("sqs", name)
+        url = self.client.find_queue_url(name)
+        if url is None:
             created = self.do(
-                f"create queue {name} ({what})", lambda: self.sqs.create_queue(QueueName=name, Attributes=attributes)
+                f"create queue {name} ({what})",
+                lambda: self.client.sqs.create_queue(QueueName=name, Attributes=attributes),
             )
             if created is not None:
-                self.urls[name] = self.transport._queue_urls[name] = str(created["QueueUrl"])
+                self.urls[name] = str(created["QueueUrl"])
+                self.client.remember_queue_url(name, self.urls[name])
             return arn
+        self.urls[name] = url
         return self.attributes(name, "QueueArn").get("QueueArn", arn)
-
-    def find_queue(self, name: str) -> str | None:
-        """The queue's URL as SQS gives it now (also refreshing the transport's cache), or None."""
-        try:
-            with _boundary(f"provision: look up queue {name}"):
-                url = str(self.sqs.get_queue_url(QueueName=name)["QueueUrl"])
-        except TransportError as exc:
-            if _missing(exc):
-                self.transport._queue_urls.pop(name, None)
-                return None
-            raise
-        self.urls[name] = self.transport._queue_urls[name] = url
-        return url
 
     def attributes(self, name: str, *names: str) -> dict[str, str]:
         if name not in self.urls:
             return {}  # planned in a dry run, not created: nothing set yet
-        return self.transport._queue_attributes(self.urls[name], *names)
+        return self.client.queue_attributes(self.urls[name], *names)
 
     def set_attributes(self, action: str, name: str, attributes: dict[str, str]) -> None:
         url = self.urls.get(name, "")
-        self.do(action, lambda: self.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes))
+        self.do(action, lambda: self.client.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes))
 
     def allow(self, name: str, queue_arn: str, policy_text: str | None, topics: list[tuple[str, str]]) -> None:
         """Let SNS deliver each topic to the queue, keeping whatever else the policy says."""
         empty: dict[str, Any] = {"Version": "2012-10-17", "Statement": []}
         policy: dict[str, Any] = json.loads(policy_text) if policy_text else empty
-        missing = [(t, arn) for t, arn in topics if arn not in json.dumps(policy)]
-        if not missing:
+        missing_topics = [(t, arn) for t, arn in topics if arn not in json.dumps(policy)]
+        if not missing_topics:
             return
         statements = [s for s in policy["Statement"] if s.get("Sid") != POLICY_SID]
         ours = next((s for s in policy["Statement"] if s.get("Sid") == POLICY_SID), None)
         sources = list(ours["Condition"]["ArnEquals"]["aws:SourceArn"]) if ours else []
-        sources += [arn for _, arn in missing]
+        sources += [arn for _, arn in missing_topics]
         statements.append(
             {
                 "Sid": POLICY_SID,
@@ -135,15 +144,16 @@ class _Provisioner:
             }
         )
         policy["Statement"] = statements
-        names = ", ".join(t for t, _ in missing)
+        names = ", ".join(t for t, _ in missing_topics)
         self.set_attributes(f"allow {names} to deliver to {name} (queue policy)", name, {"Policy": json.dumps(policy)})
 
     def subscription(self, name: str, queue_arn: str, topic: str, topic_arn: str) -> None:
+        sns = self.client.sns
         found = self.existing_subscription(topic_arn, queue_arn)
         if found is None:
             self.do(
                 f"subscribe {name} to {topic} (raw delivery)",
-                lambda: self.sns.subscribe(
+                lambda: sns.subscribe(
                     TopicArn=topic_arn,
                     Protocol="sqs",
                     Endpoint=queue_arn,
@@ -152,23 +162,117 @@ class _Provisioner:
                 ),
             )
             return
-        with _boundary(f"provision: read subscription {found}"):
-            raw = self.sns.get_subscription_attributes(SubscriptionArn=found)["Attributes"].get("RawMessageDelivery")
+        with aws_errors(f"provision: read subscription {found}"):
+            raw = sns.get_subscription_attributes(SubscriptionArn=found)["Attributes"].get("RawMessageDelivery")
         if raw != "true":
             self.do(
                 f"turn on raw delivery of {topic} to {name}",
-                lambda: self.sns.set_subscription_attributes(
+                lambda: sns.set_subscription_attributes(
                     SubscriptionArn=found, AttributeName="RawMessageDelivery", AttributeValue="true"
                 ),
             )
 
     def existing_subscription(self, topic_arn: str, queue_arn: str) -> str | None:
-        if self.dry_run and not self.exists(lambda: self.sns.get_topic_attributes(TopicArn=topic_arn)):
+        sns = self.client.sns
+        if self.dry_run and not self.exists(lambda: sns.get_topic_attributes(TopicArn=topic_arn)):
             return None
-        with _boundary(f"provision: list subscriptions of {topic_arn}"):
-            pages = self.sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic_arn)
+        with aws_errors(f"provision: list subscriptions of {topic_arn}"):
+            pages = sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic_arn)
             for page in pages:
                 for sub in page.get("Subscriptions", []):
                     if sub.get("Endpoint") == queue_arn and sub.get("Protocol") == "sqs":
                         return str(sub["SubscriptionArn"])
         return None
+
+
+# -- the dead-letter queue --------------------------------------------------------------------
+
+
+class DeadLetterQueue:
+    """``HEDWIG-<queue>-DLQ``: what is in it, and moving it back to ``HEDWIG-<queue>``."""
+
+    def __init__(self, client: AWSClient, queue: str) -> None:
+        self.client = client
+        self.name = queue_name(queue, dlq=True)
+        self.queue_name = queue_name(queue)
+
+    def count(self) -> int | None:
+        """Messages in the DLQ, visible or not; None when it cannot be found."""
+        try:
+            url = self.client.queue_url(self.name)
+        except TransportError:
+            return None
+        return self._held(url)
+
+    def _held(self, url: str) -> int:
+        counts = self.client.queue_attributes(
+            url, "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"
+        )
+        return sum(int(v) for v in counts.values())
+
+    def records(self, limit: int) -> list[DeadLetterRecord]:
+        """Up to ``limit``, oldest first, left in place (received, then made visible again at once)."""
+        url = self.client.queue_url(self.name)
+        seen: dict[str, dict[str, Any]] = {}
+        try:
+            for messages in self._sample(url, limit):
+                seen.update((m["MessageId"], m) for m in messages)
+        finally:
+            entries = [(m["MessageId"], m["ReceiptHandle"]) for m in seen.values()]
+            self.client.change_visibility(url, entries, 0)
+        return [self._record(m) for m in sorted(seen.values(), key=sent_at)][:limit]
+
+    def _sample(self, url: str, limit: int) -> Iterator[list[dict[str, Any]]]:
+        """Receive batches until ``limit`` or all the DLQ held at the start were seen."""
+        target, found = min(limit, self._held(url)), 0
+        while found < target:
+            messages = self.client.receive(url, min(BATCH, target - found), 1, 30)
+            if not messages:
+                return
+            found += len(messages)
+            yield messages
+
+    def _record(self, message: dict[str, Any]) -> DeadLetterRecord:
+        attributes, info = split_dead_letter(plain_attributes(message.get("MessageAttributes")))
+        count = whole((message.get("Attributes") or {}).get("ApproximateReceiveCount")) or 1
+        dead_at = info.get("dead_at")
+        return DeadLetterRecord(
+            body=str(message.get("Body", "")).encode("utf-8", "surrogatepass"),
+            attributes=attributes,
+            reason=str(info.get("reason", "moved by the queue's redrive policy (never settled by a worker)")),
+            subscription=str(info.get("subscription", self.queue_name)),
+            attempts=whole(info.get("attempts")) or count,
+            dead_at=float(dead_at) if isinstance(dead_at, (int, float)) else sent_at(message) / 1000,
+            transport_id=str(message.get("MessageId", "")),
+        )
+
+    def requeue(self, limit: int | None, progress: Progress | None) -> int:
+        """Move messages back to the queue (sent, then deleted from the DLQ), ten a call."""
+        source = self.client.queue_url(self.name)
+        target = self.client.queue_url(self.queue_name)
+        waiting = self.count() or 0
+        total = waiting if limit is None else min(limit, waiting)
+        done = 0
+        while done < total:  # only what was there at the start: a requeued poison message is not looped
+            messages = self.client.receive(source, min(BATCH, total - done), 1, 60)
+            if not messages:
+                break
+            done += self._move(source, target, messages)
+            if progress is not None:
+                progress(done, total)
+        return done
+
+    def _move(self, source: str, target: str, messages: list[dict[str, Any]]) -> int:
+        outgoing = []
+        for message in messages:
+            attributes, _ = split_dead_letter(plain_attributes(message.get("MessageAttributes")))
+            if len(attributes) > MAX_ATTRIBUTES:  # keep the displaced ones where the consumer restores them
+                attributes = with_dead_letter(attributes, {})
+            outgoing.append((message["Body"], attributes))
+        result = self.client.send_batch(target, outgoing, doing=f"requeue to {target}")
+        sent = {int(ok["Id"]) for ok in result.get("Successful", [])}
+        self.client.delete(source, [(m["MessageId"], m["ReceiptHandle"]) for i, m in enumerate(messages) if i in sent])
+        if len(sent) < len(messages):
+            failed = result.get("Failed", [{}])[0]
+            raise TransportError(f"requeue to {target}: {failed.get('Code', '?')}: {failed.get('Message', '')}")
+        return len(sent)

@@ -1,37 +1,52 @@
 """The SNS/SQS transport's consumer: parallel long polls, visibility as the lease, batched deletes,
-delayed retries and dead letters. See ``aws.py`` for the design."""
+delayed retries and dead letters sent to the ``-DLQ`` queue; and the receipt each delivery
+carries. It calls SQS through the :class:`~hedwig_tasks.transports._aws_client.AWSClient` it is
+given. See ``aws.py`` for the design.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hedwig_tasks.exceptions import TransportError
-from hedwig_tasks.transports._aws_common import (
-    BATCH,
+from hedwig_tasks.transports._aws_client import (
     MAX_POLLERS,
-    MAX_REASON_CHARS,
     MAX_VISIBILITY_S,
     MAX_WAIT_S,
-    _boundary,
-    _read_message,
-    _Receipt,
-    _sqs_attributes,
-    _whole_seconds,
-    _with_dead_letter,
+    AWSClient,
+    queue_name,
+    whole_seconds,
 )
+from hedwig_tasks.transports._aws_wire import BATCH, read_message, with_dead_letter
 from hedwig_tasks.transports.base import Consumer, Delivery
-
-if TYPE_CHECKING:
-    from hedwig_tasks.transports.aws import AWSTransport
 
 __all__ = ["SQSConsumer"]
 
 logger = logging.getLogger("hedwig_tasks.transports.aws")  # one logger for the whole transport
+
+#: Longest dead-letter reason kept, in characters.
+MAX_REASON_CHARS = 4096
+
+
+@dataclasses.dataclass(eq=False)
+class _Receipt:
+    """One receive of one message: its handle, and whether it may still settle anything."""
+
+    handle: str
+    message_id: str
+    received_at: float  # monotonic
+    settled: bool = False
+    superseded: bool = False
+
+    @property
+    def live(self) -> bool:
+        return not (self.settled or self.superseded)
 
 
 # -- the consumer -----------------------------------------------------------------------------
@@ -48,10 +63,11 @@ class SQSConsumer(Consumer):
     ``release`` that came after it.
     """
 
-    def __init__(self, transport: AWSTransport, queue: str) -> None:
-        self._transport = transport
-        self._queue = queue
-        self._name = transport.queue_name(queue)
+    def __init__(self, client: AWSClient, queue: str, *, lease_s: float) -> None:
+        self._client = client
+        self._name = queue_name(queue)
+        self._dlq_name = queue_name(queue, dlq=True)
+        self._lease_s = whole_seconds(lease_s)
         self._cond = threading.Condition()
         self._stash: list[Delivery] = []
         self._polling = 0  # messages asked for by pollers still running
@@ -63,7 +79,7 @@ class SQSConsumer(Consumer):
 
     @property
     def _url(self) -> str:
-        return self._transport._queue_url(self._name)
+        return self._client.queue_url(self._name)
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -94,7 +110,7 @@ class SQSConsumer(Consumer):
                 self._cond.wait(remaining)
 
     def _take(self, count: int) -> list[Delivery]:
-        fresh_after = time.monotonic() - self._transport.lease_s / 2  # older ones may already be visible again
+        fresh_after = time.monotonic() - self._lease_s / 2  # older ones may already be visible again
         stale = [d for d in self._stash if d.receipt.received_at < fresh_after]
         with self._settle_lock:
             for delivery in stale:
@@ -111,7 +127,7 @@ class SQSConsumer(Consumer):
             return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(MAX_POLLERS, thread_name_prefix="hedwig-sqs-poll")
-        wait = min(MAX_WAIT_S, _whole_seconds(wait_s))
+        wait = min(MAX_WAIT_S, whole_seconds(wait_s))
         # Full batches only, when there is room for one: a remainder waits for the next call, so
         # a caller freeing slots a few at a time does not cost a request per few messages.
         sizes = [BATCH] * min(count // BATCH, MAX_POLLERS) or [count]
@@ -123,7 +139,7 @@ class SQSConsumer(Consumer):
         deliveries: list[Delivery] = []
         error: TransportError | None = None
         try:
-            messages = self._transport._receive_raw(url, size, wait, int(self._transport.lease_s))
+            messages = self._client.receive(url, size, wait, self._lease_s)
             deliveries = [self._delivery(m) for m in messages]
         except TransportError as exc:
             error = exc
@@ -143,7 +159,7 @@ class SQSConsumer(Consumer):
         """One received message as a Delivery; a field that cannot be read makes a fault, never
         an error (a message without a receipt handle or id is the broker's failure, and raises)."""
         receipt = _Receipt(str(message["ReceiptHandle"]), str(message["MessageId"]), time.monotonic())
-        read = _read_message(message)
+        read = read_message(message)
         if read.fault:
             logger.warning("SQS message %s cannot be read: %s", receipt.message_id, read.fault)
         with self._settle_lock:
@@ -179,34 +195,32 @@ class SQSConsumer(Consumer):
         with self._settle_lock:
             receipts = self._claim(deliveries)
         if receipts:
-            self._transport._delete(self._url, [(r.message_id, r.handle) for r in receipts])
+            self._client.delete(self._url, [(r.message_id, r.handle) for r in receipts])
 
     def retry_later(self, delivery: Delivery, delay_s: float) -> None:
         """Hide it for ``delay_s`` (whole seconds, capped at what SQS allows: 12 h from receipt)."""
         receipt: _Receipt = delivery.receipt
-        left = MAX_VISIBILITY_S - 5 - _whole_seconds(time.monotonic() - receipt.received_at)
-        visibility = min(_whole_seconds(delay_s), left)
-        if visibility < _whole_seconds(delay_s):
+        left = MAX_VISIBILITY_S - 5 - whole_seconds(time.monotonic() - receipt.received_at)
+        visibility = min(whole_seconds(delay_s), left)
+        if visibility < whole_seconds(delay_s):
             logger.warning("SQS message %s: retry delay %.0fs capped at %ds", receipt.message_id, delay_s, visibility)
         with self._settle_lock:
             if not self._claim([delivery]):
                 return
-            with _boundary(f"retry later in {self._name}"):
-                self._transport._client("sqs").change_message_visibility(
-                    QueueUrl=self._url, ReceiptHandle=receipt.handle, VisibilityTimeout=visibility
-                )
+            doing = f"retry later of SQS message {receipt.message_id} in {self._name}"
+            self._client.set_visibility(self._url, receipt.handle, visibility, doing=doing)
 
     def release(self, deliveries: Sequence[Delivery]) -> None:
         """Make them visible at once (visibility 0), ten a call."""
         with self._settle_lock:
             receipts = self._claim(deliveries)
-            self._transport._change_visibility(self._url, [(r.message_id, r.handle) for r in receipts], 0)
+            self._client.change_visibility(self._url, [(r.message_id, r.handle) for r in receipts], 0)
 
     def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
         """Set their visibility to ``lease_s`` from now, ten a call; settled ones are skipped."""
         with self._settle_lock:
             entries = [(d.receipt.message_id, d.receipt.handle) for d in deliveries if d.receipt.live]
-            self._transport._change_visibility(self._url, entries, min(MAX_VISIBILITY_S, _whole_seconds(lease_s)))
+            self._client.change_visibility(self._url, entries, min(MAX_VISIBILITY_S, whole_seconds(lease_s)))
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Send body, attributes and reason to ``HEDWIG-<queue>-DLQ``, then delete the original."""
@@ -217,19 +231,15 @@ class SQSConsumer(Consumer):
             "subscription": delivery.subscription,
             "dead_at": round(time.time(), 3),
         }
-        attributes = _with_dead_letter(delivery.attributes, info)
-        dlq = self._transport._queue_url(self._transport.queue_name(self._queue, dlq=True))
+        attributes = with_dead_letter(delivery.attributes, info)
+        dlq = self._client.queue_url(self._dlq_name)
         with self._settle_lock:
             if not receipt.live:
                 return
-            with _boundary(f"dead-letter SQS message {receipt.message_id} to {dlq}"):
-                self._transport._client("sqs").send_message(
-                    QueueUrl=dlq,
-                    MessageBody=delivery.body.decode("utf-8", "surrogatepass"),
-                    MessageAttributes=_sqs_attributes(attributes),
-                )
+            body = delivery.body.decode("utf-8", "surrogatepass")
+            self._client.send(dlq, body, attributes, doing=f"dead-letter SQS message {receipt.message_id} to {dlq}")
             self._claim([delivery])
-        self._transport._delete(self._url, [(receipt.message_id, receipt.handle)])
+        self._client.delete(self._url, [(receipt.message_id, receipt.handle)])
 
     def close(self) -> None:
         """Give back messages pollers brought that nobody took."""

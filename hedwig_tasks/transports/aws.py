@@ -20,10 +20,10 @@ Credentials come from boto3's usual chain (environment, profile, instance role) 
 constructor's keyword arguments, never from the URL.
 
 Options (query string): ``region``, ``account_id`` (found with STS when not given),
-``endpoint_url`` (every service), ``sns_endpoint_url``, ``sqs_endpoint_url``, ``profile``,
-``lease_s`` (visibility a receive takes, whole seconds; default 30) and ``max_receive_count``
-(receives before the redrive policy moves a message to the DLQ; default 20). An unknown option
-raises ``ConfigurationError``.
+``endpoint_url`` (every service), ``sns_endpoint_url``, ``sqs_endpoint_url``, ``profile`` (each
+of these left empty is as if not given), ``lease_s`` (visibility a receive takes, rounded up
+to whole seconds; default 30) and ``max_receive_count`` (receives before the redrive policy
+moves a message to the DLQ; default 20). An unknown option raises ``ConfigurationError``.
 
 SQS keeps one stream per queue, so a consumer receives every topic its queue is subscribed to,
 and :meth:`AWSTransport.status` reports one row for the queue. A receipt that was superseded by
@@ -34,54 +34,34 @@ Per-message fields that cannot be read (a Binary attribute, an SNS envelope whos
 attributes are not text, a ``hedwig_dead_letter`` attribute that is not ours, a receive count
 that is not a number) come back as a delivery with a ``fault``, the body as it came.
 
-Modules: this one holds the transport (publishing, status and dead letters);
-``_aws_consumer`` the consumer; ``_aws_admin`` provisioning; ``_aws_common`` the constants,
-error boundary and wire helpers they share.
+Modules: this one holds the transport (construction from a URL or Hedwig's settings,
+publishing, status); ``_aws_client`` the boto3 clients, queue URLs and SNS/SQS calls that the
+others share, and the error boundary; ``_aws_consumer`` the consumer; ``_aws_admin``
+provisioning and the dead-letter queue; ``_aws_wire`` the message limits and reading and
+writing a message's fields.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
-from botocore.config import Config
-
-from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
-from hedwig_tasks.transports._aws_admin import _Provisioner
-from hedwig_tasks.transports._aws_common import (
-    _NAME_RE,
-    _RECEIVE_SYSTEM_ATTRIBUTES,
+from hedwig_tasks.exceptions import ConfigurationError, PublishError
+from hedwig_tasks.transports._aws_admin import DeadLetterQueue, Provisioner
+from hedwig_tasks.transports._aws_client import MAX_POLLERS, MAX_VISIBILITY_S, AWSClient, missing, whole_seconds
+from hedwig_tasks.transports._aws_client import queue_name as _queue_name
+from hedwig_tasks.transports._aws_consumer import SQSConsumer
+from hedwig_tasks.transports._aws_wire import (
     BATCH,
     DEAD_LETTER_ATTRIBUTE,
-    DEFAULT_LEASE_S,
-    DEFAULT_MAX_RECEIVE_COUNT,
-    HEDWIG_SETTINGS,
     MAX_ATTRIBUTES,
     MAX_MESSAGE_BYTES,
-    MAX_POLLERS,
-    MAX_VISIBILITY_S,
-    MAX_WAIT_S,
-    _boundary,
-    _chunks,
-    _log_failures,
-    _missing,
-    _number,
-    _options,
-    _outgoing,
-    _plain_attributes,
-    _sent_at,
-    _sized_batches,
-    _split_dead_letter,
-    _sqs_attributes,
-    _whole,
-    _whole_seconds,
-    _with_dead_letter,
+    outgoing,
+    sized_batches,
 )
-from hedwig_tasks.transports._aws_consumer import SQSConsumer
+from hedwig_tasks.transports._url import Option, count, read_options, seconds
 from hedwig_tasks.transports.base import (
     Capabilities,
     DeadLetterRecord,
@@ -91,6 +71,42 @@ from hedwig_tasks.transports.base import (
 )
 
 __all__ = ["DEAD_LETTER_ATTRIBUTE", "MAX_MESSAGE_BYTES", "AWSTransport", "SQSConsumer"]
+
+#: Visibility a receive takes and each lease extension asks for, in seconds.
+DEFAULT_LEASE_S = 30.0
+#: Receives after which the redrive policy moves a message to the DLQ (the safety net).
+DEFAULT_MAX_RECEIVE_COUNT = 20
+
+#: Hedwig setting -> constructor argument.
+HEDWIG_SETTINGS = {
+    "AWS_REGION": "region",
+    "AWS_ACCOUNT_ID": "account_id",
+    "AWS_ACCESS_KEY": "access_key_id",
+    "AWS_SECRET_KEY": "secret_access_key",
+    "AWS_SESSION_TOKEN": "session_token",
+    "AWS_ENDPOINT_SNS": "sns_endpoint_url",
+    "AWS_ENDPOINT_SQS": "sqs_endpoint_url",
+    "AWS_CONNECT_TIMEOUT_S": "connect_timeout_s",
+    "AWS_READ_TIMEOUT_S": "read_timeout_s",
+    "HEDWIG_VISIBILITY_TIMEOUT_S": "lease_s",
+}
+
+
+def _given(value: str) -> str | None:
+    """Text; left empty, as if not given (boto3's own chain decides)."""
+    return value or None
+
+
+_URL_OPTIONS: dict[str, Option] = {
+    "account_id": _given,
+    "endpoint_url": _given,
+    "lease_s": seconds,
+    "max_receive_count": count,
+    "profile": _given,
+    "region": _given,
+    "sns_endpoint_url": _given,
+    "sqs_endpoint_url": _given,
+}
 
 
 # -- the transport ----------------------------------------------------------------------------
@@ -132,21 +148,23 @@ class AWSTransport(Transport):
             raise ConfigurationError(f"lease_s must be 1 to {MAX_VISIBILITY_S} seconds, got {lease_s!r}")
         if not 1 <= max_receive_count <= 1000:
             raise ConfigurationError(f"max_receive_count must be 1 to 1000, got {max_receive_count!r}")
-        self.region = region
-        self.account_id = account_id
         self.profile = profile
         self.sns_endpoint_url = sns_endpoint_url or endpoint_url
         self.sqs_endpoint_url = sqs_endpoint_url or endpoint_url
         self.endpoint_url = endpoint_url
-        self.lease_s = float(_whole_seconds(lease_s))
+        self.lease_s = float(whole_seconds(lease_s))
         self.max_receive_count = int(max_receive_count)
-        self._credentials = (access_key_id, secret_access_key, session_token)
-        self._config = {"connect": connect_timeout_s, "read": read_timeout_s, "attempts": max_attempts}
-        self._lock = threading.Lock()
-        self._clients: dict[str, Any] = {}
-        self._queue_urls: dict[str, str] = {}
-        self._arns: dict[tuple[str, str | None], str] = {}
-        self._partition: str | None = None
+        #: boto3's clients and the SNS/SQS calls this transport, its consumers and provisioning share.
+        self.client = AWSClient(
+            region=region,
+            account_id=account_id,
+            profile=profile,
+            credentials=(access_key_id, secret_access_key, session_token),
+            endpoints={"sns": self.sns_endpoint_url, "sqs": self.sqs_endpoint_url, "sts": endpoint_url},
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            max_attempts=max_attempts,
+        )
 
     @classmethod
     def from_url(cls, url: str) -> AWSTransport:
@@ -154,11 +172,7 @@ class AWSTransport(Transport):
         parts = urlsplit(url)
         if parts.scheme != "aws" or parts.netloc or parts.path not in ("", "/"):
             raise ConfigurationError(f"expected aws://?region=...&option=..., got {url!r}")
-        options: dict[str, Any] = {k: v or None for k, v in _options(parts.query).items()}
-        if options.get("lease_s") is not None:
-            options["lease_s"] = _number("lease_s", options["lease_s"], float)
-        if options.get("max_receive_count") is not None:
-            options["max_receive_count"] = int(_number("max_receive_count", options["max_receive_count"], int))
+        options, _ = read_options("aws", parts.query, _URL_OPTIONS)
         return cls(**options)
 
     @classmethod
@@ -179,100 +193,39 @@ class AWSTransport(Transport):
         shown = endpoint if (self.endpoint_url or self.sqs_endpoint_url or self.sns_endpoint_url) else ""
         return f"<AWSTransport region={self.region!r} account={self.account_id!r}{shown}>"
 
-    # -- clients and names --------------------------------------------------------------------
+    # -- names --------------------------------------------------------------------------------
 
-    def _client(self, service: str) -> Any:
-        client = self._clients.get(service)
-        if client is None:
-            with self._lock:
-                client = self._clients.get(service) or self._make_client(service)
-                self._clients[service] = client
-        return client
+    @property
+    def region(self) -> str | None:
+        """The region: as given, else boto3's (environment, profile) once a client was made."""
+        return self.client.region
 
-    def _make_client(self, service: str) -> Any:
-        key, secret, token = self._credentials
-        session = boto3.session.Session(
-            aws_access_key_id=key,
-            aws_secret_access_key=secret,
-            aws_session_token=token,
-            region_name=self.region,
-            profile_name=self.profile,
-        )
-        if session.region_name is None:
-            raise ConfigurationError("no AWS region: add region=... to the aws:// URL or set AWS_DEFAULT_REGION")
-        self.region = session.region_name
-        endpoint = {"sns": self.sns_endpoint_url, "sqs": self.sqs_endpoint_url}.get(service, self.endpoint_url)
-        read_timeout = self._config["read"]
-        if service == "sqs":
-            read_timeout = max(read_timeout, MAX_WAIT_S + 10)  # longer than the longest long poll
-        config = Config(
-            retries={"mode": "standard", "total_max_attempts": int(self._config["attempts"])},
-            connect_timeout=self._config["connect"],
-            read_timeout=read_timeout,
-            max_pool_connections=MAX_POLLERS + 10,
-        )
-        return session.client(service, endpoint_url=endpoint, config=config)
-
-    def _account(self) -> str:
-        if self.account_id is None:
-            with _boundary("finding the AWS account (sts GetCallerIdentity)"):
-                self.account_id = str(self._client("sts").get_caller_identity()["Account"])
-        return self.account_id
+    @property
+    def account_id(self) -> str | None:
+        """The account: as given, else STS's once an ARN needed it."""
+        return self.client.account_id
 
     def topic_arn(self, topic: str, owner: str | None = None) -> str:
         """The SNS topic ``hedwig-<topic>`` in ``owner``'s account (ours by default), or a full ARN."""
-        if topic.startswith("arn:"):
-            return topic
-        arn = self._arns.get((topic, owner))
-        if arn is None:
-            if not _NAME_RE.match(topic):
-                raise ConfigurationError(f"topic {topic!r}: SNS names take letters, digits, '-' and '_'")
-            arn = self._arns[(topic, owner)] = self._arn("sns", f"hedwig-{topic}", owner)
-        return arn
-
-    def _arn(self, service: str, name: str, owner: str | None = None) -> str:
-        if self._partition is None:
-            self._client("sns")  # settles the region
-            self._partition = boto3.session.Session().get_partition_for_region(self.region or "us-east-1")
-        return f"arn:{self._partition}:{service}:{self.region}:{owner or self._account()}:{name}"
+        return self.client.topic_arn(topic, owner)
 
     @staticmethod
     def queue_name(queue: str, *, dlq: bool = False) -> str:
         """``HEDWIG-<queue>`` (or its ``-DLQ``), as authedwig names it from ``HEDWIG_QUEUE``."""
-        name = f"HEDWIG-{queue}{'-DLQ' if dlq else ''}"
-        if not _NAME_RE.match(queue) or len(f"HEDWIG-{queue}-DLQ") > 80:
-            raise ConfigurationError(f"queue {queue!r}: SQS names take letters, digits, '-', '_', 69 at most")
-        return name
+        return _queue_name(queue, dlq=dlq)
 
-    def _queue_url(self, name: str) -> str:
-        url = self._queue_urls.get(name)
-        if url is None:
-            try:
-                with _boundary(f"finding SQS queue {name}"):
-                    url = str(self._client("sqs").get_queue_url(QueueName=name)["QueueUrl"])
-            except TransportError as exc:
-                if _missing(exc):
-                    raise TransportError(f"SQS queue {name} does not exist; run `hedwig-tasks provision`") from exc
-                raise
-            self._queue_urls[name] = url
-        return url
-
-    def _queue_attributes(self, url: str, *names: str) -> dict[str, str]:
-        with _boundary(f"reading attributes of {url}"):
-            found = self._client("sqs").get_queue_attributes(QueueUrl=url, AttributeNames=list(names))
-        return dict(found.get("Attributes", {}))
+    def _client(self, service: str) -> Any:
+        """boto3's ``service`` client. Kept for bench/aws.py only; use ``self.client.sns`` / ``.sqs``."""
+        return self.client.sqs if service == "sqs" else self.client.sns
 
     # -- publishing ---------------------------------------------------------------------------
 
     def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
         """SNS Publish to ``hedwig-<topic>``. Raises ``PublishError`` (limits are checked first)."""
-        text = _outgoing(topic, body, attributes)
+        text = outgoing(topic, body, attributes)
         arn = self.topic_arn(topic, owner)
-        with self._publishing(topic, arn):
-            sent = self._client("sns").publish(
-                TopicArn=arn, Message=text, MessageAttributes=_sqs_attributes(attributes)
-            )
-        return str(sent["MessageId"])
+        with _naming_a_missing_topic(topic, arn):
+            return self.client.publish(arn, text, attributes, doing=f"publish to {topic!r} ({arn})")
 
     def publish_many(
         self,
@@ -285,10 +238,10 @@ class AWSTransport(Transport):
 
         Raises ``PublishError`` naming how many were sent before the failure.
         """
-        entries = [(i, _outgoing(topic, body, attrs), attrs) for i, (body, attrs) in enumerate(messages)]
+        entries = [(i, outgoing(topic, body, attrs), attrs) for i, (body, attrs) in enumerate(messages)]
         arn = self.topic_arn(topic, owner) if entries else ""
         ids: dict[int, str] = {}
-        for batch in _sized_batches(entries):
+        for batch in sized_batches(entries):
             try:
                 ids.update(self._publish_batch(topic, arn, batch))
             except PublishError as exc:
@@ -299,12 +252,9 @@ class AWSTransport(Transport):
         pending = {str(i): (i, text, attrs) for i, text, attrs in batch}
         ids: dict[int, str] = {}
         for _ in range(3):  # botocore retries whole calls; entries failing on AWS's side are retried here
-            request = [
-                {"Id": key, "Message": text, "MessageAttributes": _sqs_attributes(attrs)}
-                for key, (_, text, attrs) in pending.items()
-            ]
-            with self._publishing(topic, arn):
-                result = self._client("sns").publish_batch(TopicArn=arn, PublishBatchRequestEntries=request)
+            request = {key: (text, attrs) for key, (_, text, attrs) in pending.items()}
+            with _naming_a_missing_topic(topic, arn):
+                result = self.client.publish_batch(arn, request, doing=f"publish to {topic!r} ({arn})")
             for ok in result.get("Successful", []):
                 ids[pending.pop(ok["Id"])[0]] = str(ok["MessageId"])
             failed = result.get("Failed", [])
@@ -318,27 +268,20 @@ class AWSTransport(Transport):
             )
         return ids
 
-    @contextlib.contextmanager
-    def _publishing(self, topic: str, arn: str) -> Iterator[None]:
-        try:
-            with _boundary(f"publish to {topic!r} ({arn})", PublishError):
-                yield
-        except PublishError as exc:
-            if _missing(exc):
-                raise PublishError(f"topic {topic!r} ({arn}) does not exist; run `hedwig-tasks provision`") from exc
-            raise
-
-    # -- administration -----------------------------------------------------------------------
+    # -- consuming and administration ---------------------------------------------------------
 
     def consumer(self, queue: str, topics: Sequence[str], *, max_outstanding: int | None = None) -> SQSConsumer:
         """A consumer of the whole queue ``HEDWIG-<queue>``: SQS cannot receive by topic."""
-        return SQSConsumer(self, queue)
+        return SQSConsumer(self.client, queue, lease_s=self.lease_s)
 
     def provision(
         self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str], *, dry_run: bool = False
     ) -> list[str]:
         """Topics, queue, DLQ, redrive policy, queue policy and raw-delivery subscriptions; idempotent."""
-        return _Provisioner(self, dry_run).run(queue, subscribe, publish)
+        provisioner = Provisioner(
+            self.client, lease_s=self.lease_s, max_receive_count=self.max_receive_count, dry_run=dry_run
+        )
+        return provisioner.run(queue, subscribe, publish)
 
     def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
         """One row for the queue, whatever the topics: SQS counts per queue.
@@ -347,130 +290,36 @@ class AWSTransport(Transport):
         flight, since SQS cannot tell it from a leased one.
         """
         name = self.queue_name(queue)
-        counts = self._queue_attributes(
-            self._queue_url(name),
+        counts = self.client.queue_attributes(
+            self.client.queue_url(name),
             "ApproximateNumberOfMessages",
             "ApproximateNumberOfMessagesDelayed",
             "ApproximateNumberOfMessagesNotVisible",
         )
         depth = int(counts["ApproximateNumberOfMessages"]) + int(counts.get("ApproximateNumberOfMessagesDelayed", 0))
         in_flight = int(counts["ApproximateNumberOfMessagesNotVisible"])
-        return [SubscriptionStatus(name, ",".join(topics), depth, in_flight, self._dead_count(queue))]
-
-    def _dead_count(self, queue: str) -> int | None:
-        try:
-            url = self._queue_url(self.queue_name(queue, dlq=True))
-        except TransportError:
-            return None
-        counts = self._queue_attributes(url, "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible")
-        return sum(int(v) for v in counts.values())
+        dead = DeadLetterQueue(self.client, queue).count()
+        return [SubscriptionStatus(name, ",".join(topics), depth, in_flight, dead)]
 
     def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
         """Up to ``limit`` from the DLQ, left in place (received, then made visible again at once)."""
-        url = self._queue_url(self.queue_name(queue, dlq=True))
-        seen: dict[str, dict[str, Any]] = {}
-        try:
-            for messages in self._sample(url, limit):
-                seen.update((m["MessageId"], m) for m in messages)
-        finally:
-            entries = [(m["MessageId"], m["ReceiptHandle"]) for m in seen.values()]
-            self._change_visibility(url, entries, 0)
-        return [self._record(queue, m) for m in sorted(seen.values(), key=_sent_at)][:limit]
-
-    def _sample(self, url: str, limit: int) -> Iterator[list[dict[str, Any]]]:
-        """Receive batches from a DLQ until ``limit`` or all it held at the start were seen."""
-        counts = self._queue_attributes(url, "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible")
-        target, found = min(limit, sum(int(v) for v in counts.values())), 0
-        while found < target:
-            messages = self._receive_raw(url, min(BATCH, target - found), 1, 30)
-            if not messages:
-                return
-            found += len(messages)
-            yield messages
-
-    def _record(self, queue: str, message: dict[str, Any]) -> DeadLetterRecord:
-        attributes, info = _split_dead_letter(_plain_attributes(message.get("MessageAttributes")))
-        count = _whole((message.get("Attributes") or {}).get("ApproximateReceiveCount")) or 1
-        dead_at = info.get("dead_at")
-        return DeadLetterRecord(
-            body=str(message.get("Body", "")).encode("utf-8", "surrogatepass"),
-            attributes=attributes,
-            reason=str(info.get("reason", "moved by the queue's redrive policy (never settled by a worker)")),
-            subscription=str(info.get("subscription", self.queue_name(queue))),
-            attempts=_whole(info.get("attempts")) or count,
-            dead_at=float(dead_at) if isinstance(dead_at, (int, float)) else _sent_at(message) / 1000,
-            transport_id=str(message.get("MessageId", "")),
-        )
+        return DeadLetterQueue(self.client, queue).records(limit)
 
     def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
         """Move DLQ messages back to the queue (sent, then deleted from the DLQ), ten a call."""
-        source = self._queue_url(self.queue_name(queue, dlq=True))
-        target = self._queue_url(self.queue_name(queue))
-        waiting = self._dead_count(queue) or 0
-        total = waiting if limit is None else min(limit, waiting)
-        done = 0
-        while done < total:  # only what was there at the start: a requeued poison message is not looped
-            messages = self._receive_raw(source, min(BATCH, total - done), 1, 60)
-            if not messages:
-                break
-            done += self._move(source, target, messages)
-            if progress is not None:
-                progress(done, total)
-        return done
-
-    def _move(self, source: str, target: str, messages: list[dict[str, Any]]) -> int:
-        entries = []
-        for index, message in enumerate(messages):
-            attributes, _ = _split_dead_letter(_plain_attributes(message.get("MessageAttributes")))
-            if len(attributes) > MAX_ATTRIBUTES:  # keep the displaced ones where the consumer restores them
-                attributes = _with_dead_letter(attributes, {})
-            entry = {"Id": str(index), "MessageBody": message["Body"]}
-            entries.append({**entry, "MessageAttributes": _sqs_attributes(attributes)} if attributes else entry)
-        with _boundary(f"requeue to {target}"):
-            result = self._client("sqs").send_message_batch(QueueUrl=target, Entries=entries)
-        sent = {int(ok["Id"]) for ok in result.get("Successful", [])}
-        self._delete(source, [(m["MessageId"], m["ReceiptHandle"]) for i, m in enumerate(messages) if i in sent])
-        if len(sent) < len(messages):
-            failed = result.get("Failed", [{}])[0]
-            raise TransportError(f"requeue to {target}: {failed.get('Code', '?')}: {failed.get('Message', '')}")
-        return len(sent)
-
-    # -- SQS calls shared by the consumer and the DLQ tools ------------------------------------
-
-    def _receive_raw(self, url: str, count: int, wait_s: int, visibility_s: int) -> list[dict[str, Any]]:
-        with _boundary(f"receive from {url}"):
-            found = self._client("sqs").receive_message(
-                QueueUrl=url,
-                MaxNumberOfMessages=count,
-                WaitTimeSeconds=wait_s,
-                VisibilityTimeout=visibility_s,
-                MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=_RECEIVE_SYSTEM_ATTRIBUTES,
-            )
-        return list(found.get("Messages", []))
-
-    def _delete(self, url: str, entries: Sequence[tuple[str, str]]) -> None:
-        """DeleteMessageBatch, ten a call; entries are (message id, receipt handle)."""
-        for chunk in _chunks(entries):
-            request = [{"Id": str(i), "ReceiptHandle": handle} for i, (_, handle) in enumerate(chunk)]
-            with _boundary(f"deleting messages from {url}"):
-                result = self._client("sqs").delete_message_batch(QueueUrl=url, Entries=request)
-            _log_failures("delete", chunk, result)
-
-    def _change_visibility(self, url: str, entries: Sequence[tuple[str, str]], visibility_s: int) -> None:
-        """ChangeMessageVisibilityBatch, ten a call; entries are (message id, receipt handle)."""
-        for chunk in _chunks(entries):
-            request = [
-                {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": visibility_s}
-                for i, (_, handle) in enumerate(chunk)
-            ]
-            with _boundary(f"change visibility in {url}"):
-                result = self._client("sqs").change_message_visibility_batch(QueueUrl=url, Entries=request)
-            _log_failures("change visibility", chunk, result)
+        return DeadLetterQueue(self.client, queue).requeue(limit, progress)
 
     def close(self) -> None:
         """Drop the clients; the next call makes new ones."""
-        with self._lock:
-            clients, self._clients = self._clients, {}
-        for client in clients.values():
-            client.close()
+        self.client.close()
+
+
+@contextlib.contextmanager
+def _naming_a_missing_topic(topic: str, arn: str) -> Iterator[None]:
+    """A publish to a topic that does not exist says which, and how to create it."""
+    try:
+        yield
+    except PublishError as exc:
+        if missing(exc):
+            raise PublishError(f"topic {topic!r} ({arn}) does not exist; run `hedwig-tasks provision`") from exc
+        raise

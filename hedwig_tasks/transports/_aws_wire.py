@@ -1,130 +1,60 @@
-"""SNS/SQS transport internals shared by the transport, its consumer and its provisioning:
-constants, the error boundary and the wire helpers. See ``aws.py`` for the design."""
+"""How SNS and SQS carry a Hedwig message: the message limits, and reading and writing its fields.
+
+It holds what a message may be (:data:`MAX_MESSAGE_BYTES`, :data:`MAX_ATTRIBUTES`, the
+characters SQS accepts) and the checks made before publishing (:func:`outgoing`,
+:func:`sized_batches`); reading a received message's fields without raising
+(:func:`read_message`: attributes, an SNS envelope, the receive count); and the
+``hedwig_dead_letter`` attribute a dead letter's reason and displaced attributes ride in.
+Pure functions on boto3's message dicts: no I/O. See ``aws.py`` for the design.
+"""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import json
-import logging
-import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import parse_qs
 
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from hedwig_tasks.exceptions import PublishError
 
-from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
+__all__ = [
+    "BATCH",
+    "DEAD_LETTER_ATTRIBUTE",
+    "MAX_ATTRIBUTES",
+    "MAX_MESSAGE_BYTES",
+    "Read",
+    "outgoing",
+    "plain_attributes",
+    "read_message",
+    "sent_at",
+    "sized_batches",
+    "split_dead_letter",
+    "sqs_attributes",
+    "whole",
+    "with_dead_letter",
+]
 
-logger = logging.getLogger("hedwig_tasks.transports.aws")  # one logger for the whole transport
-
-
-#: Visibility a receive takes and each lease extension asks for, in seconds.
-DEFAULT_LEASE_S = 30.0
-#: Receives after which the redrive policy moves a message to the DLQ (the safety net).
-DEFAULT_MAX_RECEIVE_COUNT = 20
-#: Longest visibility SQS allows, counted from a receive, in seconds (12 hours).
-MAX_VISIBILITY_S = 43200
-#: Longest long poll SQS allows, in seconds.
-MAX_WAIT_S = 20
 #: Most entries in one SQS or SNS batch call.
 BATCH = 10
 #: Largest SNS/SQS message, body plus attribute names, types and values, in bytes.
 MAX_MESSAGE_BYTES = 262144
 #: Most message attributes an SQS message (and raw SNS delivery to SQS) carries.
 MAX_ATTRIBUTES = 10
-#: Most parallel ReceiveMessage calls one consumer makes.
-MAX_POLLERS = 10
-#: Longest dead-letter reason kept, in characters.
-MAX_REASON_CHARS = 4096
-#: Retention of the dead-letter queue, in seconds (the SQS maximum, 14 days).
-DLQ_RETENTION_S = 1209600
 #: The attribute a dead letter's reason (and any attributes it displaced) rides in.
 DEAD_LETTER_ATTRIBUTE = "hedwig_dead_letter"
-#: The queue policy statement provision writes to let SNS deliver.
-POLICY_SID = "HedwigTasksSNSDelivery"
 
-_URL_OPTIONS = (
-    "account_id",
-    "endpoint_url",
-    "lease_s",
-    "max_receive_count",
-    "profile",
-    "region",
-    "sns_endpoint_url",
-    "sqs_endpoint_url",
-)
-#: Hedwig setting -> constructor argument.
-HEDWIG_SETTINGS = {
-    "AWS_REGION": "region",
-    "AWS_ACCOUNT_ID": "account_id",
-    "AWS_ACCESS_KEY": "access_key_id",
-    "AWS_SECRET_KEY": "secret_access_key",
-    "AWS_SESSION_TOKEN": "session_token",
-    "AWS_ENDPOINT_SNS": "sns_endpoint_url",
-    "AWS_ENDPOINT_SQS": "sqs_endpoint_url",
-    "AWS_CONNECT_TIMEOUT_S": "connect_timeout_s",
-    "AWS_READ_TIMEOUT_S": "read_timeout_s",
-    "HEDWIG_VISIBILITY_TIMEOUT_S": "lease_s",
-}
-_AUTH_CODES = frozenset(
-    {"InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch", "ExpiredToken", "AccessDenied"}
-)
-_XML_ERROR_RE = re.compile(r"<Code>([^<]+)</Code>\s*<Message>([^<]*)</Message>")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Characters SQS accepts in bodies and attribute values (raw SNS delivery drops anything else).
 _BAD_CHARS_RE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-_RECEIVE_SYSTEM_ATTRIBUTES = ["ApproximateReceiveCount", "SentTimestamp"]
 _WHOLE_RE = re.compile(r"[0-9]{1,18}")
 
 
-# -- boundary and wire helpers ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _boundary(doing: str, error: type[TransportError] = TransportError) -> Iterator[None]:
-    """Turn botocore's errors into ours: the transport boundary."""
-    try:
-        yield
-    except ClientError as exc:
-        code, message = _describe(exc)
-        hint = " (check the AWS credentials)" if code in _AUTH_CODES or code == "403" else ""
-        raise error(f"{doing} failed: {code}: {message}{hint}") from exc
-    except NoCredentialsError as exc:
-        raise error(f"{doing} failed: no AWS credentials found (environment, profile or role)") from exc
-    except BotoCoreError as exc:
-        raise error(f"{doing} failed: {exc}") from exc
-
-
-def _describe(exc: ClientError) -> tuple[str, str]:
-    """Error code and message; read from the body when botocore could not parse it (an XML error
-    answering a JSON request, as some emulators send)."""
-    info = exc.response.get("Error", {})
-    code, message = str(info.get("Code", "?")), str(info.get("Message", exc))
-    found = _XML_ERROR_RE.search(message) if code.isdigit() else None
-    return (found.group(1), found.group(2)) if found else (code, message)
-
-
-def _error_code(exc: BaseException | None) -> str:
-    """The AWS error code behind one of our errors ("" if botocore raised none)."""
-    while exc is not None and not isinstance(exc, ClientError):
-        exc = exc.__cause__
-    return str(exc.response.get("Error", {}).get("Code", "")) if exc is not None else ""
-
-
-def _missing(exc: BaseException) -> bool:
-    """Whether a TransportError says the topic or queue does not exist."""
-    code = _error_code(exc)
-    return code in ("NotFound", "NotFoundException") or "NonExistentQueue" in code or "QueueDoesNotExist" in code
-
-
-def _sqs_attributes(attributes: Mapping[str, str]) -> dict[str, dict[str, str]]:
+def sqs_attributes(attributes: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return {name: {"DataType": "String", "StringValue": value} for name, value in attributes.items()}
 
 
-def _plain_attributes(raw: Any) -> dict[str, str]:
+def plain_attributes(raw: Any) -> dict[str, str]:
     """SQS message attributes as text (binary ones as base64), whatever could be read."""
     return _read_attributes(raw)[0]
 
@@ -169,7 +99,7 @@ def _wire_size(body: str, attributes: Mapping[str, str]) -> int:
     return size + sum(len(k.encode()) + len("String") + len(v.encode()) for k, v in attributes.items())
 
 
-def _outgoing(topic: str, body: bytes, attributes: Mapping[str, str]) -> str:
+def outgoing(topic: str, body: bytes, attributes: Mapping[str, str]) -> str:
     """The body as text, after checking what SNS and SQS would refuse or silently drop."""
     try:
         text = bytes(body).decode("utf-8")
@@ -191,7 +121,7 @@ def _outgoing(topic: str, body: bytes, attributes: Mapping[str, str]) -> str:
     return text
 
 
-def _sized_batches(entries: list[tuple[int, str, Mapping[str, str]]]) -> Iterator[list[tuple[int, str, Any]]]:
+def sized_batches(entries: list[tuple[int, str, Mapping[str, str]]]) -> Iterator[list[tuple[int, str, Any]]]:
     """Entries in batches of at most ten and at most MAX_MESSAGE_BYTES in all."""
     batch: list[tuple[int, str, Any]] = []
     size = 0
@@ -236,7 +166,7 @@ def _unwrap_envelope(body: str, attributes: dict[str, str]) -> tuple[str, dict[s
     return message, found, ""
 
 
-def _split_dead_letter(attributes: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
+def split_dead_letter(attributes: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
     """The message's own attributes (displaced ones restored) and the dead-letter info.
 
     Lenient, for the dead-letter tools: info that cannot be read is left out.
@@ -278,7 +208,7 @@ def _dead_letter_info(raw: str | None) -> tuple[dict[str, Any], str]:
     return info, ""
 
 
-def _whole(value: Any) -> int | None:
+def whole(value: Any) -> int | None:
     """A whole number 0 or more, from text or an int; None for anything else."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value if value >= 0 else None
@@ -288,7 +218,7 @@ def _whole(value: Any) -> int | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Read:
+class Read:
     """What a consumer reads from one received SQS message."""
 
     body: str
@@ -297,7 +227,7 @@ class _Read:
     fault: str  #: what could not be read; "" when everything could
 
 
-def _read_message(message: Mapping[str, Any]) -> _Read:
+def read_message(message: Mapping[str, Any]) -> Read:
     """Body, attributes and attempt of one received message. Never raises: whatever cannot
     be read is named in the fault, the body stays as it came and the attempt falls back to 1."""
     faults: list[str] = []
@@ -315,13 +245,13 @@ def _read_message(message: Mapping[str, Any]) -> _Read:
     faults += [fault] if fault else []
     system = message.get("Attributes")
     count = system.get("ApproximateReceiveCount", "1") if isinstance(system, Mapping) else "1"
-    attempt = _whole(count)
+    attempt = whole(count)
     if not attempt:
         faults.append(f"ApproximateReceiveCount {count!r} is not a whole number 1 or more")
-    return _Read(body, attributes, attempt or 1, "; ".join(faults))
+    return Read(body, attributes, attempt or 1, "; ".join(faults))
 
 
-def _with_dead_letter(attributes: Mapping[str, str], info: dict[str, Any]) -> dict[str, str]:
+def with_dead_letter(attributes: Mapping[str, str], info: dict[str, Any]) -> dict[str, str]:
     """Attributes plus the dead-letter info, moving attributes into it past the limit of ten."""
     kept = {k: v for k, v in attributes.items() if k != DEAD_LETTER_ATTRIBUTE}
     if len(kept) >= MAX_ATTRIBUTES:
@@ -331,53 +261,6 @@ def _with_dead_letter(attributes: Mapping[str, str], info: dict[str, Any]) -> di
     return kept
 
 
-def _whole_seconds(seconds: float) -> int:
-    return max(0, math.ceil(seconds - 1e-9))
-
-
-def _options(query: str) -> dict[str, str]:
-    given = parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(given) - set(_URL_OPTIONS))
-    if unknown:
-        raise ConfigurationError(f"unknown aws option(s) {', '.join(unknown)} (known: {', '.join(_URL_OPTIONS)})")
-    return {name: values[-1] for name, values in given.items()}
-
-
-def _number(name: str, value: str, cast: Callable[[str], float]) -> float:
-    try:
-        return cast(value)
-    except ValueError:
-        raise ConfigurationError(f"aws option {name}={value!r} must be a number") from None
-
-
-@dataclasses.dataclass(eq=False)
-class _Receipt:
-    """One receive of one message: its handle, and whether it may still settle anything."""
-
-    handle: str
-    message_id: str
-    received_at: float  # monotonic
-    settled: bool = False
-    superseded: bool = False
-
-    @property
-    def live(self) -> bool:
-        return not (self.settled or self.superseded)
-
-
-def _chunks(entries: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(entries), BATCH):
-        yield entries[start : start + BATCH]
-
-
-def _sent_at(message: Mapping[str, Any]) -> int:
+def sent_at(message: Mapping[str, Any]) -> int:
     """When SQS took the message, in epoch ms (0 if it does not say)."""
-    return _whole((message.get("Attributes") or {}).get("SentTimestamp")) or 0
-
-
-def _log_failures(what: str, chunk: Sequence[tuple[str, str]], result: Mapping[str, Any]) -> None:
-    for failure in result.get("Failed", []):
-        message_id = chunk[int(failure["Id"])][0]
-        # A receipt of a message already deleted (or received again elsewhere) is expected now and then.
-        level = logging.DEBUG if failure.get("Code") == "ReceiptHandleIsInvalid" else logging.WARNING
-        logger.log(level, "%s of SQS message %s failed: %s", what, message_id, failure.get("Message", ""))
+    return whole((message.get("Attributes") or {}).get("SentTimestamp")) or 0

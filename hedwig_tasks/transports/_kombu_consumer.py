@@ -1,5 +1,7 @@
-"""The Kombu transport's consumer: receiving under prefetch, leases kept by the consumer,
-settling, delayed retries and dead letters. See ``kombu.py`` for the design."""
+"""The Kombu transport's consumer: receiving under prefetch (Redis: the fetch script), leases
+kept by the consumer, settling, delayed retries and dead letters, on a connection of its own
+made by the transport's :class:`~hedwig_tasks.transports._kombu_link.Broker`. See ``kombu.py``
+for the design."""
 
 from __future__ import annotations
 
@@ -15,44 +17,41 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import kombu
-import kombu.exceptions
 import kombu.transport.virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 
-from hedwig_tasks.transports._kombu_link import (
+from hedwig_tasks.transports._kombu_link import Broker
+from hedwig_tasks.transports._kombu_messages import Reading, read, read_payload, redis_item, send, wrap
+from hedwig_tasks.transports._kombu_names import (
     ATTEMPTS,
     DEAD_AT,
-    DRAIN_SLICE_S,
-    EXISTENCE_CHECK_S,
     FAULT,
-    HOUSEKEEPING_S,
     RAW,
     REASON,
     SUBSCRIPTION,
-    Reading,
-    _bucket,
-    _exists,
-    _payload,
-    _send,
+    bucket,
     delay_queue_name,
     delayed_key,
     dlq_name,
-    read,
-    read_payload,
-    wrap,
 )
 from hedwig_tasks.transports.base import Consumer, Delivery
 
-if TYPE_CHECKING:
-    from hedwig_tasks.transports.kombu import KombuTransport
-
-__all__ = ["KombuConsumer"]
+__all__ = ["DEFAULT_PREFETCH", "KombuConsumer"]
 
 logger = logging.getLogger("hedwig_tasks.transports.kombu")  # one logger for the whole transport
+
+#: Unsettled deliveries a consumer may hold when the caller gives no ``max_outstanding``.
+DEFAULT_PREFETCH = 64
+#: Longest a receive waits on the socket before looking again (housekeeping), in seconds.
+DRAIN_SLICE_S = 0.05
+#: Redis: seconds between moves of due retries (and restores of dead consumers' messages).
+HOUSEKEEPING_S = 0.2
+#: RabbitMQ: seconds between checks that a missing subscription queue was provisioned.
+EXISTENCE_CHECK_S = 5.0
 
 
 # Moves due retries from a sorted set to the tail of a Kombu list, atomically.
@@ -71,7 +70,7 @@ return #due
 # An item Kombu cannot read, or could not restore if its consumer died (it would drop it), is
 # stored wrapped whole instead, hex-encoded in a message of its own that says why, tagged
 # ARGV[3].n: it is handed out with a fault and dead-lettered, never lost nor received forever.
-# ``tag_of`` and ``wrapped`` are the twins of ``_kombu_link``'s ``read_payload`` and ``wrap``;
+# ``tag_of`` and ``wrapped`` are the twins of ``_kombu_messages``'s ``read_payload`` and ``wrap``;
 # what only Python finds (text that is not UTF-8, JSON that only Redis's parser takes, a body
 # Kombu cannot decode) is wrapped in place by ``_taken`` straight after (checking UTF-8 in Lua
 # would double the script's time per message).
@@ -179,12 +178,12 @@ class KombuConsumer(Consumer):
     its connection lost, the receipt settles nothing.
     """
 
-    def __init__(self, transport: KombuTransport, queue: str, subscriptions: list[str], *, prefetch: int) -> None:
-        self._transport = transport
+    def __init__(self, broker: Broker, queue: str, subscriptions: list[str], *, prefetch: int) -> None:
+        self._broker = broker
         self._queue = queue
         self._subscriptions = subscriptions
         self._prefetch = prefetch
-        self._link = transport.link()
+        self._link = broker.link()
         self._lock = threading.RLock()
         self._buffer: deque[tuple[str, Any]] = deque()
         self._held: dict[int, _Held] = {}
@@ -213,7 +212,7 @@ class KombuConsumer(Consumer):
             with self._lock, self._link.errors("receive"):
                 self._ensure_consuming()
                 self._housekeep()
-                if not self._buffer and self._transport.redis:
+                if not self._buffer and self._broker.redis:
                     self._fetch_redis(max_messages)
                 if not self._buffer:
                     self._drain(0.0)
@@ -243,7 +242,7 @@ class KombuConsumer(Consumer):
     def _socket(self) -> Any:
         """The socket deliveries arrive on (RabbitMQ's connection, Redis's pending BRPOP), if known."""
         try:
-            if self._transport.redis:
+            if self._broker.redis:
                 return self._link.channel.client.connection._sock
             assert self._link.connection is not None
             return self._link.connection.connection.sock
@@ -256,7 +255,7 @@ class KombuConsumer(Consumer):
             return
         self._buffer.clear()
         self._declared.clear()
-        channel.basic_qos(0, self._prefetch, not self._transport.redis)  # RabbitMQ: shared by the channel
+        channel.basic_qos(0, self._prefetch, not self._broker.redis)  # RabbitMQ: shared by the channel
         self._consuming = self._link.generation
         self._move_due = self._fetch = None
         self._missing = list(self._subscriptions)
@@ -266,7 +265,7 @@ class KombuConsumer(Consumer):
         """Consume the subscriptions that exist; RabbitMQ refuses a queue never provisioned."""
         self._next_existence_check = time.monotonic() + EXISTENCE_CHECK_S
         for name in list(self._missing):
-            if not self._transport.redis and not _exists(self._link, "queue", name):
+            if not self._broker.redis and not self._link.exists("queue", name):
                 if name not in self._warned:
                     logger.warning("queue %s does not exist (not provisioned?): nothing to receive from it", name)
                     self._warned.add(name)
@@ -335,7 +334,7 @@ class KombuConsumer(Consumer):
 
     def _drain_ready(self, max_messages: int) -> None:
         """RabbitMQ: take what the broker already pushed, without waiting, to return a fuller batch."""
-        if self._transport.redis:
+        if self._broker.redis:
             return  # every Redis delivery is a BRPOP round trip; waiting for more would only delay these
         assert self._link.connection is not None
         while self._buffer and len(self._buffer) < max_messages:
@@ -346,7 +345,7 @@ class KombuConsumer(Consumer):
 
     def _hand_out(self, max_messages: int) -> list[Delivery]:
         found: list[Delivery] = []
-        expires_at = self._transport.clock() + self._transport.lease_s
+        expires_at = self._broker.clock() + self._broker.lease_s
         while self._buffer and len(found) < max_messages:
             name, message = self._buffer.popleft()
             reading = read(message)
@@ -363,7 +362,7 @@ class KombuConsumer(Consumer):
         """Give back deliveries whose lease ran out; on Redis move due retries and restore the dead's."""
         if self._missing and time.monotonic() >= self._next_existence_check:
             self._consume_existing()
-        now = self._transport.clock()
+        now = self._broker.clock()
         for token, held in list(self._held.items()):
             if held.generation != self._link.generation:
                 del self._held[token]  # its connection is gone; the broker gives it back
@@ -371,7 +370,7 @@ class KombuConsumer(Consumer):
                 logger.warning("lease ran out on id=%s from %s", held.reading.message_id, held.subscription)
                 del self._held[token]
                 self._resend(held, held.subscription)
-        if self._transport.redis and time.monotonic() >= self._next_housekeeping:
+        if self._broker.redis and time.monotonic() >= self._next_housekeeping:
             self._next_housekeeping = time.monotonic() + HOUSEKEEPING_S
             self._redis_housekeeping()
 
@@ -402,7 +401,7 @@ class KombuConsumer(Consumer):
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         with self._lock, self._link.errors("ack"):
             messages = [held.message for held in map(self._take, deliveries) if held is not None]
-            if self._transport.redis and messages:
+            if self._broker.redis and messages:
                 _ack_redis(self._link.channel, messages)
                 return
             for message in messages:
@@ -423,7 +422,7 @@ class KombuConsumer(Consumer):
                 return
             if delay_s <= 0:
                 self._resend(held, held.subscription)
-            elif self._transport.redis:
+            elif self._broker.redis:
                 self._delay_redis(held, delay_s)
             else:
                 self._delay_rabbit(held, delay_s)
@@ -432,22 +431,22 @@ class KombuConsumer(Consumer):
         """Publish a copy (confirmed on RabbitMQ) that carries the attempt, then ack the held one."""
         reading = held.reading
         message_id = reading.message_id or None
-        _send(self._link.channel, routing_key, reading.body, held.headers(), message_id=message_id, **options)
+        send(self._link.channel, routing_key, reading.body, held.headers(), message_id=message_id, **options)
         held.message.ack()
 
     def _delay_rabbit(self, held: _Held, delay_s: float) -> None:
-        bucket = _bucket(delay_s)
-        name = delay_queue_name(held.subscription, bucket)
+        bucket_s = bucket(delay_s)
+        name = delay_queue_name(held.subscription, bucket_s)
         if name not in self._declared:
             arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": held.subscription}
             self._link.channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
             self._declared.add(name)
-        self._resend(held, name, expiration=min(delay_s, float(bucket)))
+        self._resend(held, name, expiration=min(delay_s, float(bucket_s)))
 
     def _delay_redis(self, held: _Held, delay_s: float) -> None:
         channel = self._link.channel
         reading = held.reading
-        payload = _payload(channel, held.subscription, reading.body, held.headers(), reading.message_id or None)
+        payload = redis_item(channel, held.subscription, reading.body, held.headers(), reading.message_id or None)
         with channel.conn_or_acquire() as client:
             client.zadd(delayed_key(held.subscription), {dumps(payload): time.time() + delay_s})
         held.message.ack()
@@ -467,23 +466,23 @@ class KombuConsumer(Consumer):
                 DEAD_AT: repr(time.time()),
             }
             dlq = dlq_name(self._queue)
-            if dlq not in self._declared and not self._transport.redis:  # unrouted, it would be dropped
+            if dlq not in self._declared and not self._broker.redis:  # unrouted, it would be dropped
                 self._link.channel.queue_declare(dlq, durable=True, auto_delete=False)
                 self._declared.add(dlq)
-            _send(self._link.channel, dlq, reading.body, headers, message_id=reading.message_id or None)
+            send(self._link.channel, dlq, reading.body, headers, message_id=reading.message_id or None)
             held.message.ack()
 
     def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
         """Move the consumer's deadline; on Redis also the score Kombu restores by."""
         with self._lock, self._link.errors("extend lease"):
-            expires_at = self._transport.clock() + lease_s
+            expires_at = self._broker.clock() + lease_s
             tags = {}
             for delivery in deliveries:
                 held = self._held.get(delivery.receipt)
                 if held is not None and held.generation == self._link.generation:
                     held.expires_at = expires_at
-                    tags[held.message.delivery_tag] = time.time() + lease_s - self._transport.lease_s
-            if tags and self._transport.redis:
+                    tags[held.message.delivery_tag] = time.time() + lease_s - self._broker.lease_s
+            if tags and self._broker.redis:
                 channel = self._link.channel
                 with channel.conn_or_acquire() as client:
                     client.zadd(channel.unacked_index_key, tags, xx=True)

@@ -1,0 +1,284 @@
+"""The Kombu transport's administration: provisioning topics and subscriptions, the full
+``status`` and the cheap ``counts``, reading and requeueing dead letters. It holds the
+transport's :class:`~hedwig_tasks.transports._kombu_link.Broker`. See ``kombu.py`` for the design."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import amqp.exceptions
+
+from hedwig_tasks.exceptions import TransportError
+from hedwig_tasks.transports._kombu_link import Broker, Link
+from hedwig_tasks.transports._kombu_messages import attributes, body_bytes, send
+from hedwig_tasks.transports._kombu_names import (
+    ATTEMPTS,
+    DEAD_AT,
+    DELAY_BUCKETS_S,
+    REASON,
+    SUBSCRIPTION,
+    TOPICS_KEY,
+    delay_queue_name,
+    delayed_key,
+    dlq_name,
+    exchange_name,
+    subscription_name,
+)
+from hedwig_tasks.transports.base import DeadLetterRecord, Progress, SubscriptionStatus
+
+__all__ = ["KombuAdmin"]
+
+#: Most dead letters read to count them per subscription in ``status``.
+STATUS_SCAN = 1000
+#: Dead letters requeued between calls of the progress callback.
+PROGRESS_EVERY = 100
+
+
+class KombuAdmin:
+    """Provisioning, counts and dead letters on one broker.
+
+    Each call but :meth:`counts` opens a connection of its own and closes it; :meth:`counts`,
+    asked over and over by burst workers and metrics scrapes, uses the calling thread's kept
+    connection. Driver errors become ``TransportError``.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    # -- provisioning -----------------------------------------------------------------------
+
+    def provision(
+        self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str], *, dry_run: bool = False
+    ) -> list[str]:
+        """Declare the topics' exchanges, the queue's subscriptions and its dead-letter queue."""
+        topics = list(dict.fromkeys([*publish, *subscribe]))
+        pairs = [(t, subscription_name(queue, t)) for t in dict.fromkeys(subscribe)] if queue else []
+        link = self._broker.link()
+        try:
+            with link.errors("provision"):
+                if self._broker.redis:
+                    return _provision_redis(link.channel, queue, topics, pairs, dry_run)
+                return _provision_rabbit(link, queue, topics, pairs, dry_run)
+        finally:
+            link.reset()
+
+    # -- counting ---------------------------------------------------------------------------
+
+    def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
+        """Depth (including delayed retries), in flight (Redis only) and dead letters per subscription.
+
+        Dead letters are counted per subscription by reading up to ``STATUS_SCAN`` of them (None
+        past that); on Redis, in flight by reading Kombu's whole unacked store.
+        """
+        names = [subscription_name(queue, t) for t in topics]
+        link = self._broker.link()
+        try:
+            with link.errors("status"):
+                dead = self._dead_counts(link, queue)
+                if self._broker.redis:
+                    counts = _redis_status(link.channel, names)
+                else:
+                    counts = [(depth, None) for depth in _rabbit_counts(link, names, dlq_name(queue))[0]]
+        finally:
+            link.reset()
+        return [
+            SubscriptionStatus(name, topic, depth, in_flight, None if dead is None else dead.get(name, 0))
+            for name, topic, (depth, in_flight) in zip(names, topics, counts, strict=True)
+        ]
+
+    def counts(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
+        """Depth (including delayed retries) per subscription, reading no message.
+
+        In flight is None (RabbitMQ cannot count unacked messages; Redis keeps them in one store
+        for the whole database). Dead letters are 0 where the app's dead-letter queue is empty,
+        else None: it is shared by the app's subscriptions, and telling them apart means reading it.
+        Redis: one round trip. RabbitMQ: a passive declare per queue (each subscription, its delay
+        buckets, the dead-letter queue). Both on the calling thread's kept connection; one that
+        went stale since (the broker restarted) is replaced once, as ``status`` would connect anew.
+        """
+        names = [subscription_name(queue, t) for t in topics]
+        link = self._broker.thread_link()
+        kept = link.connection is not None
+        try:
+            depths, dead = self._counts(link, names, dlq_name(queue))
+        except TransportError:
+            if not kept or link.connection is not None:  # not a kept connection that the error dropped
+                raise
+            depths, dead = self._counts(link, names, dlq_name(queue))
+        return [
+            SubscriptionStatus(name, topic, depth, None, 0 if dead == 0 else None)
+            for name, topic, depth in zip(names, topics, depths, strict=True)
+        ]
+
+    def _counts(self, link: Link, names: list[str], dlq: str) -> tuple[list[int], int]:
+        with link.errors("counts"):
+            if self._broker.redis:
+                return _redis_counts(link.channel, names, dlq)
+            return _rabbit_counts(link, names, dlq)
+
+    def _dead_counts(self, link: Link, queue: str) -> dict[str, int] | None:
+        if self._dlq_size(link, queue) == 0:
+            return {}
+        records = self._browse_dead(link, queue, STATUS_SCAN + 1)
+        if len(records) > STATUS_SCAN:
+            return None
+        counts: dict[str, int] = {}
+        for record in records:
+            counts[record.subscription] = counts.get(record.subscription, 0) + 1
+        return counts
+
+    def _dlq_size(self, link: Link, queue: str) -> int:
+        if self._broker.redis:
+            with link.channel.conn_or_acquire() as client:
+                return int(client.llen(dlq_name(queue)))
+        return link.depths([dlq_name(queue)])[0] or 0
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
+        """The oldest ``limit`` dead letters, left in place."""
+        link = self._broker.link()
+        try:
+            with link.errors("list dead letters"):
+                return self._browse_dead(link, queue, limit)
+        finally:
+            link.reset()
+
+    def _browse_dead(self, link: Link, queue: str, limit: int) -> list[DeadLetterRecord]:
+        if self._broker.redis:
+            channel = link.channel
+            with channel.conn_or_acquire() as client:
+                raw = client.lrange(dlq_name(queue), -limit, -1) if limit > 0 else []
+            return [_record(channel.Message(json.loads(item), channel=channel)) for item in reversed(raw)]
+        # RabbitMQ cannot peek: take them unacked, then close the channel, which puts them back in order.
+        channel = link.fresh_channel()
+        records: list[DeadLetterRecord] = []
+        try:
+            while len(records) < limit:
+                raw = channel.basic_get(dlq_name(queue), no_ack=False)
+                if raw is None:
+                    break
+                records.append(_record(channel.message_to_python(raw)))
+        except amqp.exceptions.NotFound:
+            return []
+        channel.close()
+        return records
+
+    def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
+        """Move the oldest dead letters back to their subscriptions, attempts reset."""
+        link = self._broker.link()
+        done = 0
+        try:
+            with link.errors("requeue dead letters"):
+                total = self._dlq_size(link, queue)
+                total = total if limit is None else min(limit, total)
+                channel = link.channel
+                checked: set[str] = set()
+                while done < total:
+                    raw = channel.basic_get(dlq_name(queue), no_ack=False)
+                    if raw is None:
+                        break
+                    self._requeue_one(link, channel.message_to_python(raw), checked)
+                    done += 1
+                    if progress is not None and (done % PROGRESS_EVERY == 0 or done == total):
+                        progress(done, total)
+        finally:
+            link.reset()
+        return done
+
+    def _requeue_one(self, link: Link, message: Any, checked: set[str]) -> None:
+        target = str(message.headers.get(SUBSCRIPTION, ""))
+        if not self._broker.redis and target not in checked:
+            if not link.exists("queue", target):  # the default exchange would drop it silently
+                raise TransportError(f"dead letter's subscription {target!r} no longer exists")
+            checked.add(target)
+        message_id = message.properties.get("message_id")
+        body, _ = body_bytes(message.body, message.content_encoding)
+        send(link.channel, target, body, attributes(message.headers), message_id=message_id)
+        message.ack()
+
+
+def _provision_rabbit(
+    link: Link, queue: str | None, topics: list[str], pairs: list[tuple[str, str]], dry_run: bool
+) -> list[str]:
+    actions = [f"create topic {t}" for t in topics if not link.exists("exchange", exchange_name(t))]
+    if pairs and not link.exists("queue", dlq_name(queue or "")):
+        actions.append(f"create dead-letter queue {dlq_name(queue or '')}")
+    actions += [f"subscribe {queue} to {t}" for t, name in pairs if not link.exists("queue", name)]
+    if dry_run:
+        return actions
+    channel = link.channel
+    for topic in topics:
+        channel.exchange_declare(exchange_name(topic), "fanout", durable=True, auto_delete=False)
+    if pairs:
+        channel.queue_declare(dlq_name(queue or ""), durable=True, auto_delete=False)
+    for topic, name in pairs:
+        channel.queue_declare(name, durable=True, auto_delete=False)
+        channel.queue_bind(name, exchange_name(topic), routing_key="")
+    return actions
+
+
+def _provision_redis(
+    channel: Any, queue: str | None, topics: list[str], pairs: list[tuple[str, str]], dry_run: bool
+) -> list[str]:
+    with channel.conn_or_acquire() as client:
+        actions = [f"create topic {t}" for t in topics if not client.sismember(TOPICS_KEY, t)]
+        bound = {t: {q for _, _, q in channel.get_table(exchange_name(t))} for t, _ in pairs}
+        actions += [f"subscribe {queue} to {t}" for t, name in pairs if name not in bound[t]]
+        if dry_run:
+            return actions
+        if topics:
+            client.sadd(TOPICS_KEY, *topics)
+    for topic, name in pairs:
+        channel.exchange_declare(exchange_name(topic), "direct", durable=True)
+        channel.queue_declare(name, durable=True, auto_delete=False)
+        channel.queue_bind(name, exchange_name(topic), routing_key=topic)
+    return actions
+
+
+def _rabbit_counts(link: Link, names: list[str], dlq: str) -> tuple[list[int], int]:
+    """Each subscription's ready messages plus those waiting in its delay buckets, and the
+    dead-letter queue's: passive declares, reading no message."""
+    per_name = [(name, *(delay_queue_name(name, b) for b in DELAY_BUCKETS_S)) for name in names]
+    *found, dead = link.depths([*(q for queues in per_name for q in queues), dlq])
+    step = 1 + len(DELAY_BUCKETS_S)
+    return [sum(d or 0 for d in found[i : i + step]) for i in range(0, len(found), step)], dead or 0
+
+
+def _redis_status(channel: Any, names: list[str]) -> list[tuple[int, int | None]]:
+    with channel.conn_or_acquire() as client:
+        unacked = [_routing_key(v) for v in client.hvals(channel.unacked_key)]
+        return [(client.llen(n) + client.zcard(delayed_key(n)), unacked.count(n)) for n in names]
+
+
+def _redis_counts(channel: Any, names: list[str], dlq: str) -> tuple[list[int], int]:
+    """Each subscription's list and delayed retries, and the dead-letter queue's length: one round trip."""
+    with channel.conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(name).zcard(delayed_key(name))
+        *sizes, dead = pipe.llen(dlq).execute()
+    return [int(waiting) + int(delayed) for waiting, delayed in zip(sizes[::2], sizes[1::2], strict=True)], int(dead)
+
+
+def _routing_key(entry: bytes) -> Any:
+    """The queue an entry of Kombu's unacked store goes back to; None if it cannot be read."""
+    try:
+        return json.loads(entry)[2]
+    except (ValueError, TypeError, LookupError):  # the db's store is shared: not every entry is ours
+        return None
+
+
+def _record(message: Any) -> DeadLetterRecord:
+    headers = message.headers or {}
+    return DeadLetterRecord(
+        body=body_bytes(message.body, message.content_encoding)[0],
+        attributes=attributes(headers),
+        reason=str(headers.get(REASON, "")),
+        subscription=str(headers.get(SUBSCRIPTION, "")),
+        attempts=int(headers.get(ATTEMPTS, 0)),
+        dead_at=float(headers.get(DEAD_AT, 0.0)),
+        transport_id=str(message.properties.get("message_id") or ""),
+    )

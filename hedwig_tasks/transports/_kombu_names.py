@@ -1,0 +1,78 @@
+"""The Kombu transport's names: what each topic, subscription, dead-letter and delay queue is
+called on the broker, the delay buckets, and the headers the transport writes. Pure; no I/O.
+See ``kombu.py`` for the design."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ATTEMPTS",
+    "DEAD_AT",
+    "DELAY_BUCKETS_S",
+    "FAULT",
+    "RAW",
+    "REASON",
+    "SUBSCRIPTION",
+    "TOPICS_KEY",
+    "bucket",
+    "delay_queue_name",
+    "delayed_key",
+    "dlq_name",
+    "exchange_name",
+    "subscription_name",
+    "topic_of",
+]
+
+#: Delay buckets, in seconds: powers of two up to about 48 days (AMQP's longest TTL).
+DELAY_BUCKETS_S = tuple(1 << k for k in range(23))
+#: Redis: the set of provisioned topics.
+TOPICS_KEY = "hedwig-topics"
+
+#: Header: how many times the message was received before this copy was made.
+ATTEMPTS = "x-hedwig-attempts"
+#: Header of a dead letter: why it is there.
+REASON = "x-hedwig-reason"
+#: Header of a dead letter: the subscription it came from (and goes back to on requeue).
+SUBSCRIPTION = "x-hedwig-subscription"
+#: Header of a dead letter: when it died, epoch seconds as text.
+DEAD_AT = "x-hedwig-dead-at"
+#: Header: why a consumer could not read a delivery; kept on copies it makes (release, retry) of one.
+FAULT = "x-hedwig-fault"
+#: Header, Redis: an item Kombu cannot read, hex-encoded, in the message that carries it.
+RAW = "x-hedwig-raw"
+
+_PREFIX = "hedwig-"
+
+
+def exchange_name(topic: str) -> str:
+    """The exchange of ``topic``."""
+    return f"{_PREFIX}{topic}"
+
+
+def topic_of(exchange: str) -> str:
+    """The topic an exchange belongs to (the name itself if it is not one of ours)."""
+    return exchange[len(_PREFIX) :] if exchange.startswith(_PREFIX) else exchange
+
+
+def subscription_name(queue: str, topic: str) -> str:
+    """The queue that holds app ``queue``'s copies of ``topic``."""
+    return f"{_PREFIX}{queue}-{topic}"
+
+
+def dlq_name(queue: str) -> str:
+    """App ``queue``'s dead-letter queue, shared by all its subscriptions."""
+    return f"{_PREFIX}{queue}-dlq"
+
+
+def delay_queue_name(subscription: str, bucket_s: int) -> str:
+    """RabbitMQ: the queue retries of ``subscription`` wait in for up to ``bucket_s`` seconds."""
+    return f"{subscription}-delay-{bucket_s}s"
+
+
+def delayed_key(subscription: str) -> str:
+    """Redis: the sorted set retries of ``subscription`` wait in, scored by when they are due."""
+    return f"{subscription}-delayed"
+
+
+def bucket(delay_s: float) -> int:
+    """The delay bucket a retry after ``delay_s`` seconds waits in: the smallest that holds it."""
+    return next((b for b in DELAY_BUCKETS_S if b >= delay_s), DELAY_BUCKETS_S[-1])

@@ -186,7 +186,7 @@ class Bench:
         tally = Tally()
         tally.target = self.n
         transport = self.transport()
-        tally.attach(transport._client("sqs").meta.events)
+        tally.attach(transport.client.sqs.meta.events)
         seen = [0]
         app = self.app(queue, topic, transport, lambda message: _count(seen))
         options = WorkerOptions(concurrency=self.concurrency, prefetch=self.prefetch, wait_s=1.0)
@@ -278,7 +278,7 @@ class Bench:
                 tally.attach(boto3.DEFAULT_SESSION.events)
                 started = _publish_authedwig(self.n)
         else:
-            tally.attach((self.sns if side == "plain_boto3_batched" else transport._client("sns")).meta.events)
+            tally.attach((self.sns if side == "plain_boto3_batched" else transport.client.sns).meta.events)
             started = time.perf_counter()
             self.publish_ours(side, setup, transport, topic)
         elapsed = time.perf_counter() - started

@@ -214,10 +214,6 @@ class AWSTransport(Transport):
         """``HEDWIG-<queue>`` (or its ``-DLQ``), as authedwig names it from ``HEDWIG_QUEUE``."""
         return _queue_name(queue, dlq=dlq)
 
-    def _client(self, service: str) -> Any:
-        """boto3's ``service`` client. Kept for bench/aws.py only; use ``self.client.sns`` / ``.sqs``."""
-        return self.client.sqs if service == "sqs" else self.client.sns
-
     # -- publishing ---------------------------------------------------------------------------
 
     def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:

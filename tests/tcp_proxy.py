@@ -3,7 +3,8 @@
 The proxy listens on a free loopback port and forwards each connection to the target. ``cut()``
 closes every connection it carries and stops listening, so new connections are refused, as when a
 broker goes away; ``restore()`` listens again on the same port. The server behind it is never
-touched, so a test can cut its own clients off a server that others share.
+touched, so a test can cut its own clients off a server that others share. It counts the bytes
+the server sent, so a test can tell what a call cost.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import socket
 import threading
 from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
 
 #: Longest the accept loop blocks before looking whether it should stop, in seconds.
 ACCEPT_POLL_S = 0.05
@@ -26,6 +28,7 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = 0  #: the port it listens on (chosen on the first start, kept after)
         self.accepted = 0  #: connections accepted, over every restore
+        self.from_target = 0  #: bytes the target sent, over every connection
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -40,6 +43,13 @@ class TcpProxy:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.cut()
+
+    def route(self, url: str) -> str:
+        """``url`` (of the target) with its host and port replaced by the proxy's."""
+        parts = urlsplit(url)
+        credentials = parts.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def restore(self) -> None:
         """Listen (again) on the proxy's port; idempotent."""
@@ -93,13 +103,16 @@ class TcpProxy:
         with self._lock:
             self.accepted += 1
             self._sockets |= {client, upstream}
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+        for source, sink, counted in ((client, upstream, False), (upstream, client, True)):
+            threading.Thread(target=self._pump, args=(source, sink, counted), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
         """Copy one direction until either side ends; then end both."""
         try:
             while chunk := source.recv(65536):
+                if counted:  # before passing it on: once the client has it, it is counted
+                    with self._lock:
+                        self.from_target += len(chunk)
                 sink.sendall(chunk)
         except OSError:
             pass  # cut, or the other pump already closed these

@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 from helpers import finish, wait_for
@@ -38,14 +38,6 @@ def _failures(log: Path) -> int:
     return log.read_text().count("failed") if log.exists() else 0
 
 
-def _through(url: str, proxy: TcpProxy) -> str:
-    """``url`` with its host and port replaced by the proxy's."""
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def test_rabbitmq_outage_mid_run_is_reconnected_to_and_loses_nothing(tmp_path: Path) -> None:
     url = server_url("amqp")
     parts = urlsplit(url)
@@ -54,7 +46,7 @@ def test_rabbitmq_outage_mid_run_is_reconnected_to_and_loses_nothing(tmp_path: P
         with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
             user_ids = [f"slow-{n}" for n in range(40)]
             broker.publish(user_ids)  # straight to the broker; only the worker goes through the proxy
-            worker = broker.worker("-c", "2", "--prefetch", "2", slow_s=0.1, url=_through(url, proxy))
+            worker = broker.worker("-c", "2", "--prefetch", "2", slow_s=0.1, url=proxy.route(url))
             log = tmp_path / "worker-0.log"
             wait_for(lambda: len(broker.events()) >= 5)
             failures, connections = _failures(log), proxy.accepted

@@ -6,6 +6,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import kombu
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.testing.contract import ContractClock, Names, RealClock, TransportContract
 from hedwig_tasks.transports import from_url
+from hedwig_tasks.transports.base import SubscriptionStatus
 from hedwig_tasks.transports.kombu import (
     DEFAULT_LEASE_S,
     KombuTransport,
@@ -20,6 +22,7 @@ from hedwig_tasks.transports.kombu import (
     subscription_name,
 )
 from tests.kombu_server import cleanup, server_url
+from tests.tcp_proxy import TcpProxy
 
 
 class KombuContract(TransportContract):
@@ -77,6 +80,60 @@ class KombuContract(TransportContract):
         assert (statuses[1].depth, statuses[1].dead_letters) == (0, 0)
         consumer.close()
 
+    def test_counts_agree_with_status_on_depth_delayed_retries_included(
+        self, transport: KombuTransport, names: Names
+    ) -> None:
+        topics = [names.topic, names.other_topic]
+        self.subscribed(transport, names.queue, *topics)
+        consumer = transport.consumer(names.queue, [names.topic], max_outstanding=3)
+        self.publish(transport, names.topic, 4)
+        self.publish(transport, names.other_topic, 2)
+        assert (
+            _depths(transport.counts(names.queue, topics)) == _depths(transport.status(names.queue, topics)) == [4, 2]
+        )
+        assert [(c.in_flight, c.dead_letters) for c in transport.counts(names.queue, topics)] == [(None, 0)] * 2
+        dead, delayed, _ = self.receive(consumer, 3)
+        consumer.dead_letter(dead, "bad")
+        consumer.retry_later(delayed, self.lease_s * 10)
+        counted, full = transport.counts(names.queue, topics), transport.status(names.queue, topics)
+        # Waiting: the delayed retry, and on Redis the fourth (RabbitMQ pushed it to the consumer).
+        assert _depths(counted) == _depths(full) == [2 if transport.redis else 1, 2]
+        assert [s.subscription for s in counted] == [s.subscription for s in full]
+        # The dead-letter queue is shared by the app's subscriptions: only status reads whose each is.
+        assert [s.dead_letters for s in full] == [1, 0]
+        assert [(c.in_flight, c.dead_letters) for c in counted] == [(None, None)] * 2
+        consumer.close()
+
+    def test_counts_read_no_message(self, transport: KombuTransport, names: Names) -> None:
+        # status reads the dead letters (RabbitMQ takes each and gives it back) and, on Redis,
+        # every message held unacked; counts reads none: fewer bytes than one message takes.
+        body = b"x" * 32768
+        self.subscribed(transport, names.queue, names.topic)
+        transport.publish_many(names.topic, [(body, {"n": str(n)}) for n in range(16)])
+        consumer = transport.consumer(names.queue, [names.topic], max_outstanding=16)
+        taken = self.receive(consumer, 16)
+        for delivery in taken[:8]:
+            consumer.dead_letter(delivery, "bad")  # the other eight stay held
+        parts = urlsplit(transport.url)
+        with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 0) as proxy:
+            through = KombuTransport(proxy.route(transport.url), lease_s=self.lease_s)
+            try:
+                assert _depths(through.counts(names.queue, [names.topic])) == [0]  # connects
+                before = proxy.from_target
+                assert _depths(through.counts(names.queue, [names.topic])) == [0]
+                counted = proxy.from_target - before
+                before = proxy.from_target
+                assert through.status(names.queue, [names.topic])[0].dead_letters == 8
+                full = proxy.from_target - before
+            finally:
+                through.close()
+        assert counted < len(body) < 8 * len(body) < full
+        consumer.close()
+
+
+def _depths(statuses: list[SubscriptionStatus]) -> list[int | None]:
+    return [s.depth for s in statuses]
+
 
 class TestRabbitMQ(KombuContract):
     broker = "amqp"
@@ -94,6 +151,20 @@ class TestRabbitMQ(KombuContract):
         (second,) = self.receive(consumer, 1)
         assert (second.body, dict(second.attributes), second.attempt) == (b"later", {"a": "1"}, 2)
         consumer.close()
+
+    def test_counts_leave_no_channel_open_on_the_kept_connection(self, transport: KombuTransport, names: Names) -> None:
+        # A passive declare of a missing queue (a delay bucket never used) makes RabbitMQ close the
+        # channel and py-amqp open it again: left open, each would hold one of the connection's
+        # channel numbers until it ran out of them.
+        self.subscribed(transport, names.queue, names.topic)
+        transport.counts(names.queue, [names.topic])
+        connection = transport._broker.thread_link().connection
+        assert connection is not None
+        channels = len(connection.connection.channels)
+        for _ in range(5):
+            transport.counts(names.queue, [names.topic])
+        assert transport._broker.thread_link().connection is connection  # kept, not made anew
+        assert len(connection.connection.channels) == channels
 
 
 class TestRedis(KombuContract):

@@ -162,7 +162,7 @@ class KombuAdmin:
                     break
                 records.append(_record(channel.message_to_python(raw)))
         except amqp.exceptions.NotFound:
-            return []
+            records = []  # no dead-letter queue; py-amqp opened the channel the broker closed again
         channel.close()
         return records
 

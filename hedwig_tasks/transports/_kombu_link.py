@@ -210,31 +210,37 @@ class Link:
                 channel.exchange_declare(name, "fanout", passive=True)
             else:
                 channel.queue_declare(name, passive=True)
-        except amqp.exceptions.NotFound:  # it closed the channel
+        except amqp.exceptions.NotFound:
             return False
-        with contextlib.suppress(*DRIVER_ERRORS):
-            channel.close()
+        finally:
+            _close(channel)
         return True
 
     def depths(self, names: Sequence[str]) -> list[int | None]:
         """RabbitMQ: messages ready in each queue, None for one that does not exist.
 
-        One passive declare each, on one channel; a missing queue closes it, so the next name
-        opens another. Reads no message.
+        One passive declare each, on one channel of its own; reads no message. A missing queue
+        makes the broker close the channel, which py-amqp opens again before raising, so the
+        next declare goes on the same channel.
         """
         found: list[int | None] = []
-        channel = None
-        for name in names:
-            channel = channel or self.fresh_channel()
-            try:
-                found.append(int(channel.queue_declare(name, passive=True).message_count))
-            except amqp.exceptions.NotFound:
-                found.append(None)
-                channel = None
-        if channel is not None:
-            with contextlib.suppress(*DRIVER_ERRORS):
-                channel.close()
+        channel = self.fresh_channel()
+        try:
+            for name in names:
+                try:
+                    found.append(int(channel.queue_declare(name, passive=True).message_count))
+                except amqp.exceptions.NotFound:
+                    found.append(None)
+        finally:
+            _close(channel)
         return found
+
+
+def _close(channel: Any) -> None:
+    """Close a channel of a passive declare. One the broker closed is already open again (py-amqp
+    revives it): left open, each would hold a channel number until the connection runs out of them."""
+    with contextlib.suppress(*DRIVER_ERRORS):
+        channel.close()
 
 
 # -- how a Redis channel is set up ------------------------------------------------------------

@@ -130,6 +130,31 @@ class KombuContract(TransportContract):
         assert counted < len(body) < 8 * len(body) < full
         consumer.close()
 
+    def test_counts_reconnect_once_when_the_kept_connection_went_away(
+        self, transport: KombuTransport, names: Names
+    ) -> None:
+        # status connects anew each time; counts keeps a connection, so a broker that went away and
+        # came back between two counts must not fail the second (a burst worker would stop on it).
+        self.subscribed(transport, names.queue, names.topic)
+        self.publish(transport, names.topic, 2)
+        parts = urlsplit(transport.url)
+        with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 0) as proxy:
+            through = KombuTransport(proxy.route(transport.url), lease_s=self.lease_s)
+            try:
+                assert _depths(through.counts(names.queue, [names.topic])) == [2]
+                proxy.cut()
+                with pytest.raises(TransportError):  # gone: a new connection fails too
+                    through.counts(names.queue, [names.topic])
+                proxy.restore()
+                assert _depths(through.counts(names.queue, [names.topic])) == [2]
+                accepted = proxy.accepted
+                proxy.cut()
+                proxy.restore()  # back before the next question: it is answered
+                assert _depths(through.counts(names.queue, [names.topic])) == [2]
+                assert proxy.accepted == accepted + 1
+            finally:
+                through.close()
+
 
 def _depths(statuses: list[SubscriptionStatus]) -> list[int | None]:
     return [s.depth for s in statuses]

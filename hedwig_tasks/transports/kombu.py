@@ -50,8 +50,9 @@ or ``redis://localhost:6379/0``.
 Options (query string, removed before the URL goes to Kombu, which takes the rest): ``lease_s``
 (seconds a receive leases a message; default 30) and ``connect_timeout_s`` (default 5).
 
-Threads: Kombu's connections are not thread-safe. Each publishing thread has its own
-connection (so threads wait on RabbitMQ's confirms side by side), and each consumer owns one
+Threads: Kombu's connections are not thread-safe. Each thread that publishes (or asks
+``counts``) keeps a connection of its own (so threads wait on RabbitMQ's confirms side by
+side), and each consumer owns one
 connection and channel behind a lock; ``receive`` holds the lock only to read what already arrived and
 waits for the socket without it (woken by a pipe when another thread settles something), so
 settling never waits on a receive. Broker errors become ``TransportError`` (or
@@ -61,7 +62,9 @@ Counts: ``status`` (the ``status`` command) counts dead letters per subscription
 to a thousand of them (RabbitMQ takes them unacked and gives them back), and in flight on Redis
 by reading Kombu's whole unacked store. ``counts`` (burst workers, metrics) reads no message:
 depth with delayed retries per subscription, in flight None, dead letters only when there are
-none (0). Redis answers in one round trip; RabbitMQ with a passive declare per queue.
+none (0). Redis answers in one round trip; RabbitMQ with a passive declare per queue (the
+subscription, each of its 23 delay buckets, the dead-letter queue): AMQP has no cheaper way to
+learn which delay buckets exist, and burst workers must count what waits in them.
 
 Modules: this one holds the transport: its settings from a URL, publishing, and handing out
 consumers and administration. ``_kombu_link`` the broker every part holds and its connections;

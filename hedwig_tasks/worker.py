@@ -246,7 +246,11 @@ class Worker:
     def _idle(self) -> bool:
         if self.held or not self._acks.empty():
             return False
-        statuses = self.app.transport.counts(self.app.queue, self.topics)
+        try:
+            statuses = self.app.transport.counts(self.app.queue, self.topics)
+        except TransportError as exc:  # the next receive meets the same trouble and backs off
+            logger.warning("could not count what is left to do (%s); receiving again", exc)
+            return False
         if any(s.depth or s.in_flight for s in statuses):
             return False
         if all(s.depth is not None for s in statuses):

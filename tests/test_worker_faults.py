@@ -184,3 +184,27 @@ def test_burst_on_a_broker_without_depth_waits_for_its_own_retries(emulator_host
     assert not runner.is_alive(), "the burst worker did not exit"
     assert attempts == [1, 2]
     assert worker.counts == {"handled": 1, "retried": 1, "dead_lettered": 0}
+
+
+class _CountsFailOnce(MemoryTransport):
+    """A memory bus whose first count fails, as a broker that blips during a burst idle check."""
+
+    failed = False
+
+    def counts(self, queue: str, topics: Any) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise TransportError("counting failed: the broker went away for a moment")
+        return super().counts(queue, topics)
+
+
+def test_a_failed_idle_check_in_burst_mode_does_not_stop_the_worker(caplog: pytest.LogCaptureFixture) -> None:
+    bus = _CountsFailOnce(lease_s=LEASE_S)
+    handled: list[str] = []
+    app = _app(bus, lambda message: handled.append(message.data["user_id"]))
+    _publish(app, ["only"])
+    with caplog.at_level(logging.WARNING, logger="hedwig_tasks.worker"):
+        Worker(app, WorkerOptions(burst=True, wait_s=0.05)).run()
+    assert handled == ["only"]
+    assert bus.failed
+    assert "could not count what is left to do" in caplog.text

@@ -31,7 +31,7 @@ from hedwig_tasks.transports.base import Delivery
 from hedwig_tasks.transports.kombu import KombuConsumer, KombuTransport, exchange_name, subscription_name
 from hedwig_tasks.validators.base import to_transport
 from hedwig_tasks.worker import Worker, WorkerOptions
-from tests.kombu_server import cleanup, server_url
+from kombu_server import cleanup, server_url
 
 ATTEMPTS = "x-hedwig-attempts"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "schema.json"

@@ -20,7 +20,7 @@ from tcp_proxy import TcpProxy
 from test_kombu_workers import Broker
 
 from hedwig_tasks.transports.kombu import KombuTransport
-from tests.kombu_server import server_url
+from kombu_server import server_url
 
 pytestmark = pytest.mark.slow
 

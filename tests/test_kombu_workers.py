@@ -16,7 +16,7 @@ import pytest
 
 from hedwig_tasks.testing import worker_contract
 from hedwig_tasks.testing.worker_contract import Fleet, WorkerContract
-from tests.kombu_server import cleanup, server_url
+from kombu_server import cleanup, server_url
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ from hedwig_tasks.transports.kombu import (
     delay_queue_name,
     subscription_name,
 )
-from tests.kombu_server import cleanup, server_url
-from tests.tcp_proxy import TcpProxy
+from kombu_server import cleanup, server_url
+from tcp_proxy import TcpProxy
 
 
 class KombuContract(TransportContract):

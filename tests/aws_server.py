@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -32,8 +32,15 @@ from hedwig_tasks.transports.aws import AWSTransport
 URL_ENV = "HEDWIG_TEST_MOTO_URL"
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
+
+
+class _Credentials(TypedDict):
+    access_key_id: str
+    secret_access_key: str
+
+
 #: Credentials moto accepts (it checks none unless told to).
-CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing"}
+CREDENTIALS: _Credentials = {"access_key_id": "testing", "secret_access_key": "testing"}
 #: The same, for boto3 in child processes and authedwig.
 CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
 

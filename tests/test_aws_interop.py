@@ -171,7 +171,7 @@ def _authedwig_consume(route: Route, validator: str, container: bool, monkeypatc
     handled: list[Any] = []
     done = threading.Event()
 
-    def callback(message):  # unannotated: authedwig refuses any annotation but its own Message
+    def callback(message):  # type: ignore[no-untyped-def]  # authedwig refuses any annotation but its Message
         handled.append(message)
         done.set()
 

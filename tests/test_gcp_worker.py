@@ -49,7 +49,7 @@ def test_max_delivery_attempts_dead_letters_as_the_emulator_does(gcp_host_transp
     transport.provision(queue, [topic], [])
     transport.publish(topic, b"never acked", {"k": "v"})
     consumer = transport.consumer(queue, [topic])
-    attempts = []
+    attempts: list[int] = []
     deadline = time.monotonic() + 20
     while len(attempts) < 5 and time.monotonic() < deadline:
         for delivery in consumer.receive(1, wait_s=0.5):

@@ -293,7 +293,7 @@ def test_encoding_a_newer_minor_is_refused_either_way(strict_minor: bool) -> Non
 
 def test_strict_minor_is_keyword_only() -> None:
     with pytest.raises(TypeError):
-        JSONSchemaValidator(SCHEMA_FILE, True)  # type: ignore[misc]
+        JSONSchemaValidator(SCHEMA_FILE, True)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("container", [False, True])

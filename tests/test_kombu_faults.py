@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import amqp
@@ -23,6 +23,7 @@ import kombu
 import pytest
 import redis
 from helpers import wait_for
+from kombu_server import cleanup, server_url
 
 from hedwig_tasks import Hedwig, Message
 from hedwig_tasks.exceptions import PublishError
@@ -31,7 +32,6 @@ from hedwig_tasks.transports.base import Delivery
 from hedwig_tasks.transports.kombu import KombuConsumer, KombuTransport, exchange_name, subscription_name
 from hedwig_tasks.validators.base import to_transport
 from hedwig_tasks.worker import Worker, WorkerOptions
-from kombu_server import cleanup, server_url
 
 ATTEMPTS = "x-hedwig-attempts"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "schema.json"
@@ -236,7 +236,7 @@ def test_rabbitmq_worker_dead_letters_the_poison_and_handles_the_messages_behind
     good = rabbit.publish_good(5)
     worker = run_burst(rabbit.app)
     assert sorted(rabbit.handled) == sorted([*good, "text-1"])  # none lost; duplicates allowed
-    dead = {r.attributes.get("case"): r for r in rabbit.bus.dead_letters(rabbit.names.queue)}
+    dead = {cast(str, r.attributes.get("case")): r for r in rabbit.bus.dead_letters(rabbit.names.queue)}
     assert sorted(dead) == ["attempts", "empty", "number"]
     assert dead["empty"].body == b""
     assert dead["empty"].reason.startswith("invalid message: ")

@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 
 import pytest
 from helpers import finish, wait_for
+from kombu_server import server_url
 from tcp_proxy import TcpProxy
 from test_kombu_workers import Broker
 
 from hedwig_tasks.transports.kombu import KombuTransport
-from kombu_server import server_url
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from kombu_server import cleanup, server_url
 
 from hedwig_tasks.testing import worker_contract
 from hedwig_tasks.testing.worker_contract import Fleet, WorkerContract
-from kombu_server import cleanup, server_url
 
 pytestmark = pytest.mark.slow
 

@@ -398,7 +398,7 @@ def strict() -> ProtobufValidator:
 
 def from_newer_publisher(container_form: bool) -> tuple[Message, Any]:
     """A user-created 1.3 message (the consumer's class knows 1.0) with a field 1.0 lacks."""
-    sent = dataclasses.replace(user_created(UserCreatedV1_3(user_id="U_1", nickname="Ada")), version="1.3")
+    sent = dataclasses.replace(user_created(UserCreatedV1_3(user_id="U_1", nickname="Ada")), version=Version(1, 3))
     return sent, ProtobufValidator([UserCreatedV1_3]).encode(sent, container=container_form)
 
 
@@ -460,18 +460,18 @@ def test_encoding_a_newer_minor_is_refused_either_way(strict_minor: bool) -> Non
     validator = ProtobufValidator([UserCreatedV1], strict_minor=strict_minor)
     assert validator.strict_minor is strict_minor
     with pytest.raises(ValidationError, match=r"minor version 1 is newer than the schema knows \(newest is 1\.0\)$"):
-        validator.encode(dataclasses.replace(user_created(), version="1.1"))
+        validator.encode(dataclasses.replace(user_created(), version=Version(1, 1)))
 
 
 def test_strict_minor_is_keyword_only() -> None:
     with pytest.raises(TypeError):
-        ProtobufValidator([UserCreatedV1], True)  # type: ignore[misc]
+        ProtobufValidator([UserCreatedV1], True)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("container_form", [False, True])
 def test_we_decode_authedwigs_newer_minor(validator: ProtobufValidator, container_form: bool) -> None:
     """authedwig's validator over the 1.3 class encodes; ours, whose class knows 1.0, decodes."""
-    sent = dataclasses.replace(user_created(UserCreatedV1_3(user_id="U_1", nickname="Ada")), version="1.3")
+    sent = dataclasses.replace(user_created(UserCreatedV1_3(user_id="U_1", nickname="Ada")), version=Version(1, 3))
     with authedwig_settings(
         HEDWIG_PROTOBUF_MESSAGES=[UserCreatedV1_3], HEDWIG_USE_TRANSPORT_MESSAGE_ATTRIBUTES=not container_form
     ):

@@ -59,7 +59,7 @@ def insert_row(path: Path, **columns: Any) -> None:
 
 
 #: (what is wrong, the columns written, what the fault must say)
-UNREADABLE = [
+UNREADABLE: list[tuple[str, dict[str, Any], str]] = [
     ("attributes not JSON", {"attributes": "hedwig_id=1"}, "attributes are not JSON"),
     ("attributes a JSON list", {"attributes": '["hedwig_id", "1"]'}, "attributes are a JSON array, not an object"),
     ("attributes nested too deep", {"attributes": "[" * 100_000 + "]" * 100_000}, "attributes are not JSON"),

@@ -35,8 +35,8 @@ def sdk() -> Iterator[None]:
         warnings.simplefilter("ignore")
         trace.set_tracer_provider(provider)
     yield
-    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
-    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
+    trace._TRACER_PROVIDER = None
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
 
 
 @pytest.fixture

@@ -13,12 +13,13 @@ import pytest
 from aws_server import ACCOUNT, CREDENTIALS, REGION, aws, aws_transport, moto_url, seconds_hidden, tag  # noqa: F401
 from helpers import wait_for
 
-from hedwig_tasks import Hedwig
+from hedwig_tasks import Hedwig, Message
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.settings import HedwigSettings
 from hedwig_tasks.testing.contract import ContractClock, Names, RealClock, TransportContract
 from hedwig_tasks.transports import from_url
 from hedwig_tasks.transports.aws import DEAD_LETTER_ATTRIBUTE, MAX_MESSAGE_BYTES, AWSTransport
+from hedwig_tasks.transports.base import Transport
 from hedwig_tasks.worker import Worker, WorkerOptions
 
 SCHEMA = Path(__file__).parent / "schemas" / "schema.json"
@@ -42,7 +43,7 @@ class TestAWSTransport(TransportContract):
         yield transport
         transport.close()
 
-    def test_body_and_attributes_round_trip(self, transport: AWSTransport, names: Names) -> None:
+    def test_body_and_attributes_round_trip(self, transport: Transport, names: Names) -> None:
         """As the contract's, but SNS refuses empty attribute values: that is refused clearly."""
         consumer = self.subscribed(transport, names.queue, names.topic)
         body = "héllo, wörld ✓ \U0001f989".encode()
@@ -55,7 +56,7 @@ class TestAWSTransport(TransportContract):
         assert delivery.subscription == self.status(transport, names.queue, names.topic).subscription
         assert delivery.subscription == f"HEDWIG-{names.queue}"
 
-    def test_provision_dry_run_changes_nothing(self, transport: AWSTransport, names: Names) -> None:
+    def test_provision_dry_run_changes_nothing(self, transport: Transport, names: Names) -> None:
         """As the contract's, but receiving from a queue not provisioned is a clear error."""
         transport.provision(names.third_queue, [names.topic], [])
         subscribe, publish = [names.topic], [names.topic, names.other_topic]
@@ -69,7 +70,7 @@ class TestAWSTransport(TransportContract):
             transport.consumer(names.queue, [names.topic]).receive(1, wait_s=0)
         assert transport.provision(names.queue, subscribe, publish) == planned
 
-    def test_status_counts(self, transport: AWSTransport, names: Names, clock: ContractClock) -> None:
+    def test_status_counts(self, transport: Transport, names: Names, clock: ContractClock) -> None:
         """As the contract's, but per queue, and a delayed retry counts as in flight (SQS cannot tell)."""
         consumer = self.subscribed(transport, names.queue, names.topic, names.other_topic)
         self.publish(transport, names.topic, 4)
@@ -161,6 +162,7 @@ def test_hedwig_settings_and_secrets_stay_out_of_repr() -> None:
 
 def test_construction_does_no_io() -> None:
     transport = from_url("aws://?region=us-east-1&endpoint_url=http://127.0.0.1:1&account_id=123456789012")
+    assert isinstance(transport, AWSTransport)
     consumer = transport.consumer("lazy", ["t"])
     assert consumer is not None
     assert not transport.client.connected
@@ -414,7 +416,12 @@ def test_a_worker_never_has_more_in_flight_than_concurrency_plus_prefetch(aws: A
     name, topic = f"bound-{tag()}", f"user-created-{tag()}"
     app = Hedwig(name, schema=SCHEMA, transport=aws, routing={"user-created": topic})
     done: list[str] = []
-    app.handler("user-created", "1.*")(lambda message: (time.sleep(0.1), done.append(message.id)))
+
+    @app.handler("user-created", "1.*")
+    def slow(message: Message) -> None:
+        time.sleep(0.1)
+        done.append(message.id)
+
     app.provision()
     for i in range(40):
         app.publish("user-created", "1.0", {"user_id": f"U{i}"})

@@ -13,7 +13,7 @@ from helpers import wait_for
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.testing.contract import ContractClock, Names, RealClock, TransportContract
 from hedwig_tasks.transports import from_url
-from hedwig_tasks.transports.base import Delivery
+from hedwig_tasks.transports.base import Delivery, Transport
 from hedwig_tasks.transports.gcp import GooglePubSubTransport
 
 
@@ -35,7 +35,7 @@ class TestGooglePubSubTransport(TransportContract):
         yield transport
         transport.close()
 
-    def test_provision_dry_run_changes_nothing(self, transport: GooglePubSubTransport, names: Names) -> None:
+    def test_provision_dry_run_changes_nothing(self, transport: Transport, names: Names) -> None:
         """As the contract's, but receiving from a subscription not provisioned is a clear error."""
         transport.provision(names.third_queue, [names.topic], [])
         subscribe, publish = [names.topic], [names.topic, names.other_topic]
@@ -51,7 +51,7 @@ class TestGooglePubSubTransport(TransportContract):
         assert transport.provision(names.queue, subscribe, publish) == planned
         self.assert_nothing(transport.consumer(names.queue, [names.topic]))
 
-    def test_fan_out_gives_every_subscribed_queue_a_copy(self, transport: GooglePubSubTransport, names: Names) -> None:
+    def test_fan_out_gives_every_subscribed_queue_a_copy(self, transport: Transport, names: Names) -> None:
         """As the contract's, but a queue without a subscription to the topic gets an error, not silence."""
         first = self.subscribed(transport, names.queue, names.topic)
         second = self.subscribed(transport, names.other_queue, names.topic)
@@ -127,8 +127,9 @@ def test_hedwig_settings_cross_project_names_and_no_secrets_in_repr() -> None:
 
 def test_construction_does_no_io() -> None:
     transport = from_url("gcp://hedwig-test?emulator=127.0.0.1:1")
+    assert isinstance(transport, GooglePubSubTransport)
     assert transport.consumer("lazy", ["t"]) is not None
-    assert not transport.client.connected  # type: ignore[attr-defined]
+    assert not transport.client.connected
 
 
 # -- publishing --------------------------------------------------------------------------------

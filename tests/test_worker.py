@@ -211,8 +211,13 @@ def test_poison_goes_to_dead_letters_and_worker_goes_on(body: bytes, attributes:
 def test_prefetch_bounds_what_is_held() -> None:
     app = make_app()
     release = threading.Event()
-    running = []
-    app.handler("user-created", "1.*")(lambda m: (running.append(1), release.wait(5)))
+    running: list[int] = []
+
+    @app.handler("user-created", "1.*")
+    def hold(m: Message) -> None:
+        running.append(1)
+        release.wait(5)
+
     app.provision()
     for n in range(50):
         app.publish("user-created", "1.0", {"user_id": f"U{n}"})
@@ -221,7 +226,11 @@ def test_prefetch_bounds_what_is_held() -> None:
     # Two more rounds of the receive loop with every slot taken: a worker that hoarded would now hold more.
     for _ in range(2):
         last = runner.worker.last_beat
-        wait_for(lambda last=last: runner.worker.last_beat > last)
+
+        def beat_since(last: float = last) -> bool:
+            return runner.worker.last_beat > last
+
+        wait_for(beat_since)
     assert runner.worker.held == 5
     [row] = app.transport.status("svc", ["user-created-v1"])
     assert (row.in_flight, row.depth) == (5, 45)

@@ -39,7 +39,7 @@ def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Transport]:
     transport.close()
 
 
-def _app(transport: Transport, handler: Any, **options: Any) -> Hedwig:
+def _app(transport: str | Transport, handler: Any, **options: Any) -> Hedwig:
     app = Hedwig("faults", schema=options.pop("schema", SCHEMA), transport=transport, **options)
     app.handler("user-created", "1.*")(handler)
     return app

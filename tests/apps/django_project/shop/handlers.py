@@ -9,7 +9,7 @@ from hedwig_tasks.conf import handler
 from hedwig_tasks.models import Message
 
 
-@handler("user-created", "1.*")
+@handler("user-created", "1.*")  # type: ignore[untyped-decorator]  # conf.handler is typed as returning Any
 def user_created(message: Message) -> None:
     with open(os.environ["PROC_RESULTS"], "a") as f:
         f.write(json.dumps({"id": message.id, "user_id": message.data["user_id"]}) + "\n")

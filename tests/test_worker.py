@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import SCHEMA_FILE
-from helpers import wait_for
+from helpers import WorkerThread, wait_for
 
 from hedwig_tasks import ConfigurationError, DeadLetter, Hedwig, Ignore, Message, Retry, RetryPolicy, signals
 from hedwig_tasks.transports.memory import MemoryTransport
@@ -23,29 +23,13 @@ def make_app(bus: MemoryTransport | None = None, **options: Any) -> Hedwig:
     return Hedwig("svc", schema=SCHEMA_FILE, transport=bus or MemoryTransport(), retry=FAST, **options)
 
 
-class Running:
-    """A worker on a thread; ``stop()`` joins it."""
+class Running(WorkerThread):
+    """A worker of ``app`` on a thread; ``stop()`` joins it."""
 
     def __init__(self, app: Hedwig, **options: Any) -> None:
         options.setdefault("wait_s", 0.05)
         app.provision()  # the worker would, in its thread; the test publishes straight away
-        self.worker = Worker(app, WorkerOptions(**options))
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.worker.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self.worker.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        if self.error:
-            raise self.error
+        super().__init__(Worker(app, WorkerOptions(**options)))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from gcp_server import emulator_host, gcp_transport, tag  # noqa: F401
-from helpers import wait_for
+from helpers import WorkerThread, wait_for
 
 from hedwig_tasks import Hedwig, Message, RetryPolicy
 from hedwig_tasks.exceptions import TransportError
@@ -51,28 +51,6 @@ def _publish(app: Hedwig, user_ids: list[str]) -> None:
         app.publish("user-created", "1.0", {"user_id": user_id})
 
 
-class _Running:
-    """A worker in a thread, stopped (and joined) at the end of the test."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.worker.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self.worker.stop()
-        self.worker.stop()  # do not wait for a stuck handler
-        self.thread.join(15)
-        assert not self.thread.is_alive(), "the worker did not stop"
-
-
 def test_messages_buffered_behind_a_stuck_handler_go_to_another_worker(bus: Transport) -> None:
     unstick = threading.Event()
     first_handled: list[str] = []
@@ -87,22 +65,21 @@ def test_messages_buffered_behind_a_stuck_handler_go_to_another_worker(bus: Tran
     first = _app(bus, stuck)
     others = [f"U{n}" for n in range(4)]
     _publish(first, ["stuck", *others])
-    stuck_worker = _Running(Worker(first, WorkerOptions(concurrency=1, prefetch=4, lease_s=LEASE_S)))
+    stuck_worker = WorkerThread(Worker(first, WorkerOptions(concurrency=1, prefetch=4, lease_s=LEASE_S)))
     try:
         wait_for(lambda: stuck_worker.worker.held == 5, 10)  # one running, four buffered behind it
         second = _app(bus, lambda message: second_handled.append(message.data["user_id"]))
-        helper = _Running(Worker(second, WorkerOptions(concurrency=2, prefetch=0, lease_s=LEASE_S)))
+        helper = WorkerThread(Worker(second, WorkerOptions(concurrency=2, prefetch=0, lease_s=LEASE_S)))
         try:
             # released after one lease of waiting; the idle worker has them well within two
             wait_for(lambda: sorted(second_handled) == others, LEASE_S * 2 + 3)
             assert stuck_worker.worker.running == 1
             assert first_handled == []
         finally:
-            helper.stop()
+            helper.stop(abort=True)
     finally:
         unstick.set()
-        stuck_worker.stop()
-    assert stuck_worker.error is None
+        stuck_worker.stop(abort=True)
 
 
 class _ExplodingValidator(JSONSchemaValidator):

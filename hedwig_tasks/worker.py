@@ -259,12 +259,15 @@ class Worker:
 
     def _retries_to_come(self) -> bool:
         """True while a retry this worker scheduled is not yet due (or only just due) nor back."""
-        now = time.monotonic()
         with self._held_lock:
-            for key, due in list(self._retries_due.items()):
-                if now > due + BURST_RETRY_GRACE_S:
-                    del self._retries_due[key]
+            self._forget_past_retries(time.monotonic())
             return bool(self._retries_due)
+
+    def _forget_past_retries(self, now: float) -> None:
+        """Drop retries past their grace (another worker took them); hold ``_held_lock``."""
+        for key, due in list(self._retries_due.items()):
+            if now > due + BURST_RETRY_GRACE_S:
+                del self._retries_due[key]
 
     def _beat(self) -> None:
         now = self.last_beat = time.monotonic()
@@ -500,7 +503,9 @@ class Worker:
             self._local.settled = "retry"
             self._settle("retry", self._consumer.retry_later, delivery, delay_s)
             with self._held_lock:
-                self._retries_due[_key(delivery)] = time.monotonic() + delay_s
+                now = time.monotonic()
+                self._forget_past_retries(now)  # bounded however long the worker runs
+                self._retries_due[_key(delivery)] = now + delay_s
             self._tally("retried")
             signals.send(
                 signals.handler_retried,

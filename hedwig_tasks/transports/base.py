@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ClassVar
 
 from hedwig_tasks.exceptions import ConfigurationError
@@ -79,7 +79,11 @@ class Delivery:
 
 @dataclasses.dataclass(frozen=True)
 class DeadLetterRecord:
-    """A message in the dead-letter store, with why it is there."""
+    """A message in the dead-letter store, with why it is there.
+
+    ``transport_id`` is stable, unique within the queue's dead letters and never empty: it is
+    the id ``hedwig-tasks dlq show ID`` and the ``ids=`` of the dead-letter methods take.
+    """
 
     body: bytes
     attributes: Mapping[str, str]
@@ -99,6 +103,11 @@ class SubscriptionStatus:
     depth: int | None  #: waiting to be received (including delayed retries)
     in_flight: int | None  #: received and not yet settled
     dead_letters: int | None
+    #: What else the broker tells of the subscription, as label -> text (its dead-letter topic,
+    #: retention, ...); ``hedwig-tasks status`` prints them under the counts.
+    details: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Why a count is None, when one is ("Pub/Sub's API reports no counts ...").
+    unknown_because: str = ""
 
 
 class Consumer(abc.ABC):
@@ -219,12 +228,44 @@ class Transport(abc.ABC):
         return self.status(queue, topics)
 
     @abc.abstractmethod
-    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
-        """The oldest ``limit`` dead letters of ``queue``, without removing them."""
+    def dead_letters(
+        self, queue: str, *, limit: int = 100, ids: Collection[str] | None = None
+    ) -> list[DeadLetterRecord]:
+        """The oldest ``limit`` dead letters of ``queue``, without removing them.
+
+        ``ids`` keeps only those whose :attr:`DeadLetterRecord.transport_id` it holds (unknown
+        ids match nothing); None means all. A transport that cannot select by id raises
+        ``ConfigurationError`` rather than return the others.
+        """
 
     @abc.abstractmethod
-    def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
-        """Move dead letters back to the subscriptions they came from; returns how many."""
+    def requeue_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
+        """Move dead letters back to the subscriptions they came from; returns how many.
+
+        ``ids`` as for :meth:`dead_letters`; a transport that cannot select by id raises
+        ``ConfigurationError``, never requeues all of them instead.
+        """
+
+    def purge_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
+        """Delete dead letters for good (all, up to ``limit``, or those ``ids`` names); returns how many.
+
+        Raises ``ConfigurationError`` on a transport that cannot purge.
+        """
+        raise ConfigurationError(f"the {self.scheme} transport cannot purge dead letters")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free connections and flush anything buffered."""

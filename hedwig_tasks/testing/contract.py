@@ -440,6 +440,54 @@ class TransportContract:
         assert transport.dead_letters(names.queue) == []
         assert _bodies([*requeued, *self.receive(consumer, 1)]) == bodies
 
+    def dead_lettered(self, transport: Transport, names: Names, count: int) -> tuple[Consumer, list[bytes]]:
+        """``count`` messages of ``names.topic`` dead-lettered by ``names.queue``'s consumer."""
+        consumer = self.subscribed(transport, names.queue, names.topic)
+        bodies = self.publish(transport, names.topic, count)
+        for delivery in self.receive(consumer, count):
+            consumer.dead_letter(delivery, f"reason {delivery.body.decode()}")
+        return consumer, bodies
+
+    def test_dead_letters_have_unique_stable_ids(self, transport: Transport, names: Names) -> None:
+        self.dead_lettered(transport, names, 3)
+        records = transport.dead_letters(names.queue)
+        ids = [r.transport_id for r in records]
+        assert all(ids) and len(set(ids)) == 3
+        assert sorted(r.transport_id for r in transport.dead_letters(names.queue)) == sorted(ids)
+
+    def test_dead_letters_by_id(self, transport: Transport, names: Names) -> None:
+        self.dead_lettered(transport, names, 3)
+        first, *_ = transport.dead_letters(names.queue)
+        (found,) = transport.dead_letters(names.queue, ids=[first.transport_id, "no-such-id"])
+        assert (found.transport_id, found.body, found.reason) == (first.transport_id, first.body, first.reason)
+        assert transport.dead_letters(names.queue, ids=["no-such-id"]) == []
+        assert transport.dead_letters(names.queue, ids=[]) == []
+        assert len(transport.dead_letters(names.queue)) == 3  # reading by id leaves them all there
+
+    def test_requeue_dead_letters_by_id(self, transport: Transport, names: Names) -> None:
+        consumer, _ = self.dead_lettered(transport, names, 3)
+        chosen = transport.dead_letters(names.queue)[1]
+        assert transport.requeue_dead_letters(names.queue, ids=["no-such-id"]) == 0
+        assert transport.requeue_dead_letters(names.queue, ids=[chosen.transport_id]) == 1
+        (back,) = self.receive(consumer, 1)
+        assert back.body == chosen.body
+        left = transport.dead_letters(names.queue)
+        assert sorted(r.body for r in left) == sorted({b"m-0000", b"m-0001", b"m-0002"} - {chosen.body})
+
+    def test_purge_dead_letters(self, transport: Transport, names: Names) -> None:
+        consumer, _ = self.dead_lettered(transport, names, 3)
+        chosen = transport.dead_letters(names.queue)[0]
+        assert transport.purge_dead_letters(names.queue, ids=["no-such-id"]) == 0
+        assert transport.purge_dead_letters(names.queue, ids=[chosen.transport_id]) == 1
+        assert sorted(r.body for r in transport.dead_letters(names.queue)) == sorted(
+            {b"m-0000", b"m-0001", b"m-0002"} - {chosen.body}
+        )
+        calls: list[tuple[int, int | None]] = []
+        assert transport.purge_dead_letters(names.queue, progress=lambda *a: calls.append(a)) == 2
+        assert calls and calls[-1][0] == 2
+        assert transport.dead_letters(names.queue) == []
+        self.assert_nothing(consumer)  # purged means gone, not requeued
+
     def test_status_counts(self, transport: Transport, names: Names, clock: ContractClock) -> None:
         self.skip_without(transport, "status_counts")
         consumer = self.subscribed(transport, names.queue, names.topic, names.other_topic)

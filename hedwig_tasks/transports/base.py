@@ -234,7 +234,7 @@ class Transport(abc.ABC):
         """The oldest ``limit`` dead letters of ``queue``, without removing them.
 
         ``ids`` keeps only those whose :attr:`DeadLetterRecord.transport_id` it holds (unknown
-        ids match nothing); None means all. A transport that cannot select by id raises
+        ids match nothing; ``limit`` counts those kept); None means all. A transport that cannot select by id raises
         ``ConfigurationError`` rather than return the others.
         """
 

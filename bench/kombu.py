@@ -1,6 +1,9 @@
-"""End-to-end throughput through Kombu: hedwig-tasks against Celery, on RabbitMQ and on Redis.
+"""End-to-end throughput through Kombu: hedwig-tasks against Celery, on RabbitMQ.
 
-For each broker, in the same run: start a worker process (hedwig-tasks worker, or a Celery
+(Redis has its own transport on Redis Streams and its own bench, ``bench/redis.py``; the
+RabbitMQ hot path against a plain pika loop and Dramatiq is ``bench/rabbitmq.py``.)
+
+In the same run: start a worker process (hedwig-tasks worker, or a Celery
 worker with the thread pool), wait until it handles a warm-up message, then publish
 ``--messages`` messages from ``--publishers`` threads of this process (as a web app's request
 threads would) and time until the last one is handled. Both sides use the same concurrency,
@@ -11,13 +14,12 @@ and waits for RabbitMQ's publisher confirm on every publish; Celery does neither
 Usage::
 
     python bench/kombu.py [--messages 5000] [--rounds 3] [--concurrency 8] [--publishers 4]
-                          [--brokers amqp,redis]
 
 Progress goes to stderr; stdout gets ONE JSON line:
 ``{"bench": "kombu", "messages": N, ..., "comparisons": [{"name": "rabbitmq", "hedwig_per_s": ..,
-"celery_per_s": .., "ratio": .., "round_ratios": [..]}, ...]}``: rates are medians over
+"celery_per_s": .., "ratio": .., "round_ratios": [..]}]}``: rates are medians over
 ``--rounds`` alternating rounds and ``ratio`` is hedwig-tasks's over Celery's.
-Brokers come from ``HEDWIG_TEST_AMQP_URL`` / ``HEDWIG_TEST_REDIS_URL`` or the local defaults.
+The broker comes from ``HEDWIG_TEST_AMQP_URL`` or the local default.
 """
 
 from __future__ import annotations
@@ -44,11 +46,7 @@ import kombu  # noqa: E402
 from hedwig_tasks import Hedwig  # noqa: E402
 from hedwig_tasks.transports.kombu import KombuTransport  # noqa: E402
 
-URLS = {
-    "amqp": os.environ.get("HEDWIG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    "redis": os.environ.get("HEDWIG_TEST_REDIS_URL", "redis://127.0.0.1:6379/9"),
-}
-NAMES = {"amqp": "rabbitmq", "redis": "redis"}
+URL = os.environ.get("HEDWIG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 SCHEMA = {
     "id": "https://hedwig-tasks.bench/schema",
@@ -212,8 +210,6 @@ def _cleanup(url: str, queues: list[str], exchanges: list[str]) -> None:
         channel = connection.channel()
         for queue in queues:
             channel.queue_delete(queue)
-        if url.startswith("redis"):
-            return
         for exchange in exchanges:
             try:
                 channel.exchange_delete(exchange)
@@ -227,7 +223,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; rates are their medians")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--publishers", type=int, default=4, help="threads publishing, on both sides")
-    parser.add_argument("--brokers", default="amqp,redis")
     args = parser.parse_args()
     comparisons = []
     with tempfile.TemporaryDirectory(prefix="hedwig-bench-") as tmp:
@@ -235,15 +230,14 @@ def main() -> None:
         (workdir / "schema.json").write_text(json.dumps(SCHEMA))
         (workdir / "hedwig_bench_app.py").write_text(HEDWIG_APP)
         (workdir / "celery_bench_app.py").write_text(CELERY_APP)
-        for broker in args.brokers.split(","):
-            comparisons.append(compare(workdir, broker, args))
+        comparisons.append(compare(workdir, args))
     run = {"messages": args.messages, "rounds": args.rounds, "concurrency": args.concurrency}
     print(json.dumps({"bench": "kombu", **run, "publishers": args.publishers, "comparisons": comparisons}))
 
 
-def compare(workdir: Path, broker: str, args: argparse.Namespace) -> dict[str, object]:
-    """Alternating rounds of both sides on one broker, so a busy moment of the machine hits both."""
-    url, name = URLS[broker], NAMES[broker]
+def compare(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Alternating rounds of both sides on RabbitMQ, so a busy moment of the machine hits both."""
+    url, name = URL, "rabbitmq"
     KombuTransport(url).status("bench", [])  # fails early if the broker is down
     hedwig: list[float] = []
     celery: list[float] = []

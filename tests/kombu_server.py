@@ -1,4 +1,5 @@
-"""The RabbitMQ and Redis servers the Kombu tests use, and cleaning up after a test.
+"""The RabbitMQ server the Kombu tests use (and the Redis one other tests ask for by name), and
+cleaning up after a test.
 
 ``HEDWIG_TEST_AMQP_URL`` and ``HEDWIG_TEST_REDIS_URL`` (exported by ``.ci/servers/``) name
 them; outside CI they default to the machine's own servers. Under CI (``CI=true``) a server
@@ -18,7 +19,6 @@ import pytest
 from hedwig_tasks.transports.kombu import (
     DELAY_BUCKETS_S,
     delay_queue_name,
-    delayed_key,
     dlq_name,
     exchange_name,
     subscription_name,
@@ -50,19 +50,9 @@ def server_url(broker: str) -> str:
 
 
 def cleanup(url: str, queues: Iterable[str], topics: Iterable[str]) -> None:
-    """Delete what tests with these app and topic names may have declared on the broker."""
+    """Delete what tests with these app and topic names may have declared on RabbitMQ."""
     queues, topics = list(queues), list(topics)
     subscriptions = [subscription_name(q, t) for q in queues for t in topics]
-    if url.startswith("redis"):
-        import redis
-
-        client = redis.Redis.from_url(url)
-        keys = [*subscriptions, *map(delayed_key, subscriptions), *map(dlq_name, queues)]
-        keys += [f"_kombu.binding{kind}{exchange_name(t)}" for t in topics for kind in (".", "_permanent.")]
-        client.delete(*keys)
-        client.srem("hedwig-topics", *topics)
-        client.close()
-        return
     import amqp.exceptions
     import kombu
 

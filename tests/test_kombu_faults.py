@@ -1,7 +1,7 @@
-"""Messages other systems put on the Kombu transport's queues, on real RabbitMQ and Redis.
+"""Messages other systems put on the Kombu transport's queues, on real RabbitMQ.
 
 Each test writes at the broker as another client would (a plain Kombu producer, py-amqp's
-``basic_publish``, a raw ``LPUSH`` on the list Kombu reads), never through our publisher. A
+``basic_publish``), never through our publisher. A
 delivery whose own fields cannot be read comes back with ``Delivery.fault`` and its raw bytes; a
 worker dead-letters it with a reason and goes on with the good messages behind it.
 """
@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -21,8 +20,6 @@ from urllib.parse import urlsplit
 import amqp
 import kombu
 import pytest
-import redis
-from helpers import wait_for
 from kombu_server import cleanup, server_url
 
 from hedwig_tasks import Hedwig, Message
@@ -70,10 +67,6 @@ class Bench:
     def consumer(self) -> KombuConsumer:
         return self.bus.consumer(self.names.queue, [self.names.topic])
 
-    def redis(self) -> redis.Redis:
-        """A client of the test's own, as another system's (never one of the consumer's connections)."""
-        return redis.Redis.from_url(self.url)
-
     def close(self) -> None:
         self.bus.close()
         cleanup(self.url, [self.names.queue], [self.names.topic, self.names.other_topic])
@@ -82,13 +75,6 @@ class Bench:
 @pytest.fixture
 def rabbit() -> Iterator[Bench]:
     bench = Bench("amqp")
-    yield bench
-    bench.close()
-
-
-@pytest.fixture
-def redis_bench() -> Iterator[Bench]:
-    bench = Bench("redis")
     yield bench
     bench.close()
 
@@ -253,176 +239,13 @@ def test_rabbitmq_worker_dead_letters_the_poison_and_handles_the_messages_behind
     consumer.close()
 
 
-# -- Redis --------------------------------------------------------------------------------------
-
-
-def kombu_item(bench: Bench, *, body: Any = "", headers: Any = None, **changes: Any) -> bytes:
-    """A list item as a Kombu client writes it on Redis, with ``changes`` over its top level."""
-    item: dict[str, Any] = {
-        "body": body,
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {} if headers is None else headers,
-        "properties": {
-            "delivery_info": {"exchange": "", "routing_key": bench.subscription},
-            "delivery_mode": 2,
-            "delivery_tag": uuid.uuid4().hex,
-            "priority": 0,
-        },
-        **changes,
-    }
-    return json.dumps(item).encode()
-
-
-def not_kombu(bench: Bench) -> list[tuple[str, bytes, str]]:
-    """Items Kombu cannot read (or could not restore), each with the reason in its fault."""
-    tag = {"delivery_info": {}, "delivery_tag": "t-1"}
-    return [
-        ("not-json", b"not json", "not JSON"),
-        ("null", b"null", "not a JSON object"),
-        ("array", b"[]", "not a JSON object"),
-        ("properties-null", b'{"properties": null}', "properties is not an object"),
-        ("properties-number", b'{"properties": 7}', "properties is not an object"),
-        ("properties-array", b'{"properties": []}', "properties is not an object"),
-        ("info-array", b'{"properties": {"delivery_info": [], "delivery_tag": "t"}}', "delivery_info is not an object"),
-        ("tag-null", b'{"properties": {"delivery_info": {}, "delivery_tag": null}}', "no delivery tag"),
-        ("headers-null", json.dumps({"headers": None, "properties": tag}).encode(), "headers is not an object"),
-        ("headers-array", json.dumps({"headers": [], "properties": tag}).encode(), "headers is not an object"),
-        ("headers-list", json.dumps({"headers": ["a"], "properties": tag}).encode(), "headers is not an object"),
-        ("headers-text", json.dumps({"headers": "h", "properties": tag}).encode(), "headers is not an object"),
-        # Redis's JSON parser takes these and Python's does not, or Kombu fails decoding the body:
-        ("not-utf8", kombu_item(bench, body="XX").replace(b'"XX"', b'"\xff\xfe"'), "not UTF-8 text"),
-        ("hex-number", kombu_item(bench, priority=1).replace(b'"priority": 1', b'"priority": 0x1'), "not JSON"),
-        (
-            "bad-encoding",
-            kombu_item(bench, body="abc").replace(b'"priority"', b'"body_encoding": "rot13", "priority"'),
-            "Kombu cannot decode it: AttributeError",
-        ),
-        (
-            "bad-base64",
-            kombu_item(bench, body="abc").replace(b'"priority"', b'"body_encoding": "base64", "priority"'),
-            "Kombu cannot decode it: Error",
-        ),
-    ]
-
-
-def kombu_faults(bench: Bench) -> list[tuple[str, bytes, bytes, str]]:
-    """Kombu messages whose Hedwig fields cannot be read: (case, item, body handed out, fault)."""
-    body, attributes = bench.wire("odd")
-    text = body.decode()
-
-    def item(case: str, **changes: Any) -> bytes:
-        headers = {**attributes, "case": case, **changes.pop("headers", {})}
-        return kombu_item(bench, body=changes.pop("body", text), headers=headers, **changes)
-
-    return [
-        ("attempts", item("attempts", headers={ATTEMPTS: "x"}), body, "x-hedwig-attempts is 'x', not a count"),
-        ("number", item("number", headers={"hedwig_id": 5}), body, "headers that are not text: hedwig_id (int)"),
-        ("body-number", item("body-number", body=5), b"", "body is int, not bytes or text"),
-    ]
-
-
-def test_redis_odd_items_waiting_are_faults_and_survive_a_crash(redis_bench: Bench) -> None:
-    bench = redis_bench
-    odd = not_kombu(bench)
-    faulty = kombu_faults(bench)
-    body, attributes = bench.wire("text-1")
-    text = kombu_item(bench, body=body.decode(), headers={**attributes, "case": "text"})  # another Kombu client's
-    consumer = bench.consumer()
-    with bench.redis() as client:
-        client.lpush(bench.subscription, *(item for _, item, _ in odd), *(item for _, item, _, _ in faulty), text)
-    good = bench.publish_good(2)
-    found = receive_n(consumer, len(odd) + len(faulty) + 3)
-    by_body = {d.body: d for d in found if not d.attributes}
-    for case, item, reason in odd:  # whole, as the raw item, with why
-        assert by_body[item].fault.startswith(f"not a Kombu message ({reason}"), case
-        assert by_body[item].attempt == 1
-    by_case = {d.attributes.get("case"): d for d in found if d.attributes}
-    for case, _, handed, fault in faulty:
-        assert (by_case[case].fault, by_case[case].body, by_case[case].attempt) == (fault, handed, 1), case
-    assert (by_case["text"].fault, json.loads(by_case["text"].body)) == ("", {"user_id": "text-1"})
-    assert sorted(json.loads(d.body)["user_id"] for d in found if "case" not in d.attributes and not d.fault) == good
-    # The consumer dies holding them all: Kombu restores each to its queue, none dropped.
-    channel = consumer._link.channel
-    for delivery in found:
-        channel.qos.restore_by_tag(consumer._held[delivery.receipt].message.delivery_tag)
-    consumer.close()
-    again = bench.consumer()
-    back = receive_n(again, len(found))
-    assert sorted((d.body, d.fault) for d in back) == sorted((d.body, d.fault) for d in found)
-    again.ack(back)
-    again.close()
-
-
-def _blocked_in_brpop(consumer: KombuConsumer, client: redis.Redis) -> bool:
-    """Whether the consumer's BRPOP connection is blocked on the server (waiting for an item)."""
-    sock = getattr(consumer._link.channel.client.connection, "_sock", None)
-    if sock is None:
-        return False
-    host, port = sock.getsockname()[:2]
-    for entry in client.client_list():
-        if entry["addr"] == f"{host}:{port}":
-            return "b" in entry["flags"] and entry["cmd"] == "brpop"
-    return False
-
-
-def test_redis_odd_items_that_arrive_while_a_receive_waits_are_faults(redis_bench: Bench) -> None:
-    # An item pushed while the consumer is blocked in Kombu's BRPOP goes to it at once, not to
-    # the fetch script: Kombu parses it itself (and raised on, and lost, what it could not read).
-    bench = redis_bench
-    body, attributes = bench.wire("no-exchange")
-    properties = {"delivery_info": {}, "delivery_tag": uuid.uuid4().hex}  # without exchange and routing key
-    cases = [(item, reason) for case, item, reason in not_kombu(bench) if case in ("not-json", "properties-null")]
-    cases += [(item, fault) for _, item, _, fault in kombu_faults(bench)]
-    cases.append((json.dumps({"body": body.decode(), "headers": attributes, "properties": properties}).encode(), ""))
-    consumer = bench.consumer()
-    consumer._link.channel.brpop_timeout = 20  # one BRPOP stays blocked through each push below
-    assert consumer.receive(1, wait_s=0.2) == []  # sets up consuming
-    client = bench.redis()
-    for item, fault in cases:
-        received: list[Delivery] = []
-        waiting = threading.Thread(target=lambda into=received: into.extend(receive_n(consumer, 1)), daemon=True)
-        waiting.start()
-        wait_for(lambda: _blocked_in_brpop(consumer, client), timeout_s=10)
-        client.lpush(bench.subscription, item)
-        waiting.join(15)
-        [delivery] = received
-        assert fault in delivery.fault and bool(delivery.fault) == bool(fault), (item, delivery.fault)
-        consumer.ack([delivery])
-    consumer.close()
-    client.close()
-
-
-def test_redis_worker_dead_letters_the_poison_and_handles_the_messages_behind_it(redis_bench: Bench) -> None:
-    bench = redis_bench
-    poison = [(case, item) for case, item, _ in not_kombu(bench)[:5]]
-    poison += [(case, item) for case, item, _, _ in kombu_faults(bench)]
-    body, attributes = bench.wire("text-1")
-    text = kombu_item(bench, body=body.decode(), headers=attributes)
-    with bench.redis() as client:
-        client.lpush(bench.subscription, *(item for _, item in poison), text)
-    good = bench.publish_good(5)
-    run_burst(bench.app)
-    assert sorted(bench.handled) == sorted([*good, "text-1"])
-    dead = bench.bus.dead_letters(bench.names.queue, limit=100)
-    assert len(dead) == len(poison)
-    assert all(r.reason.startswith("unreadable delivery: ") for r in dead)
-    raw = {r.body: r for r in dead if not r.attributes}
-    for case, item in poison[:5]:
-        assert raw[item].reason.startswith("unreadable delivery: not a Kombu message ("), case
-    by_case = {r.attributes["case"]: r for r in dead if r.attributes}
-    assert by_case["attempts"].reason == "unreadable delivery: x-hedwig-attempts is 'x', not a count"
-    assert by_case["body-number"].body == b""
-
-
 # -- publishing to topics nobody reads, or that do not exist ------------------------------------
 
 
-@pytest.mark.parametrize("broker", ["amqp", "redis"])
 def test_a_topic_without_subscriptions_is_warned_about_once_and_a_missing_one_raises(
-    broker: str, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    bench = Bench(broker)
+    bench = Bench("amqp")
     names = bench.names
     try:
         bench.bus.provision(None, [], [names.other_topic])  # a topic, and no queue subscribed to it

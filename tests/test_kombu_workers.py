@@ -1,6 +1,6 @@
-"""Real worker processes, started through the CLI, on RabbitMQ and on Redis: the worker contract.
+"""Real worker processes, started through the CLI, on RabbitMQ: the worker contract.
 
-Both servers are the machine's own and shared: every test uses names of its own and deletes
+The server is the machine's own and shared: every test uses names of its own and deletes
 only those (``kombu_server.cleanup``). Outages live in ``test_kombu_outages.py``, on servers
 those tests start themselves; they use :class:`Broker` below.
 """
@@ -30,21 +30,6 @@ class TestRabbitMQWorkers(WorkerContract):
     @pytest.fixture
     def broker(self) -> worker_contract.Broker:
         return kombu_broker(server_url("amqp"))
-
-
-# Kombu keeps one unacked store per Redis database, and a worker restores from it whatever is
-# older than its own visibility timeout, whoever holds it: workers with a 1 s lease beside ones
-# with a 30 s lease would take the others' messages back. Under xdist these run one at a time:
-# .ci/run's --dist loadscope keeps a class in one process, and the group does the same for loadgroup.
-@pytest.mark.xdist_group("redis-workers")
-class TestRedisWorkers(WorkerContract):
-    # A killed worker's messages come back after Kombu's visibility timeout (lease plus a grace)
-    # and once its restore lock has expired.
-    redelivery_timeout_s = 90.0
-
-    @pytest.fixture
-    def broker(self) -> worker_contract.Broker:
-        return kombu_broker(server_url("redis"))
 
 
 class Broker(Fleet):

@@ -1,8 +1,7 @@
-"""The Kombu transport on real RabbitMQ and Redis: the shared contract, and what only a broker shows."""
+"""The Kombu transport on real RabbitMQ: the shared contract, and what only a broker shows."""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Iterator
@@ -62,14 +61,13 @@ class KombuContract(TransportContract):
         self.subscribed(transport, names.queue, names.topic, names.other_topic)
         consumer = transport.consumer(names.queue, [names.topic], max_outstanding=3)  # RabbitMQ pushes up to this
         self.publish(transport, names.topic, 4)
-        flying = 0 if transport.redis else None
-        assert self._counts(transport, names) == (4, flying, 0)
+        assert self._counts(transport, names) == (4, None, 0)
         dead, delayed, held = self.receive(consumer, 3)
-        assert self._counts(transport, names)[1] == (3 if transport.redis else None)
+        assert self._counts(transport, names)[1] is None
         consumer.dead_letter(dead, "bad")
         consumer.retry_later(delayed, self.lease_s * 10)  # a delayed retry still counts as waiting
         # Settling opened the prefetch window: RabbitMQ pushed the fourth to the consumer, unacked, not waiting.
-        assert self._counts(transport, names) == ((2, 1, 1) if transport.redis else (1, None, 1))
+        assert self._counts(transport, names) == (1, None, 1)
         clock.advance(self.lease_s * 1.5)
         (back,) = [d for d in self.receive(consumer, 2) if d.body == held.body]  # lease ran out: given back
         assert back.attempt == 2
@@ -96,8 +94,8 @@ class KombuContract(TransportContract):
         consumer.dead_letter(dead, "bad")
         consumer.retry_later(delayed, self.lease_s * 10)
         counted, full = transport.counts(names.queue, topics), transport.status(names.queue, topics)
-        # Waiting: the delayed retry, and on Redis the fourth (RabbitMQ pushed it to the consumer).
-        assert _depths(counted) == _depths(full) == [2 if transport.redis else 1, 2]
+        # Waiting: the delayed retry (RabbitMQ pushed the fourth to the consumer).
+        assert _depths(counted) == _depths(full) == [1, 2]
         assert [s.subscription for s in counted] == [s.subscription for s in full]
         # The dead-letter queue is shared by the app's subscriptions: only status reads whose each is.
         assert [s.dead_letters for s in full] == [1, 0]
@@ -105,8 +103,8 @@ class KombuContract(TransportContract):
         consumer.close()
 
     def test_counts_read_no_message(self, transport: KombuTransport, names: Names) -> None:
-        # status reads the dead letters (RabbitMQ takes each and gives it back) and, on Redis,
-        # every message held unacked; counts reads none: fewer bytes than one message takes.
+        # status reads the dead letters (RabbitMQ takes each and gives it back); counts reads
+        # none: fewer bytes than one message takes.
         body = b"x" * 32768
         self.subscribed(transport, names.queue, names.topic)
         transport.publish_many(names.topic, [(body, {"n": str(n)}) for n in range(16)])
@@ -193,10 +191,6 @@ class TestRabbitMQ(KombuContract):
         assert len(connection.connection.channels) == channels
 
 
-class TestRedis(KombuContract):
-    broker = "redis"
-
-
 # -- URLs, errors and the broker's own behaviour -----------------------------------------------
 
 
@@ -206,15 +200,17 @@ def test_url_options_are_taken_out_and_the_password_is_masked() -> None:
     assert (bus.lease_s, bus.connect_timeout_s) == (2.5, 1.0)
     assert bus.url == "amqp://guest:secret@127.0.0.1:5672//?heartbeat=0"
     assert "secret" not in repr(bus)
-    assert from_url("redis://127.0.0.1:6379/0").lease_s == DEFAULT_LEASE_S
+    assert from_url("amqp://127.0.0.1//").lease_s == DEFAULT_LEASE_S
 
 
 @pytest.mark.parametrize(
     ("url", "complaint"),
     [
         ("amqp://h//?lease_s=soon", "lease_s='soon'"),
-        ("redis://h/0?lease_s=0", "lease_s='0'"),
-        ("sqs://h/", "amqp:// and redis://"),
+        ("amqps://h//?lease_s=0", "lease_s='0'"),
+        ("sqs://h/", "amqp://, amqps:// and pyamqp://, not sqs://"),
+        ("redis://h/0", "RabbitMQ .* only; redis:// is the Redis Streams transport's"),
+        ("rediss://h/0", "rediss:// is the Redis Streams transport's"),
     ],
 )
 def test_bad_urls_are_refused(url: str, complaint: str) -> None:
@@ -222,9 +218,8 @@ def test_bad_urls_are_refused(url: str, complaint: str) -> None:
         KombuTransport.from_url(url)
 
 
-@pytest.mark.parametrize("url", ["amqp://guest:guest@127.0.0.1:9//", "redis://127.0.0.1:9/0"])
-def test_an_unreachable_broker_is_a_transport_error(url: str) -> None:
-    bus = KombuTransport(url, connect_timeout_s=0.5)
+def test_an_unreachable_broker_is_a_transport_error() -> None:
+    bus = KombuTransport("amqp://guest:guest@127.0.0.1:9//", connect_timeout_s=0.5)
     with pytest.raises(PublishError) as caught:
         bus.publish("t", b"x", {})
     assert caught.value.__cause__ is not None
@@ -234,9 +229,8 @@ def test_an_unreachable_broker_is_a_transport_error(url: str) -> None:
         bus.consumer("q", ["t"]).receive(1, wait_s=0.1)
 
 
-@pytest.mark.parametrize("broker", ["amqp", "redis"])
-def test_messages_are_durable_and_persistent(broker: str) -> None:
-    url = server_url(broker)
+def test_messages_are_durable_and_persistent() -> None:
+    url = server_url("amqp")
     names = Names.fresh()
     bus = KombuTransport(url)
     try:
@@ -248,83 +242,12 @@ def test_messages_are_durable_and_persistent(broker: str) -> None:
             assert message.headers == {"k": "v"}
             assert message.properties["message_id"]
             message.requeue()
-        if broker == "amqp":
-            with kombu.Connection(url) as connection:
-                declared = connection.channel().queue_declare(subscription_name(names.queue, names.topic), passive=True)
-                assert declared.message_count == 1
+        with kombu.Connection(url) as connection:
+            declared = connection.channel().queue_declare(subscription_name(names.queue, names.topic), passive=True)
+            assert declared.message_count == 1
     finally:
         bus.close()
         cleanup(url, [names.queue], [names.topic])
-
-
-@pytest.fixture
-def redis_bus() -> Iterator[tuple[KombuTransport, Names]]:
-    url = server_url("redis")
-    names = Names.fresh()
-    bus = KombuTransport(url, lease_s=30.0)
-    bus.provision(names.queue, [names.topic], [])
-    yield bus, names
-    bus.close()
-    cleanup(url, [names.queue], [names.topic])
-
-
-def test_redis_takes_a_backlog_in_one_receive_and_records_it_as_kombu_does(
-    redis_bus: tuple[KombuTransport, Names],
-) -> None:
-    bus, names = redis_bus
-    bus.publish_many(names.topic, [(f"m{n}".encode(), {"n": str(n)}) for n in range(20)])
-    consumer = bus.consumer(names.queue, [names.topic], max_outstanding=30)
-    taken = consumer.receive(20, wait_s=1)
-    assert [d.body for d in taken] == [f"m{n}".encode() for n in range(20)]  # in order, at once
-    channel = consumer._link.channel
-    client = channel.client
-    entries = {k.decode(): json.loads(v) for k, v in client.hgetall(channel.unacked_key).items()}
-    held = [consumer._held[d.receipt].message for d in taken]
-    for message in held:  # each as Kombu's own delivery records it: [payload, exchange, routing key]
-        payload, exchange, routing_key = entries[message.delivery_tag]
-        assert (payload, exchange, routing_key) == (message._raw, "", subscription_name(names.queue, names.topic))
-        assert client.zscore(channel.unacked_index_key, message.delivery_tag) is not None
-    consumer.ack(taken[:5])
-    assert {m.delivery_tag for m in held[5:]} <= set(entries) - {m.delivery_tag for m in held[:5]}
-    assert client.hlen(channel.unacked_key) >= 15
-    for message in held[5:]:  # what a crashed consumer held: Kombu's restore brings it back
-        channel.qos.restore_by_tag(message.delivery_tag)
-    consumer.close()
-    again = bus.consumer(names.queue, [names.topic], max_outstanding=30)
-    back = again.receive(30, wait_s=1)
-    assert sorted(d.body for d in back) == sorted(f"m{n}".encode() for n in range(5, 20))
-    assert {d.attempt for d in back} == {2}
-    again.ack(back)
-    again.close()
-
-
-def test_redis_hands_out_what_is_not_a_message_as_a_fault_and_restores_it_after_a_crash(
-    redis_bus: tuple[KombuTransport, Names], caplog: pytest.LogCaptureFixture
-) -> None:
-    bus, names = redis_bus
-    consumer = bus.consumer(names.queue, [names.topic])
-    client = consumer._link.channel.client
-    queue = subscription_name(names.queue, names.topic)
-    odd = [b"not json", b'{"body": "no properties"}', b"null", b'{"properties": null}', b'{"properties": 7}']
-    odd.append(b'{"properties": {"delivery_info": {}, "delivery_tag": null}}')
-    client.lpush(queue, *odd)
-    bus.publish(names.topic, b"fine", {})
-    found = consumer.receive(10, wait_s=1)
-    assert [(d.body, d.fault) for d in found if not d.fault] == [(b"fine", "")]
-    faults = [d for d in found if d.fault]
-    assert [d.body for d in faults] == odd  # each whole, in order, none kept aside
-    assert all(d.fault.startswith("not a Kombu message (") and d.attempt == 1 for d in faults)
-    assert "is not a Kombu message" in caplog.text
-    consumer.ack([d for d in found if not d.fault])
-    channel = consumer._link.channel
-    for delivery in faults:  # the consumer dies holding them: Kombu's restore brings each back
-        channel.qos.restore_by_tag(consumer._held[delivery.receipt].message.delivery_tag)
-    consumer.close()
-    again = bus.consumer(names.queue, [names.topic])
-    back = again.receive(10, wait_s=1)
-    assert sorted((d.body, d.fault) for d in back) == sorted((d.body, d.fault) for d in faults)
-    again.ack(back)
-    again.close()
 
 
 def test_a_consumer_reconnects_after_its_connection_drops() -> None:

@@ -4,7 +4,6 @@ transport's :class:`~hedwig_tasks.transports._kombu_link.Broker`. See ``kombu.py
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,9 +18,7 @@ from hedwig_tasks.transports._kombu_names import (
     DELAY_BUCKETS_S,
     REASON,
     SUBSCRIPTION,
-    TOPICS_KEY,
     delay_queue_name,
-    delayed_key,
     dlq_name,
     exchange_name,
     subscription_name,
@@ -58,8 +55,6 @@ class KombuAdmin:
         link = self._broker.link()
         try:
             with link.errors("provision"):
-                if self._broker.redis:
-                    return _provision_redis(link.channel, queue, topics, pairs, dry_run)
                 return _provision_rabbit(link, queue, topics, pairs, dry_run)
         finally:
             link.reset()
@@ -67,20 +62,17 @@ class KombuAdmin:
     # -- counting ---------------------------------------------------------------------------
 
     def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
-        """Depth (including delayed retries), in flight (Redis only) and dead letters per subscription.
+        """Depth (including delayed retries) and dead letters per subscription; in flight is None.
 
         Dead letters are counted per subscription by reading up to ``STATUS_SCAN`` of them (None
-        past that); on Redis, in flight by reading Kombu's whole unacked store.
+        past that).
         """
         names = [subscription_name(queue, t) for t in topics]
         link = self._broker.link()
         try:
             with link.errors("status"):
                 dead = self._dead_counts(link, queue)
-                if self._broker.redis:
-                    counts = _redis_status(link.channel, names)
-                else:
-                    counts = [(depth, None) for depth in _rabbit_counts(link, names, dlq_name(queue))[0]]
+                counts = [(depth, None) for depth in _rabbit_counts(link, names, dlq_name(queue))[0]]
         finally:
             link.reset()
         return [
@@ -91,11 +83,10 @@ class KombuAdmin:
     def counts(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
         """Depth (including delayed retries) per subscription, reading no message.
 
-        In flight is None (RabbitMQ cannot count unacked messages; Redis keeps them in one store
-        for the whole database). Dead letters are 0 where the app's dead-letter queue is empty,
-        else None: it is shared by the app's subscriptions, and telling them apart means reading it.
-        Redis: one round trip. RabbitMQ: a passive declare per queue (each subscription, its delay
-        buckets, the dead-letter queue). Both on the calling thread's kept connection; one that
+        In flight is None (RabbitMQ cannot count unacked messages). Dead letters are 0 where the
+        app's dead-letter queue is empty, else None: it is shared by the app's subscriptions, and
+        telling them apart means reading it. A passive declare per queue (each subscription, its
+        delay buckets, the dead-letter queue), on the calling thread's kept connection; one that
         went stale since (the broker restarted) is replaced once, as ``status`` would connect anew.
         """
         names = [subscription_name(queue, t) for t in topics]
@@ -114,8 +105,6 @@ class KombuAdmin:
 
     def _counts(self, link: Link, names: list[str], dlq: str) -> tuple[list[int], int]:
         with link.errors("counts"):
-            if self._broker.redis:
-                return _redis_counts(link.channel, names, dlq)
             return _rabbit_counts(link, names, dlq)
 
     def _dead_counts(self, link: Link, queue: str) -> dict[str, int] | None:
@@ -130,9 +119,6 @@ class KombuAdmin:
         return counts
 
     def _dlq_size(self, link: Link, queue: str) -> int:
-        if self._broker.redis:
-            with link.channel.conn_or_acquire() as client:
-                return int(client.llen(dlq_name(queue)))
         return link.depths([dlq_name(queue)])[0] or 0
 
     # -- dead letters -----------------------------------------------------------------------
@@ -147,11 +133,6 @@ class KombuAdmin:
             link.reset()
 
     def _browse_dead(self, link: Link, queue: str, limit: int) -> list[DeadLetterRecord]:
-        if self._broker.redis:
-            channel = link.channel
-            with channel.conn_or_acquire() as client:
-                raw = client.lrange(dlq_name(queue), -limit, -1) if limit > 0 else []
-            return [_record(channel.Message(json.loads(item), channel=channel)) for item in reversed(raw)]
         # RabbitMQ cannot peek: take them unacked, then close the channel, which puts them back in order.
         channel = link.fresh_channel()
         records: list[DeadLetterRecord] = []
@@ -190,7 +171,7 @@ class KombuAdmin:
 
     def _requeue_one(self, link: Link, message: Any, checked: set[str]) -> None:
         target = str(message.headers.get(SUBSCRIPTION, ""))
-        if not self._broker.redis and target not in checked:
+        if target not in checked:
             if not link.exists("queue", target):  # the default exchange would drop it silently
                 raise TransportError(f"dead letter's subscription {target!r} no longer exists")
             checked.add(target)
@@ -220,24 +201,6 @@ def _provision_rabbit(
     return actions
 
 
-def _provision_redis(
-    channel: Any, queue: str | None, topics: list[str], pairs: list[tuple[str, str]], dry_run: bool
-) -> list[str]:
-    with channel.conn_or_acquire() as client:
-        actions = [f"create topic {t}" for t in topics if not client.sismember(TOPICS_KEY, t)]
-        bound = {t: {q for _, _, q in channel.get_table(exchange_name(t))} for t, _ in pairs}
-        actions += [f"subscribe {queue} to {t}" for t, name in pairs if name not in bound[t]]
-        if dry_run:
-            return actions
-        if topics:
-            client.sadd(TOPICS_KEY, *topics)
-    for topic, name in pairs:
-        channel.exchange_declare(exchange_name(topic), "direct", durable=True)
-        channel.queue_declare(name, durable=True, auto_delete=False)
-        channel.queue_bind(name, exchange_name(topic), routing_key=topic)
-    return actions
-
-
 def _rabbit_counts(link: Link, names: list[str], dlq: str) -> tuple[list[int], int]:
     """Each subscription's ready messages plus those waiting in its delay buckets, and the
     dead-letter queue's: passive declares, reading no message."""
@@ -245,30 +208,6 @@ def _rabbit_counts(link: Link, names: list[str], dlq: str) -> tuple[list[int], i
     *found, dead = link.depths([*(q for queues in per_name for q in queues), dlq])
     step = 1 + len(DELAY_BUCKETS_S)
     return [sum(d or 0 for d in found[i : i + step]) for i in range(0, len(found), step)], dead or 0
-
-
-def _redis_status(channel: Any, names: list[str]) -> list[tuple[int, int | None]]:
-    with channel.conn_or_acquire() as client:
-        unacked = [_routing_key(v) for v in client.hvals(channel.unacked_key)]
-        return [(client.llen(n) + client.zcard(delayed_key(n)), unacked.count(n)) for n in names]
-
-
-def _redis_counts(channel: Any, names: list[str], dlq: str) -> tuple[list[int], int]:
-    """Each subscription's list and delayed retries, and the dead-letter queue's length: one round trip."""
-    with channel.conn_or_acquire() as client:
-        pipe = client.pipeline(transaction=False)
-        for name in names:
-            pipe.llen(name).zcard(delayed_key(name))
-        *sizes, dead = pipe.llen(dlq).execute()
-    return [int(waiting) + int(delayed) for waiting, delayed in zip(sizes[::2], sizes[1::2], strict=True)], int(dead)
-
-
-def _routing_key(entry: bytes) -> Any:
-    """The queue an entry of Kombu's unacked store goes back to; None if it cannot be read."""
-    try:
-        return json.loads(entry)[2]
-    except (ValueError, TypeError, LookupError):  # the db's store is shared: not every entry is ours
-        return None
 
 
 def _record(message: Any) -> DeadLetterRecord:

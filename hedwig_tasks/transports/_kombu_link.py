@@ -1,8 +1,8 @@
 """The Kombu transport's connections: :class:`Broker`, the one object the transport, its
 consumers and its administration all hold (where the broker is, which kind, the lease, the clock,
 new links and each thread's kept link), and :class:`Link`, one Kombu connection and channel with
-the error boundary that drops it. Also the driver errors mapped to ours and how a Redis channel
-is set up. See ``kombu.py`` for the design."""
+the error boundary that drops it. Also the driver errors mapped to ours. See ``kombu.py`` for
+the design."""
 
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 import amqp.exceptions
 import kombu
 import kombu.exceptions
-from kombu.utils.encoding import bytes_to_str
 
 from hedwig_tasks.exceptions import ConfigurationError, TransportError
 from hedwig_tasks.transports._boundary import boundary
-from hedwig_tasks.transports._kombu_messages import on_return, readable_item
+from hedwig_tasks.transports._kombu_messages import on_return
 
 __all__ = ["DRIVER_ERRORS", "Broker", "Link", "mask"]
 
@@ -32,25 +31,11 @@ logger = logging.getLogger("hedwig_tasks.transports.kombu")  # one logger for th
 DEFAULT_LEASE_S = 30.0
 #: How long connecting may take, in seconds.
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
-#: Redis: extra seconds past the lease before Kombu restores a dead consumer's message.
-RESTORE_GRACE_S = 5.0
-#: Redis: seconds the restore lock outlives a holder that died (restoring takes milliseconds).
-UNACKED_MUTEX_EXPIRE_S = 10
 #: URL schemes the transport speaks.
-SCHEMES = ("amqp", "amqps", "pyamqp", "redis", "rediss")
-
-
-def _driver_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [kombu.exceptions.KombuError, amqp.exceptions.AMQPError, OSError]
-    with contextlib.suppress(ImportError):
-        import redis.exceptions
-
-        found.append(redis.exceptions.RedisError)
-    return tuple(found)
-
+SCHEMES = ("amqp", "amqps", "pyamqp")
 
 #: The driver errors that become ``TransportError`` at the boundary (:meth:`Link.errors`).
-DRIVER_ERRORS = _driver_errors()
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (kombu.exceptions.KombuError, amqp.exceptions.AMQPError, OSError)
 
 
 def mask(url: str) -> str:
@@ -80,10 +65,13 @@ class Broker:
         if not lease_s > 0:
             raise ConfigurationError(f"lease_s must be positive, got {lease_s!r}")
         scheme = urlsplit(url).scheme
+        if scheme.startswith("redis"):
+            raise ConfigurationError(
+                f"the kombu transport speaks RabbitMQ (amqp://) only; {scheme}:// is the Redis Streams transport's"
+            )
         if scheme not in SCHEMES:
-            raise ConfigurationError(f"the kombu transport speaks amqp:// and redis://, not {scheme}://")
+            raise ConfigurationError(f"the kombu transport speaks amqp://, amqps:// and pyamqp://, not {scheme}://")
         self.url = url
-        self.redis = scheme.startswith("redis")  #: Redis (else RabbitMQ)
         self.lease_s = lease_s  #: seconds a receive leases a delivery
         self.connect_timeout_s = connect_timeout_s
         self.clock = clock  #: epoch seconds, for leases (tests move it)
@@ -127,19 +115,9 @@ class Link:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        options: dict[str, Any] = {"confirm_publish": True}
-        if broker.redis:
-            options = {
-                "visibility_timeout": broker.lease_s + RESTORE_GRACE_S,
-                "unacked_restore_throttle": 1,
-                # Restoring holds a Redis lock; a worker killed (-9) while holding it would stop
-                # every other worker restoring for Kombu's default of 5 minutes.
-                "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
-            }
-        self.transport_options = options
+        self.transport_options: dict[str, Any] = {"confirm_publish": True}
         self.connection: kombu.Connection | None = None
         self._channel: Any = None
-        self._pool: Any = None  # Redis: the pool of the channel's shared client
         self.generation = 0
 
     @property
@@ -154,11 +132,7 @@ class Link:
             try:
                 connection.ensure_connection(max_retries=0)
                 self._channel = connection.channel()
-                if self.broker.redis:
-                    self._pool = _reuse_client(self._channel).connection_pool
-                    _guard_brpop(self._channel)
-                else:
-                    self._channel.events["basic_return"].add(on_return)
+                self._channel.events["basic_return"].add(on_return)
             except BaseException:
                 with contextlib.suppress(Exception):
                     connection.release()
@@ -170,7 +144,6 @@ class Link:
     def reset(self) -> None:
         """Drop the connection, without raising; the next use connects again."""
         connection, self.connection, self._channel = self.connection, None, None
-        pool, self._pool = self._pool, None
         if connection is None:
             return
         self.generation += 1  # receipts from this connection settle nothing from now on
@@ -179,9 +152,6 @@ class Link:
             connection.release()
         except Exception as exc:  # a broken connection: there is nothing more to say to it
             logger.debug("closing a broken connection to %s: %s", mask(self.broker.url), exc)
-        if pool is not None:  # Kombu's Redis close restores what was unacked after closing its pools
-            with contextlib.suppress(Exception):
-                pool.disconnect()
         if getattr(raw, "_transport", None) is not None and hasattr(raw, "collect"):
             with contextlib.suppress(Exception):
                 raw.collect()  # py-amqp: close the socket without talking
@@ -203,7 +173,7 @@ class Link:
         return self.connection.channel()
 
     def exists(self, kind: str, name: str) -> bool:
-        """RabbitMQ: whether an exchange or queue exists (a passive declare on a channel of its own)."""
+        """Whether an exchange or queue exists (a passive declare on a channel of its own)."""
         channel = self.fresh_channel()
         try:
             if kind == "exchange":
@@ -217,7 +187,7 @@ class Link:
         return True
 
     def depths(self, names: Sequence[str]) -> list[int | None]:
-        """RabbitMQ: messages ready in each queue, None for one that does not exist.
+        """Messages ready in each queue, None for one that does not exist.
 
         One passive declare each, on one channel of its own; reads no message. A missing queue
         makes the broker close the channel, which py-amqp opens again before raising, so the
@@ -241,43 +211,3 @@ def _close(channel: Any) -> None:
     revives it): left open, each would hold a channel number until the connection runs out of them."""
     with contextlib.suppress(*DRIVER_ERRORS):
         channel.close()
-
-
-# -- how a Redis channel is set up ------------------------------------------------------------
-
-
-def _reuse_client(channel: Any) -> Any:
-    """Make a Kombu Redis channel run its commands on one client instead of a new one each time.
-
-    Kombu builds a ``redis.Redis`` per ack, restore and publish (``conn_or_acquire``); with
-    redis-py 8 that costs more than the command. The client shares the channel's pool and is
-    thread-safe; the channel's own BRPOP client is separate and untouched.
-    """
-    client = channel._create_client()
-
-    @contextlib.contextmanager
-    def conn_or_acquire(given: Any = None) -> Iterator[Any]:
-        yield given or client
-
-    channel.conn_or_acquire = conn_or_acquire
-    return client
-
-
-def _guard_brpop(channel: Any) -> None:
-    """Let Kombu's BRPOP reader see only items it can read (it parses one itself and raises).
-
-    The item is already off the list: raising there would lose it and stop the consumer. One
-    Kombu cannot read reaches it wrapped (see ``_kombu_messages.wrap``), and is handed out with
-    a fault.
-    """
-    client = channel.client
-    parse = client.parse_response
-
-    def parse_response(connection: Any, command_name: Any, **options: Any) -> Any:
-        reply = parse(connection, command_name, **options)
-        if command_name != "BRPOP" or not reply:
-            return reply
-        dest, item = reply
-        return [dest, readable_item(channel, bytes_to_str(dest).rsplit(channel.sep, 1)[0], item)]
-
-    client.parse_response = parse_response

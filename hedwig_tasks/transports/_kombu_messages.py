@@ -1,21 +1,16 @@
 """How the Kombu transport's messages are built, sent and read: Hedwig attributes as headers,
-persistent sends (confirmed on RabbitMQ), the Redis list item Kombu stores, reading a received
-message so that nothing in it can raise, items Kombu cannot read wrapped whole, and the warning
-about publishes nobody receives. No connections of its own. See ``kombu.py`` for the design."""
+persistent confirmed sends, reading a received message so that nothing in it can raise, and the
+warning about publishes nobody receives. No connections of its own. See ``kombu.py`` for the design."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from kombu.utils.json import dumps
-
-from hedwig_tasks.transports._kombu_names import ATTEMPTS, FAULT, RAW, topic_of
+from hedwig_tasks.transports._kombu_names import ATTEMPTS, FAULT, topic_of
 
 __all__ = [
     "Reading",
@@ -23,12 +18,8 @@ __all__ = [
     "body_bytes",
     "on_return",
     "read",
-    "read_payload",
-    "readable_item",
-    "redis_item",
     "send",
     "warn_unrouted",
-    "wrap",
 ]
 
 logger = logging.getLogger("hedwig_tasks.transports.kombu")  # one logger for the whole transport
@@ -68,7 +59,7 @@ def send(
     """Publish persistently (what ``kombu.Producer.publish`` does, without its per-call setup).
 
     ``exchange`` defaults to the default exchange: straight to the queue ``routing_key``.
-    On RabbitMQ the channel waits for the broker's confirm; a refusal raises. A ``mandatory``
+    The channel waits for the broker's confirm; a refusal raises. A ``mandatory``
     publish that no queue takes comes back to the channel's return handler before the confirm.
     """
     properties: dict[str, Any] = {"delivery_mode": 2, "message_id": message_id}
@@ -77,20 +68,10 @@ def send(
     message = channel.prepare_message(
         body, 0, _CONTENT["content_type"], _CONTENT["content_encoding"], dict(headers), properties
     )
-    if isinstance(message, dict):  # Kombu's virtual (Redis) channel
-        channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
-    else:  # py-amqp: a confirm that never comes (a blocked broker) must not hang the caller
-        channel.basic_publish(
-            message, exchange=exchange, routing_key=routing_key, mandatory=mandatory, timeout=CONFIRM_TIMEOUT_S
-        )
-
-
-def redis_item(channel: Any, queue: str, body: bytes, headers: dict[str, Any], message_id: Any) -> Any:
-    """A message as Kombu's Redis channel stores it on ``queue``'s list (what ``basic_publish`` builds)."""
-    properties = {"delivery_mode": 2, "message_id": message_id}
-    payload = channel.prepare_message(body, headers=headers, properties=properties, **_CONTENT)
-    channel._inplace_augment_message(payload, "", queue)
-    return payload
+    # A confirm that never comes (a blocked broker) must not hang the caller.
+    channel.basic_publish(
+        message, exchange=exchange, routing_key=routing_key, mandatory=mandatory, timeout=CONFIRM_TIMEOUT_S
+    )
 
 
 _unrouted_lock = threading.Lock()
@@ -142,7 +123,7 @@ def read(message: Any) -> Reading:
     earlier = headers.get(FAULT)
     if isinstance(earlier, str) and earlier:
         faults.append(earlier)  # found when it was first received; this is a copy the consumer made
-    body = _body(message, headers, faults)
+    body = _body(message, faults)
     found = _text_attributes(headers, faults)
     attempt = _attempt(message, headers, faults)
     properties = message.properties if isinstance(message.properties, Mapping) else {}
@@ -168,14 +149,7 @@ def body_bytes(body: Any, encoding: Any = None) -> tuple[bytes, str]:
     return b"", f"body is {_kind(body)}, not bytes or text"
 
 
-def _body(message: Any, headers: Mapping[Any, Any], faults: list[str]) -> bytes:
-    raw = headers.get(RAW)
-    if raw is not None:  # an item Kombu could not read, carried whole (see ``wrap``)
-        try:
-            return bytes.fromhex(raw)
-        except (TypeError, ValueError):
-            faults.append(f"{RAW} is not hex")
-            return b""
+def _body(message: Any, faults: list[str]) -> bytes:
     body, fault = body_bytes(message.body, message.content_encoding)
     if fault:
         faults.append(fault)
@@ -216,83 +190,3 @@ def _kind(value: Any) -> str:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:37]}..."
-
-
-# -- Redis items Kombu cannot read ------------------------------------------------------------
-
-
-def read_payload(channel: Any, raw: bytes | str) -> tuple[Any, str]:
-    """Kombu's message of one item of a Redis list, or None and why Kombu cannot read it.
-
-    Beside parsing, Kombu's restore of an unacked message (a consumer died) needs ``properties``
-    and its ``delivery_info`` to be objects and ``headers`` an object if there: else it drops it.
-    The consumer's fetch script checks the shape alike (its ``tag_of``; keep the two so); only
-    this checks that the text is UTF-8, that Python's JSON parser takes it, and that Kombu can
-    decode it.
-    """
-    try:
-        text = raw if isinstance(raw, str) else raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "not UTF-8 text"
-    try:
-        payload = json.loads(text)
-    except ValueError:
-        return None, "not JSON"
-    reason = _shape_fault(payload)
-    if reason:
-        return None, reason
-    try:
-        return channel.Message(payload, channel=channel), ""
-    except Exception as exc:  # Kombu decoding this one item (its body encoding, say)
-        return None, f"Kombu cannot decode it: {type(exc).__name__}: {_short(str(exc))}"
-
-
-def _shape_fault(payload: Any) -> str:
-    if not isinstance(payload, dict):
-        return "not a JSON object"
-    properties = payload.get("properties")
-    if not isinstance(properties, dict):
-        return "properties is not an object"
-    if not isinstance(properties.get("delivery_info"), dict):
-        return "delivery_info is not an object"
-    tag = properties.get("delivery_tag")
-    if not isinstance(tag, str) or not tag:
-        return "no delivery tag"
-    if "headers" in payload and not isinstance(payload["headers"], dict):
-        return "headers is not an object"
-    return ""
-
-
-def wrap(raw: bytes | str, reason: str, tag: str, queue: str) -> dict[str, Any]:
-    """A Kombu message for ``queue`` that carries an item Kombu cannot read, whole, with why.
-
-    The consumer hands it out with the fault, so it is dead-lettered like any delivery. The
-    consumer's fetch script builds the same (its ``wrapped``); keep the two alike.
-    """
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-    return {
-        "body": "",
-        "content-encoding": "binary",
-        "content-type": "application/octet-stream",
-        "headers": {FAULT: f"not a Kombu message ({reason})", RAW: data.hex()},
-        "properties": {
-            "body_encoding": "base64",
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "delivery_mode": 2,
-            "delivery_tag": tag,
-            "priority": 0,
-        },
-    }
-
-
-def readable_item(channel: Any, queue: str, item: Any) -> Any:
-    """``item`` as Kombu's BRPOP reader can take it: wrapped if Kombu cannot read it."""
-    message, reason = read_payload(channel, item)
-    if message is None:
-        logger.error("an item on Redis list %s is not a Kombu message (%s): handed out as a fault", queue, reason)
-        return dumps(wrap(item, reason, uuid.uuid4().hex, queue))
-    info = message._raw["properties"]["delivery_info"]
-    if isinstance(info.get("exchange"), str) and isinstance(info.get("routing_key"), str):
-        return item
-    info.update(exchange="", routing_key=queue)  # Kombu records them to restore it by, and fails without
-    return dumps(message._raw)

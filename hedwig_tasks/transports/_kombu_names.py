@@ -9,13 +9,10 @@ __all__ = [
     "DEAD_AT",
     "DELAY_BUCKETS_S",
     "FAULT",
-    "RAW",
     "REASON",
     "SUBSCRIPTION",
-    "TOPICS_KEY",
     "bucket",
     "delay_queue_name",
-    "delayed_key",
     "dlq_name",
     "exchange_name",
     "subscription_name",
@@ -24,8 +21,6 @@ __all__ = [
 
 #: Delay buckets, in seconds: powers of two up to about 48 days (AMQP's longest TTL).
 DELAY_BUCKETS_S = tuple(1 << k for k in range(23))
-#: Redis: the set of provisioned topics.
-TOPICS_KEY = "hedwig-topics"
 
 #: Header: how many times the message was received before this copy was made.
 ATTEMPTS = "x-hedwig-attempts"
@@ -37,8 +32,6 @@ SUBSCRIPTION = "x-hedwig-subscription"
 DEAD_AT = "x-hedwig-dead-at"
 #: Header: why a consumer could not read a delivery; kept on copies it makes (release, retry) of one.
 FAULT = "x-hedwig-fault"
-#: Header, Redis: an item Kombu cannot read, hex-encoded, in the message that carries it.
-RAW = "x-hedwig-raw"
 
 _PREFIX = "hedwig-"
 
@@ -64,13 +57,8 @@ def dlq_name(queue: str) -> str:
 
 
 def delay_queue_name(subscription: str, bucket_s: int) -> str:
-    """RabbitMQ: the queue retries of ``subscription`` wait in for up to ``bucket_s`` seconds."""
+    """The queue retries of ``subscription`` wait in for up to ``bucket_s`` seconds."""
     return f"{subscription}-delay-{bucket_s}s"
-
-
-def delayed_key(subscription: str) -> str:
-    """Redis: the sorted set retries of ``subscription`` wait in, scored by when they are due."""
-    return f"{subscription}-delayed"
 
 
 def bucket(delay_s: float) -> int:

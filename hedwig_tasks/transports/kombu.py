@@ -1,4 +1,7 @@
-"""Transport on Kombu: RabbitMQ (``amqp://``) and Redis (``redis://``).
+"""Transport on Kombu: RabbitMQ (``amqp://``, ``amqps://``, ``pyamqp://``).
+
+Redis has a transport of its own on Redis Streams (``redis://``, ``transports/redis.py``);
+this one refuses a Redis URL.
 
 Features: fan-out (one publish reaches every subscribed app), durable queues and persistent
 messages, acks after the handler, prefetch through the broker's QoS, leases with attempt
@@ -6,63 +9,46 @@ counts, delayed retries kept by the broker (never in the worker's memory), dead 
 reasons, requeue, binary bodies. Hedwig's wire format rides in the body and the headers (one
 header per attribute), so a message decodes to the same ``Message`` as from any transport.
 
-Names: topic ``T`` is the exchange ``hedwig-T``; app ``Q``'s subscription to it is the durable
-queue ``hedwig-Q-T`` (one queue per (app, topic), so a consumer can take any subset of its
-app's topics); dead letters go to ``hedwig-Q-dlq`` with the reason in ``x-hedwig-reason``.
+Names: topic ``T`` is the durable ``fanout`` exchange ``hedwig-T``; app ``Q``'s subscription to
+it is the durable queue ``hedwig-Q-T`` (one queue per (app, topic), so a consumer can take any
+subset of its app's topics); dead letters go to ``hedwig-Q-dlq`` with the reason in
+``x-hedwig-reason``.
 
-RabbitMQ: topics are durable ``fanout`` exchanges; publishes use publisher confirms, so a
-publish to a topic never provisioned (or one the broker could not take) raises
-``PublishError``. They are ``mandatory``: one that no queue takes comes back, and a warning
-says (once per topic per process) that the topic has no subscription. A retry goes to
-``hedwig-Q-T-delay-<B>s``, one delay queue per power of two ``B`` seconds (created on first
-use), with the delay as the message's TTL and dead-lettering back to the subscription.
-Per-message TTLs expire only at a queue's head; bucketing by powers of two bounds that
-head-of-line wait: a message waits at most its bucket, under twice its delay.
+Publishing uses publisher confirms, so a publish to a topic never provisioned (or one the broker
+could not take) raises ``PublishError``. Publishes are ``mandatory``: one that no queue takes
+comes back, and a warning says (once per topic per process) that the topic has no subscription.
 
-Redis: Kombu's Redis ``fanout`` is PUB/SUB (a message published while no consumer listens is
-lost), so fan-out here uses Kombu's binding table of a ``direct`` exchange and the publish puts
-one copy on each bound queue's list, all in one transaction; provisioned topics are kept in the
-set ``hedwig-topics``; a topic bound to no queue is warned about, as on RabbitMQ.
-A receive takes what is waiting, up to what it may hold, with one Lua script that moves the
-messages into Kombu's unacked store exactly as Kombu's own delivery records them (Kombu takes
-one message per BRPOP and records it in a second round trip); only an empty queue is waited on
-with Kombu's BRPOP. An item Kombu cannot read (or could not restore after a crash: it would
-drop it) is stored, and handed out, wrapped whole in a message that says why, and so it is
-dead-lettered; Kombu's BRPOP reader gets such an item wrapped the same way.
-Unacked messages are Kombu's (hash ``unacked`` and index ``unacked_index``); Kombu's
-visibility timeout is set to ``lease_s`` plus a grace, so a crashed worker's messages come back
-after it, and extending a lease moves the message's score in Kombu's index. A retry is kept in
-the sorted set ``hedwig-Q-T-delayed`` (score: when it is due) and moved back to the queue's
-list by a Lua script that its consumers run, atomically.
+Retries: a retry goes to ``hedwig-Q-T-delay-<B>s``, one delay queue per power of two ``B``
+seconds (created on first use), with the delay as the message's TTL and dead-lettering back to
+the subscription. Per-message TTLs expire only at a queue's head; bucketing by powers of two
+bounds that head-of-line wait: a message waits at most its bucket, under twice its delay.
 
 Other publishers: a delivery whose own fields cannot be read (a body of another type, headers
 or an attempt count of the wrong types) is handed out with ``Delivery.fault`` saying why; a
 text body (what AMQP clients make of one with a ``content_encoding``) is encoded back to bytes.
 
-Leases: neither broker has one (RabbitMQ keeps an unacked message until the channel closes).
-The consumer keeps it: a delivery not settled or extended within ``lease_s`` is given back
-with its attempt count raised. Attempts travel in ``x-hedwig-attempts``; a redelivery by the
-broker (a consumer that died) counts one more.
+Leases: RabbitMQ has none (it keeps an unacked message until the channel closes). The consumer
+keeps it: a delivery not settled or extended within ``lease_s`` is given back with its attempt
+count raised. Attempts travel in ``x-hedwig-attempts``; a redelivery by the broker (a consumer
+that died) counts one more.
 
-Connection string: any Kombu URL for these brokers, e.g. ``amqp://guest:guest@localhost:5672//``
-or ``redis://localhost:6379/0``.
+Connection string: any Kombu URL for RabbitMQ, e.g. ``amqp://guest:guest@localhost:5672//``.
 
 Options (query string, removed before the URL goes to Kombu, which takes the rest): ``lease_s``
 (seconds a receive leases a message; default 30) and ``connect_timeout_s`` (default 5).
 
 Threads: Kombu's connections are not thread-safe. Each thread that publishes (or asks
 ``counts``) keeps a connection of its own (so threads wait on RabbitMQ's confirms side by
-side), and each consumer owns one
-connection and channel behind a lock; ``receive`` holds the lock only to read what already arrived and
-waits for the socket without it (woken by a pipe when another thread settles something), so
-settling never waits on a receive. Broker errors become ``TransportError`` (or
-``PublishError``); the connection is dropped and the next call reconnects.
+side), and each consumer owns one connection and channel behind a lock; ``receive`` holds the
+lock only to read what already arrived and waits for the socket without it (woken by a pipe
+when another thread settles something), so settling never waits on a receive. Broker errors
+become ``TransportError`` (or ``PublishError``); the connection is dropped and the next call
+reconnects.
 
 Counts: ``status`` (the ``status`` command) counts dead letters per subscription by reading up
-to a thousand of them (RabbitMQ takes them unacked and gives them back), and in flight on Redis
-by reading Kombu's whole unacked store. ``counts`` (burst workers, metrics) reads no message:
-depth with delayed retries per subscription, in flight None, dead letters only when there are
-none (0). Redis answers in one round trip; RabbitMQ with a passive declare per queue (the
+to a thousand of them (RabbitMQ takes them unacked and gives them back). ``counts`` (burst
+workers, metrics) reads no message: depth with delayed retries per subscription, in flight
+None, dead letters only when there are none (0), with a passive declare per queue (the
 subscription, each of its 23 delay buckets, the dead-letter queue): AMQP has no cheaper way to
 learn which delay buckets exist, and burst workers must count what waits in them.
 
@@ -78,23 +64,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import amqp.exceptions
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps
 
 from hedwig_tasks.exceptions import PublishError
 from hedwig_tasks.transports._kombu_admin import KombuAdmin
 from hedwig_tasks.transports._kombu_consumer import DEFAULT_PREFETCH, KombuConsumer
 from hedwig_tasks.transports._kombu_link import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_LEASE_S, Broker, mask
-from hedwig_tasks.transports._kombu_messages import redis_item, send, warn_unrouted
+from hedwig_tasks.transports._kombu_messages import send
 from hedwig_tasks.transports._kombu_names import (
     DELAY_BUCKETS_S,
-    TOPICS_KEY,
     delay_queue_name,
-    delayed_key,
     dlq_name,
     exchange_name,
     subscription_name,
@@ -114,7 +95,6 @@ __all__ = [
     "KombuConsumer",
     "KombuTransport",
     "delay_queue_name",
-    "delayed_key",
     "dlq_name",
     "exchange_name",
     "subscription_name",
@@ -125,12 +105,13 @@ URL_OPTIONS = {"lease_s": seconds, "connect_timeout_s": seconds}
 
 
 class KombuTransport(Transport):
-    """RabbitMQ or Redis through Kombu. Construction does no I/O; connecting is lazy.
+    """RabbitMQ through Kombu. Construction does no I/O; connecting is lazy.
 
     Raises ``ConfigurationError`` for a lease that is not positive or a URL it does not speak.
     """
 
     scheme = "kombu"
+    messaging_system = "rabbitmq"
     # RabbitMQ cannot count unacked messages over AMQP, and a lease that ran out is given back by
     # the consumer at its next receive, so status() counts lag or are None.
     capabilities = Capabilities(max_delay_s=float(DELAY_BUCKETS_S[-1]), status_counts=False)
@@ -146,8 +127,7 @@ class KombuTransport(Transport):
         broker = Broker(url, lease_s=lease_s, connect_timeout_s=connect_timeout_s, clock=clock)
         self._broker = broker
         self._admin = KombuAdmin(broker)
-        self.url, self.redis, self.lease_s, self.connect_timeout_s = url, broker.redis, lease_s, connect_timeout_s
-        self.messaging_system = "redis" if broker.redis else "rabbitmq"
+        self.url, self.lease_s, self.connect_timeout_s = url, lease_s, connect_timeout_s
         self._lock = threading.Lock()
         self._consumers: list[KombuConsumer] = []
 
@@ -181,7 +161,7 @@ class KombuTransport(Transport):
         *,
         owner: str | None = None,
     ) -> list[str]:
-        """Publish each persistently, on this thread's connection; on RabbitMQ each is confirmed.
+        """Publish each persistently, on this thread's connection; each is confirmed.
 
         A topic that does not exist raises ``PublishError``, naming it; one no queue subscribes to
         is warned about. Other failures raise ``PublishError`` too.
@@ -189,9 +169,6 @@ class KombuTransport(Transport):
         ids = [uuid.uuid4().hex for _ in messages]
         link = self._broker.thread_link()
         with link.errors(f"publish to {topic!r}", PublishError):
-            if self.redis:
-                _publish_redis(link.channel, topic, ids, messages)
-                return ids
             try:
                 for message_id, (body, attributes) in zip(ids, messages, strict=True):
                     exchange = exchange_name(topic)
@@ -219,7 +196,7 @@ class KombuTransport(Transport):
         return self._admin.provision(queue, subscribe, publish, dry_run=dry_run)
 
     def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
-        """Depth (including delayed retries), in flight (Redis only) and dead letters per subscription."""
+        """Depth (including delayed retries) and dead letters per subscription; in flight is None."""
         return self._admin.status(queue, topics)
 
     def counts(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
@@ -233,28 +210,6 @@ class KombuTransport(Transport):
     def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
         """Move the oldest dead letters back to their subscriptions, attempts reset."""
         return self._admin.requeue_dead_letters(queue, limit=limit, progress=progress)
-
-
-def _publish_redis(
-    channel: Any, topic: str, ids: list[str], messages: Sequence[tuple[bytes, Mapping[str, str]]]
-) -> None:
-    """Check the topic and read its bindings in one round trip; push every copy in another."""
-    with channel.conn_or_acquire() as client:
-        pipe = client.pipeline(transaction=False)
-        pipe.sismember(TOPICS_KEY, topic)
-        pipe.smembers(channel.keyprefix_queue % exchange_name(topic))
-        exists, bindings = pipe.execute()
-        if not exists:
-            raise PublishError(_missing_topic(topic))
-        queues = sorted({bytes_to_str(b).split(channel.sep)[-1] for b in bindings})
-        if not queues:
-            warn_unrouted(topic, ids[0] if ids else None)
-        pipe = client.pipeline(transaction=True)  # every copy of the batch, or none
-        for message_id, (body, attributes) in zip(ids, messages, strict=True):
-            for queue in queues:
-                payload = redis_item(channel, queue, body, dict(attributes), message_id)
-                pipe.lpush(channel._q_for_pri(queue, 0), dumps(payload))
-        pipe.execute()
 
 
 def _missing_topic(topic: str) -> str:

@@ -1,16 +1,19 @@
-"""``hedwig-tasks``: run a worker, publish, provision, inspect and requeue dead letters.
+"""``hedwig-tasks``: run a worker, publish, provision, see status, inspect and requeue dead letters.
 
 A thin layer over :class:`~hedwig_tasks.worker.Worker` and the app; every command finds the
-app with ``-A module[:attribute]``.
+app with ``-A module[:attribute]`` (``_cli_app``) or builds it from Hedwig settings. ``dlq`` lives
+in ``_cli_dlq``. Every error is one line on stderr, ``error: ...``, naming the option or setting
+at fault and what to do, with the exit codes ``EXIT_CODES`` lists.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import errno
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import time
@@ -18,11 +21,15 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from hedwig_tasks.app import Hedwig
-from hedwig_tasks.exceptions import HedwigError
+from hedwig_tasks._cli_app import EXIT_CONFIG, EXIT_UNAVAILABLE, CLIError, find_app, masked_url
+from hedwig_tasks._cli_dlq import add_dlq_commands
+from hedwig_tasks._version import __version__
+from hedwig_tasks.app import TRANSPORT_ENV, Hedwig
+from hedwig_tasks.exceptions import HedwigError, TransportError
 from hedwig_tasks.health import ProbeServer, Route, health_routes
 from hedwig_tasks.metrics import Metrics
-from hedwig_tasks.transports.base import DeadLetterRecord
+from hedwig_tasks.transports import DEFAULT_URL
+from hedwig_tasks.transports.base import SubscriptionStatus, Transport
 from hedwig_tasks.worker import (
     DEFAULT_CONCURRENCY,
     DEFAULT_PREFETCH,
@@ -38,66 +45,21 @@ logger = logging.getLogger("hedwig_tasks")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 EXIT_OK = 0
-EXIT_CONFIG = 1  # the app, a setting or the schema is wrong
 EXIT_USAGE = 2  # argparse's own code for bad arguments
-EXIT_TRANSPORT = 3  # the broker could not be reached
+EXIT_TRANSPORT = EXIT_UNAVAILABLE  # the broker could not be reached, or a port is taken
 
 EXIT_CODES = """exit codes:
-  0  stopped cleanly (SIGTERM/SIGINT, or --burst found nothing left)
-  1  the app, a setting or the schema is wrong (the message says which)
+  0  done; a worker stopped cleanly (SIGTERM/SIGINT, or --burst found nothing left)
+  1  the app, a setting or the schema is wrong, or a dlq question was answered no
+     (the message says which option or setting, and what to do)
   2  bad command-line arguments
-  3  the transport failed at start-up (unreachable broker, bad credentials)
+  3  something needed at start-up is unavailable: an unreachable broker, bad
+     credentials, a --metrics-port or --health-port already in use
 """
 
 
-def load_app(spec: str) -> Hedwig:
-    """The app named by ``module[:attribute]``; the module's only Hedwig instance if no attribute.
-
-    Raises :class:`~hedwig_tasks.exceptions.ConfigurationError` (via ``HedwigError``) or ``SystemExit``.
-    """
-    module_name, _, attribute = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise SystemExit(
-                f"error: -A {spec}: no module named {exc.name!r} (run from your project's directory?)"
-            ) from None
-        raise
-    if attribute:
-        app = getattr(module, attribute, None)
-        if not isinstance(app, Hedwig):
-            raise SystemExit(f"error: -A {spec}: {attribute!r} is not a Hedwig app in {module_name}")
-        return app
-    apps = {name: value for name, value in vars(module).items() if isinstance(value, Hedwig)}
-    if len(apps) != 1:
-        found = ", ".join(sorted(apps)) or "none"
-        raise SystemExit(
-            f"error: -A {spec}: expected one Hedwig app in {module_name}, found {found}; "
-            f"name it as {module_name}:ATTRIBUTE"
-        )
-    return next(iter(apps.values()))
-
-
-def app_from_settings(settings_module: str | None) -> Hedwig:
-    """The app Hedwig-style settings describe: ``--settings``, ``$SETTINGS_MODULE`` or Django's."""
-    if settings_module:
-        os.environ["SETTINGS_MODULE"] = settings_module
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    if not os.environ.get("SETTINGS_MODULE") and os.environ.get("DJANGO_SETTINGS_MODULE"):
-        import django
-
-        django.setup()  # runs the app config, which builds the app and discovers handlers
-    from hedwig_tasks.conf import default_app
-
-    return default_app()
-
-
 def _app_of(args: argparse.Namespace) -> Hedwig:
-    app = load_app(args.app) if args.app else app_from_settings(args.settings)
+    app = find_app(args.app, args.settings)
     if getattr(args, "transport", None):
         app._transport_spec, app._transport = args.transport, None
     return app
@@ -128,10 +90,14 @@ def cmd_worker(args: argparse.Namespace, app: Hedwig) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
     )
     if not app.subscribed_topics():
-        raise SystemExit(f"error: {app.name!r} has no handlers; nothing to consume")
+        raise CLIError(
+            f"{app.name!r} has no handlers, so there is nothing to consume: declare one with "
+            "@hedwig.handler(...) in the module -A names (a publish-only service needs no worker)"
+        )
     worker = Worker(app, options)
-    _install_signals(worker)
     servers = _probe_servers(args, worker)
+    _banner(args, app, options.topics or app.subscribed_topics())
+    _install_signals(worker)
     try:
         worker.run()
     finally:
@@ -140,20 +106,66 @@ def cmd_worker(args: argparse.Namespace, app: Hedwig) -> int:
     return EXIT_OK
 
 
+def transport_text(app: Hedwig) -> str:
+    """The app's transport as its URL with any password masked (a transport object: its repr)."""
+    spec = app._transport_spec
+    if isinstance(spec, Transport):
+        return repr(spec)
+    return masked_url(str(spec or os.environ.get(TRANSPORT_ENV) or DEFAULT_URL))
+
+
+def _banner(args: argparse.Namespace, app: Hedwig, topics: Sequence[str]) -> None:
+    """What is about to run, once, before the worker starts: a block of text, or a JSON log line."""
+    fields = {
+        "app": f"{app.name} ({args.app or 'from settings'})",
+        "transport": transport_text(app),
+        "queue": app.queue,
+        "topics": ", ".join(topics),
+        "concurrency": f"{args.concurrency} threads, prefetch {args.prefetch}",
+    }
+    if args.log_format == "json":
+        logger.info("hedwig-tasks %s worker: %s", __version__, "; ".join(f"{k} {v}" for k, v in fields.items()))
+        return
+    lines = [f"hedwig-tasks {__version__} worker (Python {platform.python_version()})"]
+    lines += [f"  {key + ':':13}{value}" for key, value in fields.items()]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 def _probe_servers(args: argparse.Namespace, worker: Worker) -> list[ProbeServer]:
-    """The /metrics and /healthz, /readyz servers asked for (one server when the ports agree)."""
+    """The /metrics and /healthz, /readyz servers asked for (one server when the ports agree).
+
+    Raises :class:`CLIError` (exit 3) naming the option whose port cannot be listened on.
+    """
     by_port: dict[int, dict[str, Route]] = {}
+    options: dict[int, list[str]] = {}
     if args.metrics_port is not None:
         metrics = Metrics(worker.app, worker)
         by_port.setdefault(args.metrics_port, {})["/metrics"] = lambda: (200, PROMETHEUS_TEXT, metrics.render())
+        options.setdefault(args.metrics_port, []).append("--metrics-port")
     if args.health_port is not None:
         by_port.setdefault(args.health_port, {}).update(health_routes(worker))
-    servers = []
+        options.setdefault(args.health_port, []).append("--health-port")
+    servers: list[ProbeServer] = []
     for port, routes in by_port.items():
-        server = ProbeServer(routes, port=port, host=args.probe_host)
+        try:
+            server = ProbeServer(routes, port=port, host=args.probe_host)
+        except OSError as exc:
+            for started in servers:
+                started.close()
+            raise _port_error("/".join(options[port]), port, args.probe_host, exc) from None
         logger.info("serving %s on port %d", ", ".join(sorted(routes)), server.port)
         servers.append(server)
     return servers
+
+
+def _port_error(option: str, port: int, host: str, exc: OSError) -> CLIError:
+    if exc.errno == errno.EADDRINUSE:
+        why = "is already in use (another worker on this machine?): choose a free port or stop what holds it"
+    elif exc.errno == errno.EACCES:
+        why = "needs privileges to listen on: choose a port above 1023"
+    else:
+        why = f"cannot be listened on ({exc.strerror or exc}): check --probe-host and the port"
+    return CLIError(f"{option} {port}: port {port} on {host} {why}", EXIT_UNAVAILABLE)
 
 
 # -- publish, provision, status, dlq --------------------------------------------------------------
@@ -164,7 +176,7 @@ def _parse_headers(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --header {pair!r}: expected KEY=VALUE")
+            raise CLIError(f"--header {pair!r}: expected KEY=VALUE, such as -H request_id=r-1")
         headers[key] = value
     return headers
 
@@ -173,7 +185,7 @@ def cmd_publish(args: argparse.Namespace, app: Hedwig) -> int:
     try:
         data = json.loads(args.data)
     except ValueError as exc:
-        raise SystemExit(f"error: DATA is not valid JSON: {exc}") from None
+        raise CLIError(f'DATA is not valid JSON ({exc}): quote it for the shell, as \'{{"to": "a@b.c"}}\'') from None
     message = app.publish(args.type, args.version, data, headers=_parse_headers(args.header))
     print(f"published {message.type} {message.version} id={message.id}")
     return EXIT_OK
@@ -189,40 +201,24 @@ def cmd_provision(args: argparse.Namespace, app: Hedwig) -> int:
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace, app: Hedwig) -> int:
-    rows = app.transport.status(app.queue, app.subscribed_topics())
-    print(f"{'subscription':40} {'depth':>8} {'in flight':>10} {'dead':>8}")
+def status_lines(rows: Sequence[SubscriptionStatus]) -> list[str]:
+    """The ``status`` table, each row's details under it, and why a count shows as ``-``."""
+    lines = [f"{'subscription':40} {'depth':>8} {'in flight':>10} {'dead':>8}"]
+    reasons: list[str] = []
     for row in rows:
         cells = ["-" if v is None else str(v) for v in (row.depth, row.in_flight, row.dead_letters)]
-        print(f"{row.subscription:40} {cells[0]:>8} {cells[1]:>10} {cells[2]:>8}")
-    return EXIT_OK
+        lines.append(f"{row.subscription:40} {cells[0]:>8} {cells[1]:>10} {cells[2]:>8}")
+        lines += [f"  {label}: {text}" for label, text in row.details.items()]
+        if "-" in cells and row.unknown_because and row.unknown_because not in reasons:
+            reasons.append(row.unknown_because)
+    lines += [f"-: {reason}" for reason in reasons]
+    if not rows:
+        lines.append("(no subscriptions: the app has no handlers, so it consumes nothing)")
+    return lines
 
 
-def _describe_dead(record: DeadLetterRecord) -> dict[str, Any]:
-    body = record.body.decode("utf-8", errors="replace")
-    return {
-        "id": record.attributes.get("hedwig_id", record.transport_id),
-        "subscription": record.subscription,
-        "attempts": record.attempts,
-        "reason": record.reason,
-        "schema": record.attributes.get("hedwig_schema", ""),
-        "body": body if len(body) <= 200 else body[:197] + "...",
-    }
-
-
-def cmd_dlq(args: argparse.Namespace, app: Hedwig) -> int:
-    if args.action == "list":
-        records = app.transport.dead_letters(app.queue, limit=args.limit)
-        for record in records:
-            print(json.dumps(_describe_dead(record)))
-        print(f"{len(records)} dead letter(s) shown", file=sys.stderr)
-        return EXIT_OK
-
-    def progress(done: int, total: int | None) -> None:
-        print(f"\rrequeued {done}" + (f"/{total}" if total is not None else ""), end="", file=sys.stderr, flush=True)
-
-    moved = app.transport.requeue_dead_letters(app.queue, limit=args.limit, progress=progress)
-    print(f"\nrequeued {moved} message(s)", file=sys.stderr)
+def cmd_status(args: argparse.Namespace, app: Hedwig) -> int:
+    print("\n".join(status_lines(app.transport.status(app.queue, app.subscribed_topics()))))
     return EXIT_OK
 
 
@@ -250,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Typed, versioned messages between services, on Hedwig's wire format.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"hedwig-tasks {__version__} (Python {platform.python_version()})"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -304,11 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(status)
     status.set_defaults(func=cmd_status)
 
-    dlq = commands.add_parser("dlq", help="list or requeue dead letters")
-    _common(dlq)
-    dlq.add_argument("action", choices=["list", "requeue"])
-    dlq.add_argument("--limit", type=int, default=None, help="at most this many (list: 100)")
-    dlq.set_defaults(func=cmd_dlq)
+    add_dlq_commands(commands, _common)
     return parser
 
 
@@ -354,9 +349,8 @@ def _configure_logging(level: str, log_format: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (``EXIT_CODES``). Errors are one line on stderr."""
     args = build_parser().parse_args(argv)
-    if args.command == "dlq" and args.action == "list" and args.limit is None:
-        args.limit = 100
     _configure_logging(args.loglevel, args.log_format)
     try:
         app = _app_of(args)
@@ -364,9 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             code: int = args.func(args, app)
         finally:
             app.close()
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     except HedwigError as exc:
-        from hedwig_tasks.exceptions import TransportError
-
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TRANSPORT if isinstance(exc, TransportError) else EXIT_CONFIG
     return code

@@ -25,7 +25,7 @@ from hedwig_tasks.transports import DEFAULT_URL, transport_class
 from hedwig_tasks.transports.base import Transport
 from hedwig_tasks.validators.base import Validator
 
-__all__ = ["build_app", "default_app", "handler", "reset", "settings"]
+__all__ = ["build_app", "default_app", "handler", "reset", "settings", "use_app"]
 
 _AWS_BACKENDS = {
     "hedwig.backends.aws.AWSSQSConsumerBackend",
@@ -138,6 +138,17 @@ def default_app() -> Hedwig:
         if "app" not in _default:
             _default["app"] = build_app(settings.read())
         return _default["app"]
+
+
+def use_app(app: Hedwig) -> None:
+    """Make ``app`` the default app in every thread (the CLI does, for an app found through Flask).
+
+    Raises :class:`ConfigurationError` when another default app was already built.
+    """
+    with _default_lock:
+        current = _default.setdefault("app", app)
+    if current is not app:
+        raise ConfigurationError("a default app was already built; call hedwig_tasks.conf.reset() first")
 
 
 def handler(message_type: str, pattern: Any = "1.*", **options: Any) -> Any:

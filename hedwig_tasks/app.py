@@ -32,6 +32,12 @@ TRANSPORT_ENV = "HEDWIG_TRANSPORT_URL"
 
 DefaultHeaders = Callable[[Message], Mapping[str, str]] | Mapping[str, str] | None
 
+#: The one interception point for tests, set by :mod:`hedwig_tasks.testing` while a test records
+#: or runs publishes eagerly: called as ``(app, message, topic, body, attributes)`` with each
+#: encoded message before it is sent; an id back means the message stayed in the process (the
+#: transport is not called), None lets the publish go on as usual.
+publish_interceptor: Callable[[Hedwig, Message, str, bytes, dict[str, str]], str | None] | None = None
+
 
 def _validator_for(schema: Any, *, strict_minor: bool) -> Validator:
     if isinstance(schema, Validator):
@@ -267,6 +273,10 @@ class Hedwig:
         return message
 
     def _send(self, message: Message, body: bytes, attributes: dict[str, str], route: Route) -> str:
+        if publish_interceptor is not None:
+            intercepted = publish_interceptor(self, message, route.topic, body, attributes)
+            if intercepted is not None:
+                return intercepted
         if self.eager:
             self._run_eagerly(Delivery(body, attributes, attempt=1, receipt=None, subscription="eager"))
             return "eager"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from google.api_core import exceptions as google_exceptions
@@ -33,7 +33,7 @@ from hedwig_tasks.transports._gcp_wire import (
 )
 from hedwig_tasks.transports.base import DeadLetterRecord, Progress
 
-__all__ = ["DeadLetterQueue", "Provisioner", "check_subscription"]
+__all__ = ["UNCOUNTED", "DeadLetterQueue", "Provisioner", "check_subscription", "describe_subscription"]
 
 #: Retention of the dead-letter subscription, in seconds (the Pub/Sub maximum, 7 days).
 DLQ_RETENTION_S = 604800
@@ -45,6 +45,40 @@ def check_subscription(client: PubSubClient, name: str) -> None:
     """Raise ``TransportError`` (saying to provision) unless subscription ``name`` exists."""
     with pubsub_errors(f"reading subscription {name}"):
         client.subscriber.get_subscription(subscription=client.subscription_path(name), timeout=CALL_TIMEOUT_S)
+
+
+#: Why ``status`` shows no counts on Pub/Sub.
+UNCOUNTED = (
+    "Pub/Sub's API reports no message counts; backlog and dead letters are Cloud Monitoring metrics "
+    "(subscription/num_undelivered_messages, subscription/oldest_unacked_message_age), "
+    "and `hedwig-tasks dlq list` reads the dead letters themselves"
+)
+
+
+def describe_subscription(client: PubSubClient, name: str) -> dict[str, str]:
+    """What Pub/Sub's API tells of subscription ``name``; ``TransportError`` (saying to provision) if missing."""
+    with pubsub_errors(f"reading subscription {name}"):
+        found = client.subscriber.get_subscription(subscription=client.subscription_path(name), timeout=CALL_TIMEOUT_S)
+    details = {"exists": f"yes, on topic {short(found.topic)}", "ack deadline": f"{found.ack_deadline_seconds} s"}
+    policy = found.dead_letter_policy
+    if policy and policy.dead_letter_topic:
+        details["dead-letter topic"] = (
+            f"{short(policy.dead_letter_topic)} (after {policy.max_delivery_attempts} deliveries)"
+        )
+    else:
+        details["dead-letter topic"] = "none: a message that keeps failing is redelivered for as long as it is kept"
+    retention = found.message_retention_duration
+    if retention:
+        details["retention"] = _duration(retention.total_seconds())
+    return details
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86400 and seconds % 86400 == 0:
+        return f"{int(seconds // 86400)} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} hours"
+    return f"{seconds:g} s"
 
 
 # -- provisioning -----------------------------------------------------------------------------
@@ -161,29 +195,27 @@ class DeadLetterQueue:
         """Make these dead letters visible again at once."""
         self.client.modify_ack_deadline(self.path, ack_ids, 0, doing=f"giving back dead letters of {self.queue}")
 
-    def read(self, limit: int) -> list[DeadLetterRecord]:
-        """Up to ``limit`` dead letters, oldest first, read and given back at once."""
+    def read(self, limit: int, ids: Collection[str] | None = None) -> list[DeadLetterRecord]:
+        """Up to ``limit`` dead letters (of ``ids`` only, if given), oldest first, given back at once."""
         items: list[Any] = []
+        kept: list[Any] = []
         seen: set[str] = set()
-        while len(items) < limit:
-            fresh = self._pull(limit - len(items), seen)
+        while len(kept) < limit and (ids is None or len(kept) < len(ids)):
+            fresh = self._pull(MAX_BATCH if ids is not None else limit - len(kept), seen)
             if not fresh:
                 break
             items += fresh
+            kept += [item for item in fresh if ids is None or item.message.message_id in ids]
         if items:
             self.give_back([item.ack_id for item in items])
-        return sorted((_record(item) for item in items), key=lambda record: record.dead_at)
+        return sorted((_record(item) for item in kept[:limit]), key=lambda record: record.dead_at)
 
-    def requeue(self, limit: int | None, progress: Progress | None) -> int:
+    def requeue(self, limit: int | None, progress: Progress | None, ids: Collection[str] | None = None) -> int:
         """Republish dead letters to the app's own topic, as they were before they died, then
         acknowledge them here; returns how many moved. A failed publish gives its batch back."""
-        moved = 0
-        seen: set[str] = set()
         own = self.client.topic_path(self.queue)
-        while limit is None or moved < limit:
-            batch = self._pull(MAX_BATCH if limit is None else limit - moved, seen)
-            if not batch:
-                break
+
+        def republish(batch: list[Any]) -> None:
             messages = [(bytes(item.message.data), clean(item.message.attributes)) for item in batch]
             try:
                 self.client.publish(own, messages, topic=self.queue)
@@ -193,10 +225,50 @@ class DeadLetterQueue:
             self.client.acknowledge(
                 self.path, [item.ack_id for item in batch], doing=f"acknowledging requeued dead letters of {self.queue}"
             )
-            moved += len(batch)
-            if progress:
-                progress(moved, limit)
-        return moved
+
+        return self._settle(republish, limit, progress, ids)
+
+    def purge(self, limit: int | None, progress: Progress | None, ids: Collection[str] | None = None) -> int:
+        """Acknowledge dead letters here, so they are gone for good; returns how many."""
+
+        def drop(batch: list[Any]) -> None:
+            self.client.acknowledge(
+                self.path, [item.ack_id for item in batch], doing=f"purging dead letters of {self.queue}"
+            )
+
+        return self._settle(drop, limit, progress, ids)
+
+    def _settle(
+        self,
+        act: Callable[[list[Any]], None],
+        limit: int | None,
+        progress: Progress | None,
+        ids: Collection[str] | None,
+    ) -> int:
+        """Pull batches, ``act`` on those chosen (all, or ``ids``), give the others back at the end."""
+        done = 0
+        seen: set[str] = set()
+        passed: list[str] = []
+        total = None if ids is None else len(ids) if limit is None else min(limit, len(ids))
+        wanted = limit if total is None else total
+        try:
+            while wanted is None or done < wanted:
+                batch = self._pull(MAX_BATCH if wanted is None or ids is not None else wanted - done, seen)
+                if not batch:
+                    break
+                matching = [item for item in batch if ids is None or item.message.message_id in ids]
+                chosen = matching if wanted is None else matching[: wanted - done]
+                taken = {item.ack_id for item in chosen}
+                passed += [item.ack_id for item in batch if item.ack_id not in taken]
+                if chosen:
+                    act(chosen)
+                    done += len(chosen)
+                    if progress:
+                        progress(done, total if total is not None else limit)
+        finally:
+            if passed:
+                self.give_back(passed)
+        return done
 
     def _pull(self, limit: int, seen: set[str]) -> list[Any]:
         """Up to ``limit`` unseen messages; [] once a pull brings nothing new."""

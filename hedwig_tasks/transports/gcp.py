@@ -46,12 +46,12 @@ dead letters; ``_gcp_wire`` the attributes this transport adds and Pub/Sub's mes
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from hedwig_tasks.exceptions import ConfigurationError, PublishError
-from hedwig_tasks.transports._gcp_admin import DeadLetterQueue, Provisioner, check_subscription
+from hedwig_tasks.transports._gcp_admin import UNCOUNTED, DeadLetterQueue, Provisioner, describe_subscription
 from hedwig_tasks.transports._gcp_client import CALL_TIMEOUT_S, MAX_ACK_DEADLINE_S, MAX_BATCH, PubSubClient
 from hedwig_tasks.transports._gcp_consumer import PubSubConsumer
 from hedwig_tasks.transports._gcp_wire import ATTEMPTS_ATTRIBUTE, MAX_ATTRIBUTES, NOT_BEFORE_ATTRIBUTE, check_message
@@ -310,24 +310,53 @@ class GooglePubSubTransport(Transport):
         return provisioner.run(queue, subscribe, publish)
 
     def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
-        """A row per subscription. Pub/Sub reports no counts through its API (they are Cloud
-        Monitoring metrics), so depth, in flight and dead letters are None; a missing
-        subscription raises ``TransportError``."""
-        rows = []
-        for topic in topics:
-            name = self.subscription_name(queue, topic)
-            check_subscription(self.client, name)
-            rows.append(SubscriptionStatus(name, topic, None, None, None))
-        return rows
+        """A row per subscription, with what Pub/Sub's API tells of it (its dead-letter topic and
+        policy, ack deadline, retention); a missing subscription raises ``TransportError``.
 
-    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
-        """Up to ``limit`` messages of ``hedwig-<queue>-dlq``, read and given back at once."""
-        return DeadLetterQueue(self.client, queue).read(limit)
+        The counts are None: Pub/Sub reports backlog only as Cloud Monitoring metrics.
+        """
+        return [
+            SubscriptionStatus(
+                name,
+                topic,
+                None,
+                None,
+                None,
+                details=describe_subscription(self.client, name),
+                unknown_because=UNCOUNTED,
+            )
+            for topic, name in ((topic, self.subscription_name(queue, topic)) for topic in topics)
+        ]
 
-    def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
+    def dead_letters(
+        self, queue: str, *, limit: int = 100, ids: Collection[str] | None = None
+    ) -> list[DeadLetterRecord]:
+        """Up to ``limit`` messages of ``hedwig-<queue>-dlq`` (their message ids in ``ids``, if
+        given), read and given back at once."""
+        return DeadLetterQueue(self.client, queue).read(limit, ids)
+
+    def requeue_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
         """Republish dead letters to the app's own topic ``hedwig-<queue>`` (as authedwig does), as
         they were before they died, then acknowledge them in the DLQ; returns how many moved."""
-        return DeadLetterQueue(self.client, queue).requeue(limit, progress)
+        return DeadLetterQueue(self.client, queue).requeue(limit, progress, ids)
+
+    def purge_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
+        """Acknowledge dead letters in ``hedwig-<queue>-dlq``, deleting them; returns how many."""
+        return DeadLetterQueue(self.client, queue).purge(limit, progress, ids)
 
     def close(self) -> None:
         """Flush the batching publisher and close Google's clients (made again if used after)."""

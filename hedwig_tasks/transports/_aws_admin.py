@@ -1,13 +1,13 @@
 """The SNS/SQS transport's administration: provisioning (topics, queues, the DLQ and its redrive
 policy, the queue policy, raw-delivery subscriptions) and the dead-letter queue (counting,
-listing without removing, requeueing). Both call AWS through the
+listing without removing, requeueing, purging). Both call AWS through the
 :class:`~hedwig_tasks.transports._aws_client.AWSClient` they are given. See ``aws.py`` for the design.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from hedwig_tasks.exceptions import TransportError
@@ -210,17 +210,21 @@ class DeadLetterQueue:
         )
         return sum(int(v) for v in counts.values())
 
-    def records(self, limit: int) -> list[DeadLetterRecord]:
-        """Up to ``limit``, oldest first, left in place (received, then made visible again at once)."""
+    def records(self, limit: int, ids: Collection[str] | None = None) -> list[DeadLetterRecord]:
+        """Up to ``limit`` (of ``ids`` only, if given), oldest first, left in place (received, then
+        made visible again at once). With ``ids`` the whole DLQ is read to find them."""
         url = self.client.queue_url(self.name)
         seen: dict[str, dict[str, Any]] = {}
         try:
-            for messages in self._sample(url, limit):
+            for messages in self._sample(url, limit if ids is None else self._held(url)):
                 seen.update((m["MessageId"], m) for m in messages)
+                if ids is not None and len(seen.keys() & set(ids)) >= min(limit, len(ids)):
+                    break
         finally:
             entries = [(m["MessageId"], m["ReceiptHandle"]) for m in seen.values()]
             self.client.change_visibility(url, entries, 0)
-        return [self._record(m) for m in sorted(seen.values(), key=sent_at)][:limit]
+        chosen = [m for m in seen.values() if ids is None or m["MessageId"] in ids]
+        return [self._record(m) for m in sorted(chosen, key=sent_at)][:limit]
 
     def _sample(self, url: str, limit: int) -> Iterator[list[dict[str, Any]]]:
         """Receive batches until ``limit`` or all the DLQ held at the start were seen."""
@@ -246,20 +250,55 @@ class DeadLetterQueue:
             transport_id=str(message.get("MessageId", "")),
         )
 
-    def requeue(self, limit: int | None, progress: Progress | None) -> int:
+    def requeue(self, limit: int | None, progress: Progress | None, ids: Collection[str] | None = None) -> int:
         """Move messages back to the queue (sent, then deleted from the DLQ), ten a call."""
         source = self.client.queue_url(self.name)
         target = self.client.queue_url(self.queue_name)
+        return self._settle(source, lambda batch: self._move(source, target, batch), limit, progress, ids)
+
+    def purge(self, limit: int | None, progress: Progress | None, ids: Collection[str] | None = None) -> int:
+        """Delete messages from the DLQ for good, ten a call."""
+        source = self.client.queue_url(self.name)
+
+        def drop(batch: list[dict[str, Any]]) -> int:
+            self.client.delete(source, [(m["MessageId"], m["ReceiptHandle"]) for m in batch])
+            return len(batch)
+
+        return self._settle(source, drop, limit, progress, ids)
+
+    def _settle(
+        self,
+        source: str,
+        act: Callable[[list[dict[str, Any]]], int],
+        limit: int | None,
+        progress: Progress | None,
+        ids: Collection[str] | None,
+    ) -> int:
+        """``act`` on the DLQ's messages (all, or ``ids``), only those there at the start (a
+        requeued poison message is not looped); the others are made visible again at the end."""
+        ids = None if ids is None else frozenset(ids)
         waiting = self.count() or 0
         total = waiting if limit is None else min(limit, waiting)
-        done = 0
-        while done < total:  # only what was there at the start: a requeued poison message is not looped
-            messages = self.client.receive(source, min(BATCH, total - done), 1, 60)
-            if not messages:
-                break
-            done += self._move(source, target, messages)
-            if progress is not None:
-                progress(done, total)
+        if ids is not None:
+            total = min(total, len(ids))
+        done, looked, passed = 0, 0, []
+        try:
+            while done < total and looked < (waiting if ids is not None else total):
+                ask = BATCH if ids is not None else min(BATCH, total - done)
+                messages = self.client.receive(source, ask, 1, 60)
+                if not messages:
+                    break
+                looked += len(messages)
+                chosen = [m for m in messages if ids is None or m["MessageId"] in ids][: total - done]
+                taken = {m["ReceiptHandle"] for m in chosen}
+                passed += [(m["MessageId"], m["ReceiptHandle"]) for m in messages if m["ReceiptHandle"] not in taken]
+                if chosen:
+                    done += act(chosen)
+                    if progress is not None:
+                        progress(done, total)
+        finally:
+            if passed:
+                self.client.change_visibility(source, passed, 0)
         return done
 
     def _move(self, source: str, target: str, messages: list[dict[str, Any]]) -> int:

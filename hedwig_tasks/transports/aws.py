@@ -44,7 +44,7 @@ writing a message's fields.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -297,13 +297,33 @@ class AWSTransport(Transport):
         dead = DeadLetterQueue(self.client, queue).count()
         return [SubscriptionStatus(name, ",".join(topics), depth, in_flight, dead)]
 
-    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
-        """Up to ``limit`` from the DLQ, left in place (received, then made visible again at once)."""
-        return DeadLetterQueue(self.client, queue).records(limit)
+    def dead_letters(
+        self, queue: str, *, limit: int = 100, ids: Collection[str] | None = None
+    ) -> list[DeadLetterRecord]:
+        """Up to ``limit`` from the DLQ (their message ids in ``ids``, if given), left in place."""
+        return DeadLetterQueue(self.client, queue).records(limit, ids)
 
-    def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
+    def requeue_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
         """Move DLQ messages back to the queue (sent, then deleted from the DLQ), ten a call."""
-        return DeadLetterQueue(self.client, queue).requeue(limit, progress)
+        return DeadLetterQueue(self.client, queue).requeue(limit, progress, ids)
+
+    def purge_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
+        """Delete DLQ messages for good, ten a call; returns how many."""
+        return DeadLetterQueue(self.client, queue).purge(limit, progress, ids)
 
     def close(self) -> None:
         """Drop the clients; the next call makes new ones."""

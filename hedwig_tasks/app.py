@@ -194,10 +194,13 @@ class Hedwig:
         """Create the topics this app publishes to and its subscriptions; idempotent.
 
         Publishing never provisions: on every transport a publish to a topic that does not
-        exist raises ``PublishError``, so run this (or ``hedwig-tasks provision``) first.
+        exist raises ``PublishError``, so run this (or ``hedwig-tasks provision``) first. An app
+        that consumes nothing (no handlers, no ``subscriptions``) gets only its topics: no queue
+        and no dead-letter queue.
         """
         subscribe = list(topics) if topics is not None else self.subscribed_topics()
-        return self.transport.provision(self.queue, subscribe, self.published_topics(), dry_run=dry_run)
+        queue = self.queue if subscribe else None
+        return self.transport.provision(queue, subscribe, self.published_topics(), dry_run=dry_run)
 
     # -- handlers -----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import SCHEMA_FILE
 
 from hedwig_tasks import Hedwig, Message
-from hedwig_tasks.transports import sqlite as sqlite_transport
+from hedwig_tasks.transports import _sqlite_sql as sqlite_sql
 from hedwig_tasks.transports.sqlite import SQLiteTransport
 from hedwig_tasks.worker import Worker, WorkerOptions
 
@@ -82,7 +82,7 @@ UNREADABLE: list[tuple[str, dict[str, Any], str]] = [
 @pytest.fixture(params=["returning", "select-then-update"])
 def bus(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A provisioned bus, claiming as SQLite 3.35+ does (UPDATE ... RETURNING) or as older SQLite does."""
-    monkeypatch.setattr(sqlite_transport, "_HAS_RETURNING", request.param == "returning")
+    monkeypatch.setattr(sqlite_sql, "HAS_RETURNING", request.param == "returning")
     transport = SQLiteTransport(tmp_path / "bus.db")
     transport.provision(QUEUE, [TOPIC], [])
     yield transport

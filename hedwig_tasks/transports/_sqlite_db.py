@@ -1,0 +1,142 @@
+"""The SQLite bus file: one connection per thread and process, and the transactions run on them.
+
+Every part of the SQLite transport (publishing, the consumers, administration) holds the one
+:class:`BusFile` of its transport and reads or writes through it, so driver errors become ours
+at one boundary and every write holds the file's write lock from its start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from hedwig_tasks.exceptions import TransportError
+from hedwig_tasks.transports._boundary import boundary
+from hedwig_tasks.transports._sqlite_sql import SCHEMA, SCHEMA_VERSION
+
+__all__ = ["BusFile"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Slot:
+    """One thread's connection to the bus, kept in that thread's local storage.
+
+    Python drops a thread's local storage when the thread ends, and every thread's when the
+    transport goes; the slot then closes its connection, so a worker's threads (or a dropped
+    transport) do not leave connections open behind them. A connection another process
+    opened (before a fork) is never touched.
+    """
+
+    __slots__ = ("__weakref__", "connection", "key")
+
+    def __init__(
+        self,
+        key: tuple[int, int],
+        connection: sqlite3.Connection,
+        registry: set[tuple[int, sqlite3.Connection]],
+        lock: threading.RLock,
+    ) -> None:
+        self.key = key  # (pid, generation) it was opened in
+        self.connection = connection
+        weakref.finalize(self, _close_slot, key[0], connection, registry, lock)
+
+
+def _close_slot(
+    pid: int, connection: sqlite3.Connection, registry: set[tuple[int, sqlite3.Connection]], lock: threading.RLock
+) -> None:
+    if pid != os.getpid():  # a parent's: leave it referenced, never closed here
+        return
+    with lock:
+        registry.discard((pid, connection))
+    connection.close()  # closing twice (after close()) is harmless
+
+
+class BusFile:
+    """One SQLite file in WAL mode, with the lease length and clock every part shares."""
+
+    def __init__(self, path: Path, *, lease_s: float, busy_timeout_s: float, clock: Callable[[], float]) -> None:
+        self.path = path
+        self.lease_s = lease_s
+        self.busy_timeout_s = busy_timeout_s
+        self.clock = clock
+        self._local = threading.local()  # each thread's _Slot
+        # Reentrant: a slot dropped while this thread holds it closes its connection under it.
+        self._lock = threading.RLock()
+        self._connections: set[tuple[int, sqlite3.Connection]] = set()  # (pid, connection), open ones
+        self._generation = 0  # bumped by close(), so threads reconnect afterwards
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened (with the schema ensured) on first use."""
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        if slot is None or slot.key != (os.getpid(), self._generation):
+            slot = _Slot((os.getpid(), self._generation), self._connect(), self._connections, self._lock)
+            self._local.slot = slot  # the slot it replaces, if any, closes its own connection
+        return slot.connection
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # ``timeout`` is SQLite's busy_timeout: wait for another writer's lock instead of failing.
+        connection = sqlite3.connect(
+            self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode != "wal":  # e.g. a network file system: still correct, but readers block writers
+                logger.warning("SQLite bus %s runs in %s journal mode, not WAL", self.path, mode)
+            connection.execute("PRAGMA synchronous = NORMAL")  # durable across crashes of a process in WAL mode
+            if connection.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                connection.executescript(SCHEMA)
+        except BaseException:
+            connection.close()
+            raise
+        with self._lock:
+            self._connections.add((os.getpid(), connection))
+        return connection
+
+    @contextlib.contextmanager
+    def errors(self, doing: str, error: type[TransportError] = TransportError) -> Iterator[None]:
+        """Turn driver and file-system errors into ``error``: the transport boundary."""
+        with boundary(f"{doing} on {self.path}", (sqlite3.Error, OSError), error=error):
+            yield
+
+    @contextlib.contextmanager
+    def reading(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self.errors(doing):
+            yield self.connection()
+
+    @contextlib.contextmanager
+    def writing(self, doing: str, error: type[TransportError] = TransportError) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the file's write lock from its start; rolled back on error."""
+        with self.errors(doing, error):
+            connection = self.connection()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    def write(self, doing: str, sql: str, rows: list[tuple[float | int, ...]]) -> int:
+        """Run ``sql`` once per row in one write transaction; how many rows it changed."""
+        with self.writing(doing) as connection:
+            return connection.executemany(sql, rows).rowcount
+
+    def close(self) -> None:
+        """Close every connection this process opened; a later call reconnects."""
+        pid = os.getpid()
+        with self._lock:
+            # A parent's connections (after a fork) stay referenced: never closed, nor collected, here.
+            mine = {entry for entry in self._connections if entry[0] == pid}
+            self._connections -= mine
+            self._generation += 1
+        for _, connection in mine:
+            connection.close()

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from hedwig_tasks.app import Hedwig
 from hedwig_tasks.exceptions import ConfigurationError, HedwigError
@@ -218,12 +218,15 @@ def masked_url(url: str) -> str:
     """``url`` with its password and secret-looking query values replaced by ``***``."""
     try:
         parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password:
-            user = parts.username or ""
-            host = netloc.rpartition("@")[2]
-            netloc = f"{user}:***@{host}"
-        query = [(k, "***" if any(s in k.lower() for s in SECRET_OPTIONS) else v) for k, v in parse_qsl(parts.query)]
+        password = parts.password
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return f"{url.partition(':')[0]}://***"
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="/:,")))
+    secret = [any(s in key.lower() for s in SECRET_OPTIONS) for key, _ in pairs]
+    if password is None and not any(secret):
+        return url
+    head, mark, _ = url.partition("?")
+    if password is not None:
+        head = head.replace(f":{password}@", ":***@", 1)
+    query = [(key, "***" if hidden else value) for (key, value), hidden in zip(pairs, secret, strict=True)]
+    return head + mark + urlencode(query, safe="/:,*") if query else head

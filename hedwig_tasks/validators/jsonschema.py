@@ -61,6 +61,26 @@ def _field_path(error: Any) -> str:
     return path
 
 
+def _check_metaschema(schema: Mapping[str, Any], keys: Iterable[tuple[str, int]], source: str) -> None:
+    """:class:`SchemaError` naming the first part of the file that its JSON-Schema draft refuses.
+
+    The metaschema does not look inside Hedwig's ``schemas`` key, so each message's schema is
+    checked on its own as well as the file (whose ``definitions`` it does check).
+    """
+    from jsonschema import Draft4Validator
+    from jsonschema.exceptions import SchemaError as MetaschemaError
+    from jsonschema.validators import validator_for
+
+    cls = validator_for(schema, default=Draft4Validator)
+    parts = [((), schema), *((("schemas", t, f"{m}.*"), schema["schemas"][t][f"{m}.*"]) for t, m in keys)]
+    for where, part in parts:
+        try:
+            cls.check_schema(part)
+        except MetaschemaError as exc:
+            path = "/".join(str(p) for p in (*where, *exc.absolute_path)) or "its top level"
+            raise SchemaError(f"{source}: {path} is not valid JSON Schema: {exc.message}") from exc
+
+
 class JSONSchemaValidator(Validator):
     """Validates and encodes messages against a Hedwig JSON-Schema file.
 
@@ -71,11 +91,13 @@ class JSONSchemaValidator(Validator):
 
     def __init__(self, schema: Mapping[str, Any] | str | Path, *, strict_minor: bool = False) -> None:
         self.strict_minor = strict_minor
+        source = f"schema file {str(schema)!r}" if isinstance(schema, (str, Path)) else "the schema"
         if isinstance(schema, (str, Path)):
             schema = self._load(Path(schema))
         self.schema: Mapping[str, Any] = schema
         self._latest = self._check(schema)
         self.root: str = schema["id"]
+        _check_metaschema(schema, self._latest, source)
         self._validators = self._compile(schema)
 
     @staticmethod

@@ -21,10 +21,10 @@ TRANSPORT_ALIASES: dict[str, tuple[str, str | None]] = {
     "aws": ("hedwig_tasks.transports.aws:AWSTransport", "aws"),
     "gcp": ("hedwig_tasks.transports.gcp:GooglePubSubTransport", "gcp"),
     "amqp": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
-    "redis": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
+    "redis": ("hedwig_tasks.transports.redis:RedisTransport", "redis"),
     "amqps": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
     "pyamqp": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
-    "rediss": ("hedwig_tasks.transports.kombu:KombuTransport", "kombu"),
+    "rediss": ("hedwig_tasks.transports.redis:RedisTransport", "redis"),
 }
 
 

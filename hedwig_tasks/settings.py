@@ -93,6 +93,16 @@ def _value_of(source: Any, name: str) -> Any:
     return source[name] if isinstance(source, Mapping) else getattr(source, name)
 
 
+def _check_publisher(values: Mapping[str, Any]) -> None:
+    """A service that publishes (it names a publisher backend) must name itself."""
+    if values.get("HEDWIG_PUBLISHER_BACKEND") and not values.get("HEDWIG_PUBLISHER"):
+        raise ConfigurationError(
+            "HEDWIG_PUBLISHER must be set when HEDWIG_PUBLISHER_BACKEND is: every message carries its "
+            "publisher's name (hedwig_publisher), and Hedwig's default (None) names no one; "
+            "set HEDWIG_PUBLISHER to this service's name"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class HedwigSettings:
     """The Hedwig settings found in one source (a module, Django settings, Flask config, object)."""
@@ -113,6 +123,7 @@ class HedwigSettings:
                 close = difflib.get_close_matches(upper, SUPPORTED, n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
                 raise ConfigurationError(f"unknown setting {upper}{hint}")
+        _check_publisher(values)
         return cls(values)
 
     def __getitem__(self, name: str) -> Any:

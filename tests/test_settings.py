@@ -15,7 +15,7 @@ import pytest
 from apps import hedwig_callbacks
 from conftest import SCHEMA_FILE
 
-from hedwig_tasks import ConfigurationError, Version, conf
+from hedwig_tasks import ConfigurationError, Hedwig, SchemaError, Version, conf
 from hedwig_tasks.models import Message
 from hedwig_tasks.settings import HedwigSettings
 from hedwig_tasks.worker import Worker, WorkerOptions
@@ -101,12 +101,35 @@ def test_hedwig_sync_runs_the_callback_inline() -> None:
         ({"HEDWIG_QUEUE": None, "HEDWIG_PUBLISHER": None}, "HEDWIG_QUEUE"),
         ({"HEDWIG_MAX_DELIVERY_ATTEMPTS": 0}, "HEDWIG_MAX_DELIVERY_ATTEMPTS"),
         ({"HEDWIG_JSONSCHEMA_FILE": "/nonexistent.json"}, "cannot read schema file"),
+        (
+            {"HEDWIG_PUBLISHER": None, "HEDWIG_PUBLISHER_BACKEND": "hedwig.backends.gcp.GooglePubSubPublisherBackend"},
+            "HEDWIG_PUBLISHER must be set when HEDWIG_PUBLISHER_BACKEND is",
+        ),
     ],
 )
 def test_bad_settings_fail_at_start_up_naming_them(changes: dict[str, Any], match: str) -> None:
     conf.settings.configure_with_object({**QUICK_START, **changes})
     with pytest.raises(ConfigurationError, match=match):
         conf.default_app()
+
+
+def test_an_invalid_json_schema_fails_at_start_up_naming_the_file_and_the_part(tmp_path: Path) -> None:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    schema["schemas"]["send_email"]["1.*"]["properties"]["subject"]["type"] = "integr"
+    bad = tmp_path / "schema.json"
+    bad.write_text(json.dumps(schema))
+    conf.settings.configure_with_object({**QUICK_START, "HEDWIG_JSONSCHEMA_FILE": str(bad)})
+    with pytest.raises(SchemaError) as caught:
+        conf.default_app()
+    assert str(caught.value) == (
+        f"schema file {str(bad)!r}: schemas/send_email/1.*/properties/subject/type is not valid JSON Schema: "
+        "'integr' is not valid under any of the given schemas"
+    )
+    del schema["schemas"]["send_email"]["1.*"]["properties"]["subject"]["type"]
+    schema["definitions"]["profile"]["minProperties"] = -1
+    bad.write_text(json.dumps(schema))
+    with pytest.raises(SchemaError, match=r"definitions/profile/minProperties is not valid JSON Schema: -1"):
+        Hedwig("myapp", schema=bad)
 
 
 def test_unconfigured_settings_say_how_to_configure(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -112,6 +112,11 @@ def outgoing(topic: str, body: bytes, attributes: Mapping[str, str]) -> str:
             f"publish to {topic!r}: {len(attributes)} attributes, but SQS delivery carries at most "
             f"{MAX_ATTRIBUTES} (AWS drops such messages); use fewer headers or the container form"
         )
+    if not attributes.get("hedwig_publisher", "-"):
+        raise PublishError(
+            f"publish to {topic!r}: the message names no publisher (hedwig_publisher is empty, which SQS "
+            "refuses): set HEDWIG_PUBLISHER, or give the app one with Hedwig(..., publisher=...)"
+        )
     for name, value in attributes.items():
         if not value or _BAD_CHARS_RE.search(value):
             raise PublishError(f"publish to {topic!r}: attribute {name!r} must be non-empty text SQS accepts")

@@ -150,6 +150,8 @@ def load_app(spec: str, option: str = "-A") -> Hedwig:
     Raises :class:`CLIError` saying what was tried and how to name the app instead.
     """
     module_name, _, path = spec.partition(":")
+    if module_name.endswith(".py") or os.sep in module_name:
+        _module_from_file_spec(option, spec)
     module = import_module(option, module_name, what="give the module that holds your Hedwig app")
     if path:
         value = _attribute(option, spec, module, path)

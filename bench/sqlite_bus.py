@@ -1,45 +1,45 @@
-"""End-to-end throughput of the embedded SQLite bus, against Celery on Kombu's SQLAlchemy transport.
+"""The embedded SQLite bus: drain against a plain sqlite3 loop, two workers against one, latency.
 
-One publisher process and one worker process per run, started together on a freshly provisioned
-bus; the clock runs from their start until the worker's handler has seen every message. Each
-side's worker peak RSS comes from ``os.wait4`` when it exits.
+Every comparison runs in this one process's rounds, with the order of contenders rotated each
+round; each figure is the median over rounds, with its spread (lowest and highest).
 
-* ``hedwig_tasks``: ``python -m hedwig_tasks worker -A _hedwig_app --burst -c C --prefetch P``
-  on ``HEDWIG_TRANSPORT_URL=sqlite:////<tmp>/bus.db``; the publisher calls ``hedwig.publish()``
-  once per message. Schema validation is on for both. The worker exits by itself (``--burst``).
-* ``celery_sqla``: ``celery -A _celery_app worker -P threads -c C --prefetch-multiplier M
-  --without-heartbeat --without-gossip --without-mingle -Q bench`` on
-  ``sqla+sqlite:///<tmp>/celery.db``, JSON, no result backend; the publisher calls
-  ``tick.delay(n)`` once per message. The worker gets SIGTERM (warm shutdown) once done.
+* ``drain``: ``--n`` messages are encoded and validated by ``_hedwig_app.py load`` and stored
+  in one transaction once every consumer is ready; the clock runs from that commit to the last
+  message handled. Contenders:
 
-Labelled variants, off unless asked for: ``--publish-many K`` (hedwig-tasks publishing K messages
-per transaction through the SQLite transport's ``publish_many``, each still validated) and
-``--celery-wal`` (Celery's SQLite in WAL mode with ``synchronous=NORMAL``, as the hedwig-tasks bus
-runs, instead of the default fsync per commit).
+  * ``hedwig_1``: one worker, ``python -m hedwig_tasks worker -A _hedwig_app -c C --prefetch P``
+    (no ``--burst``: it is stopped with SIGTERM once the bus is empty). Validation on.
+  * ``hedwig_2``: two such worker processes on the same bus.
+  * ``plain_sqlite3``: ``_plain_loop.py``, the same claim and delete work on the same file with
+    nothing but :mod:`sqlite3` (WAL, ``synchronous=NORMAL`` as the bus; a batch of C + P rows
+    claimed per ``UPDATE ... RETURNING`` transaction, each body decoded, each message deleted,
+    one transaction per batch).
 
-Every run checks that each message was handled exactly once, that nothing is left on the bus
-and that the dead letters are empty; a run that fails a check makes the bench exit 1.
+  The worker CPU per message is the CPU time of the worker processes over the drain (from
+  ``/proc``, start-up excluded).
+* ``latency``: one worker as above, idle for ``--idle-s`` seconds (its CPU share measured from
+  ``/proc/<pid>/stat``), then ``_hedwig_app.py publish --rate R`` publishes ``--latency-n``
+  messages at R a second, each stamped with the time its ``publish()`` call started; the worker's
+  handler records the delay to its own start. p50 and p99 over all rounds' messages.
+* ``celery`` (``--celery``, off by default: Celery takes minutes per run): the end-to-end runs
+  of ``_sqlite_bus/_end_to_end.py`` against Celery on Kombu's SQLAlchemy transport over SQLite,
+  by default and in WAL mode, with ``--celery-n`` messages.
+
+Every run checks that each message was handled exactly once and nothing is left on the bus.
 
 Usage::
 
-    python bench/sqlite_bus.py [--n 10000] [--rounds 2] [-c 1] [--prefetch 100]
-                               [--celery-pool threads] [--celery-concurrency 4]
-                               [--celery-prefetch-multiplier 4] [--publish-many 100] [--celery-wal]
+    python bench/sqlite_bus.py [--n 10000] [--rounds 3] [-c 4] [--prefetch 12]
+                               [--rate 100] [--latency-n 500] [--idle-s 5] [--celery]
 
-A table goes to stderr, one row per run: ``msgs/s`` (the figure compared; worker and publisher
-start-up included), ``steady/s`` (first to last message handled), ``publish s`` (when the
-publisher finished), ``exit s`` (when the worker exited: hedwig-tasks' ``--burst`` first waits
-one idle receive of 1 s; Celery's warm shutdown follows SIGTERM), the worker's peak RSS, and
-the CPU time of each process per message. The last line on stdout is one JSON object; its
-``ratio`` is hedwig_tasks divided by celery_sqla: best throughput of each side (higher is better
-for hedwig-tasks) and largest worker peak RSS of each side (lower is better).
+A table goes to stderr; the last line on stdout is one JSON object whose ``ratio`` holds
+``drain_vs_plain_sqlite3`` and ``two_workers_vs_one`` (and, with ``--celery``, the throughput
+against each Celery variant), and whose ``latency`` holds p50/p99 in ms and the idle CPU share.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -54,390 +54,307 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: The helper apps. Their own folder goes on PYTHONPATH, never bench/ itself: a bench module
-#: there named after a package (bench/kombu.py) would shadow it for Celery.
 APPS_DIR = Path(__file__).resolve().parent / "_sqlite_bus"
+sys.path.insert(0, str(APPS_DIR))
 
-#: Messages per run.
+from _end_to_end import BenchError, Process, versus_celery  # noqa: E402
+
+#: Messages per drain run.
 DEFAULT_N = 10_000
-#: Runs of each side, alternating.
-DEFAULT_ROUNDS = 2
-#: Longest one run may take before its processes are killed, in seconds.
-DEFAULT_TIMEOUT_S = 900.0
-#: hedwig-tasks handler threads and messages held beyond them.
-DEFAULT_CONCURRENCY = 1
-DEFAULT_PREFETCH = 100
-#: Celery pool, its size and ``worker_prefetch_multiplier``.
-DEFAULT_CELERY_POOL = "threads"
-DEFAULT_CELERY_CONCURRENCY = 4
-DEFAULT_CELERY_PREFETCH_MULTIPLIER = 4
-#: How long the Celery worker may take over a warm shutdown, in seconds.
-CELERY_STOP_TIMEOUT_S = 30.0
+#: Rounds of every comparison.
+DEFAULT_ROUNDS = 3
+#: The worker's handler threads and messages held beyond them (16 held in all).
+DEFAULT_CONCURRENCY = 4
+DEFAULT_PREFETCH = 12
+#: Messages a second, and how many, in the latency run.
+DEFAULT_RATE = 100.0
+DEFAULT_LATENCY_N = 500
+#: How long the idle worker's CPU is measured, in seconds.
+DEFAULT_IDLE_S = 5.0
+#: Messages per Celery end-to-end run (Celery drains about 100 a second).
+DEFAULT_CELERY_N = 2_000
+#: Longest one run may take, in seconds.
+TIMEOUT_S = 300.0
 #: Interval between checks for the end of a run, in seconds.
-POLL_S = 0.005
+POLL_S = 0.01
+#: Clock ticks a second in /proc/<pid>/stat.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class BenchError(Exception):
-    """A run did not finish, or finished with messages lost, duplicated or dead-lettered."""
+def cpu_s(pid: int) -> float:
+    """User plus system CPU time of a running process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-@dataclasses.dataclass(frozen=True)
-class Side:
-    """One contender: how to provision, publish and run its worker, and how to check its broker."""
+class Bus:
+    """A fresh, provisioned bus in its own directory, and the processes running on it."""
 
-    name: str
-    label: str
-    env: dict[str, str]
-    provision: list[str]
-    publisher: list[str]
-    worker: list[str]
-    db: str
-    stop_worker: bool  #: SIGTERM the worker once done (it does not exit by itself)
+    def __init__(self, work: Path, n: int) -> None:
+        work.mkdir(parents=True)
+        self.work = work
+        self.file = work / "bus.db"
+        self.n = n
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BENCH_", "HEDWIG_"))}
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(APPS_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]),
+            HEDWIG_TRANSPORT_URL=f"sqlite:///{self.file}",
+            BENCH_N=str(n),
+        )
+        self.env = env
+        self.app = str(APPS_DIR / "_hedwig_app.py")
+        subprocess.run([sys.executable, self.app, "provision"], env=env, cwd=work, check=True, timeout=60)
+        self.processes: list[Process] = []
 
+    def ready_file(self, name: str) -> Path:
+        return self.work / f"{name}.ready"
 
-@dataclasses.dataclass(frozen=True)
-class Result:
-    """One run of one side."""
+    def start(self, name: str, argv: list[str]) -> Process:
+        """Start a consumer that touches its ready file and writes its tally to ``<name>.json``."""
+        env = dict(self.env, BENCH_OUT=str(self.work / f"{name}.json"), BENCH_READY=str(self.ready_file(name)))
+        process = Process(argv, env=env, cwd=self.work, name=name)
+        self.processes.append(process)
+        return process
 
-    side: str
-    n: int
-    seconds: float  #: from starting both processes until the last message was handled
-    steady_msgs_per_s: float  #: from the first to the last message handled
-    publish_s: float  #: how long the publisher took, from its start
-    exit_s: float  #: from starting both processes until the worker exited
-    worker_peak_rss_mb: float
-    worker_cpu_s: float  #: user plus system CPU time of the whole worker process
-    publisher_cpu_s: float
+    def worker(self, name: str, args: argparse.Namespace) -> Process:
+        argv = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "_hedwig_app", "-l", "WARNING"]
+        return self.start(name, [*argv, "-c", str(args.concurrency), "--prefetch", str(args.prefetch)])
 
-    @property
-    def msgs_per_s(self) -> float:
-        return self.n / self.seconds
-
-
-# -- the two sides --------------------------------------------------------------------------------
-
-
-def hedwig_side(work: Path, *, args: argparse.Namespace, batch: int = 0) -> Side:
-    db = work / "bus.db"
-    app = str(APPS_DIR / "_hedwig_app.py")
-    publisher = [sys.executable, app, "publish", str(args.n)] + (["--batch", str(batch)] if batch else [])
-    worker = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "_hedwig_app", "--burst"]
-    worker += ["-c", str(args.concurrency), "--prefetch", str(args.prefetch), "-l", "WARNING"]
-    return Side(
-        name="hedwig_tasks_publish_many" if batch else "hedwig_tasks",
-        label=f"hedwig-tasks, publish_many({batch})" if batch else "hedwig-tasks",
-        env={"HEDWIG_TRANSPORT_URL": f"sqlite:///{db}"},
-        provision=[sys.executable, app, "provision"],
-        publisher=publisher,
-        worker=worker,
-        db=str(db),
-        stop_worker=False,
-    )
-
-
-def celery_side(work: Path, *, args: argparse.Namespace, wal: bool = False) -> Side:
-    db = work / "celery.db"
-    app = str(APPS_DIR / "_celery_app.py")
-    worker = [sys.executable, "-m", "celery", "-A", "_celery_app", "worker", "-P", args.celery_pool]
-    worker += ["-c", str(args.celery_concurrency), "--prefetch-multiplier", str(args.celery_prefetch_multiplier)]
-    worker += ["--without-heartbeat", "--without-gossip", "--without-mingle", "-Q", "bench", "-l", "WARNING"]
-    return Side(
-        name="celery_sqla_wal" if wal else "celery_sqla",
-        label="Celery sqla+sqlite, WAL" if wal else "Celery sqla+sqlite",
-        env={
-            "BENCH_BROKER_URL": f"sqla+sqlite:///{db}",
-            "BENCH_QUEUE": "bench",
-            "BENCH_PREFETCH_MULTIPLIER": str(args.celery_prefetch_multiplier),
-            "BENCH_SQLITE_WAL": "1" if wal else "0",
-        },
-        provision=[sys.executable, app, "provision"],
-        publisher=[sys.executable, app, "publish", str(args.n)],
-        worker=worker,
-        db=str(db),
-        stop_worker=True,
-    )
-
-
-def check_broker(side: Side, n: int) -> None:
-    """Raise :class:`BenchError` if the broker still holds work or any dead letter."""
-    with sqlite3.connect(side.db) as connection:
-        if side.name.startswith("hedwig"):
-            (left,) = connection.execute("SELECT count(*) FROM messages").fetchone()
-            (dead,) = connection.execute("SELECT count(*) FROM dead_letters").fetchone()
-            problems = [f"{left} message(s) left on the bus"] if left else []
-            problems += [f"{dead} dead letter(s)"] if dead else []
-        else:  # Kombu keeps consumed rows, marked invisible
-            (total,) = connection.execute("SELECT count(*) FROM kombu_message").fetchone()
-            (left,) = connection.execute("SELECT count(*) FROM kombu_message WHERE visible = 1").fetchone()
-            problems = [f"{left} message(s) not consumed"] if left else []
-            problems += [f"{total} message row(s) stored, expected {n}"] if total != n else []
-    connection.close()
-    if problems:
-        raise BenchError(f"{side.label}: " + "; ".join(problems))
-
-
-# -- processes ------------------------------------------------------------------------------------
-
-
-class Process:
-    """A child in its own session, reaped with ``os.wait4`` so its peak RSS is known."""
-
-    def __init__(self, argv: list[str], *, env: dict[str, str], cwd: Path, name: str) -> None:
-        self.name = name
-        self.stdout_path = cwd / f"{name}.out"
-        self.log_path = cwd / f"{name}.log"
-        with self.stdout_path.open("wb") as out, self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=log, start_new_session=True)
-        self.returncode: int | None = None
-        self.exited_at = 0.0
-        self.peak_rss_mb = 0.0
-        self.cpu_s = 0.0
-
-    def poll(self) -> bool:
-        """True once it has exited (and been reaped)."""
-        if self.returncode is not None:
-            return True
-        pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
-        if pid == 0:
-            return False
-        self.exited_at = time.time()
-        self.returncode = os.waitstatus_to_exitcode(status)
-        self.popen.returncode = self.returncode  # reaped here; Popen must not wait again
-        self.peak_rss_mb = usage.ru_maxrss / 1024  # KiB on Linux
-        self.cpu_s = usage.ru_utime + usage.ru_stime
-        return True
-
-    def wait(self, deadline: float) -> None:
-        """Wait until it exits; :class:`BenchError` at ``deadline`` (monotonic)."""
-        while not self.poll():
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name} still running at the deadline")
+    def wait_ready(self, ready: list[Path], deadline: float) -> None:
+        while not all(path.exists() for path in ready):
+            self._check_running(deadline)
             time.sleep(POLL_S)
 
-    def signal(self, signum: int) -> None:
-        if self.returncode is None:
-            os.killpg(self.popen.pid, signum)
+    def wait_empty(self, deadline: float) -> None:
+        """Until the bus holds no message (every one handled and acknowledged)."""
+        with sqlite3.connect(self.file) as connection:
+            while connection.execute("SELECT 1 FROM messages LIMIT 1").fetchone():
+                self._check_running(deadline)
+                time.sleep(POLL_S)
+        connection.close()
+
+    def _check_running(self, deadline: float) -> None:
+        for process in self.processes:
+            if process.poll():
+                raise BenchError(f"{process.name} exited {process.returncode}; log:\n{process.log_tail()}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"run in {self.work} did not finish in time")
+
+    def stop(self, deadline: float) -> None:
+        for process in self.processes:
+            process.signal(signal.SIGTERM)
+        for process in self.processes:
+            process.wait(deadline)
+            if process.returncode != 0:
+                raise BenchError(f"{process.name} exited {process.returncode}; log:\n{process.log_tail()}")
 
     def kill(self) -> None:
-        """Kill its whole session if it still runs, and reap it."""
-        if self.returncode is None:
-            try:
-                self.signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.wait(time.monotonic() + 10.0)
+        for process in self.processes:
+            process.kill()
 
-    def log_tail(self, lines: int = 15) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def output(self) -> dict[str, Any]:
-        """The JSON object the process printed last on stdout."""
-        lines = self.stdout_path.read_text().strip().splitlines()
-        if not lines:
-            raise BenchError(f"{self.name} printed nothing; its log ends:\n{self.log_tail()}")
-        value: dict[str, Any] = json.loads(lines[-1])
-        return value
+    def tallies(self, names: list[str]) -> list[dict[str, Any]]:
+        """Each consumer's tally; :class:`BenchError` unless together they saw each message once."""
+        tallies = [json.loads((self.work / f"{name}.json").read_text()) for name in names]
+        seen = sorted(n for tally in tallies for n in tally["seen"])
+        handled = sum(tally["handled"] for tally in tallies)
+        if seen != list(range(self.n)) or handled != self.n:
+            raise BenchError(f"{names}: expected {self.n} handled once each, got {handled} handled")
+        return tallies
 
 
-def child_env(side: Side, work: Path, n: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BENCH_", "HEDWIG_"))}
-    pythonpath = [str(APPS_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env.update(side.env, PYTHONPATH=os.pathsep.join(pythonpath), BENCH_N=str(n), BENCH_OUT=str(work / "tally.json"))
-    return env
+# -- the drain ------------------------------------------------------------------------------------
 
 
-def wait_for_done(done: Path, worker: Process, deadline: float) -> float:
-    """The time the last message was handled; :class:`BenchError` if the worker stops first."""
-    while not done.exists():
-        if worker.poll():
-            break
-        if time.monotonic() > deadline:
-            raise BenchError(f"{worker.name}: not every message was handled before the timeout")
-        time.sleep(POLL_S)
-    if not done.exists():
-        raise BenchError(
-            f"{worker.name} exited ({worker.returncode}) before handling every message; log:\n{worker.log_tail()}"
-        )
-    done_at: float = json.loads(done.read_text())["done_at"]
-    return done_at
-
-
-def run(side: Side, work: Path, n: int, timeout_s: float) -> Result:
-    """Provision, start the worker and the publisher together, wait until all are handled, check."""
-    work.mkdir(parents=True)
-    env = child_env(side, work, n)
+def drain(contender: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One drain run: msgs/s from the load's commit to the last handled, and consumer CPU per message."""
+    bus = Bus(work, args.n)
+    deadline = time.monotonic() + TIMEOUT_S
     try:
-        provisioned = subprocess.run(side.provision, env=env, cwd=work, timeout=60, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{side.label}: provisioning took over 60s") from None
-    if provisioned.returncode != 0:
-        raise BenchError(f"{side.label}: provisioning failed:\n{provisioned.stderr[-2000:]}")
-    deadline = time.monotonic() + timeout_s
-    started = time.time()
-    worker = Process(side.worker, env=env, cwd=work, name=f"{side.name}-worker")
-    publisher = Process(side.publisher, env=env, cwd=work, name=f"{side.name}-publisher")
-    try:
-        done_at = wait_for_done(work / "tally.json.done", worker, deadline)
-        publisher.wait(deadline)
-        if side.stop_worker:
-            worker.signal(signal.SIGTERM)
-            deadline = min(deadline, time.monotonic() + CELERY_STOP_TIMEOUT_S)
-        worker.wait(deadline)
+        if contender == "plain_sqlite3":
+            script = [sys.executable, str(APPS_DIR / "_plain_loop.py"), str(bus.file)]
+            script += ["--batch", str(args.concurrency + args.prefetch), "--ready", str(bus.ready_file("plain"))]
+            return _timed_drain(bus, [bus.start("plain", script)], deadline, stop=False)
+        count = 2 if contender == "hedwig_2" else 1
+        return _timed_drain(bus, [bus.worker(f"worker{i}", args) for i in range(count)], deadline, stop=True)
     finally:
-        publisher.kill()
-        worker.kill()
-    return _checked(side, work, n, started, done_at, worker, publisher)
+        bus.kill()
 
 
-def _checked(
-    side: Side, work: Path, n: int, started: float, done_at: float, worker: Process, publisher: Process
-) -> Result:
-    for process in (worker, publisher):
-        if process.returncode != 0:
-            raise BenchError(f"{process.name} exited {process.returncode}; log:\n{process.log_tail()}")
-    tally = json.loads((work / "tally.json").read_text())
-    if (tally["handled"], tally["distinct"], tally["duplicates"]) != (n, n, 0):
-        raise BenchError(f"{side.label}: expected {n} handled once each, got {tally}")
-    check_broker(side, n)
-    published = publisher.output()
-    return Result(
-        side=side.name,
-        n=n,
-        seconds=done_at - started,
-        steady_msgs_per_s=(n - 1) / max(done_at - tally["first_at"], 1e-9),
-        publish_s=published["publish_done_at"] - started,
-        exit_s=worker.exited_at - started,
-        worker_peak_rss_mb=worker.peak_rss_mb,
-        worker_cpu_s=worker.cpu_s,
-        publisher_cpu_s=publisher.cpu_s,
-    )
+def _timed_drain(bus: Bus, consumers: list[Process], deadline: float, *, stop: bool) -> dict[str, float]:
+    """Load once every consumer is ready; wait until the bus is empty; read the tallies."""
+    go = bus.work / "go"
+    argv = [sys.executable, bus.app, "load", str(bus.n), "--go", str(go)]
+    loader = Process(argv, env=bus.env, cwd=bus.work, name="loader")
+    bus.wait_ready([bus.ready_file(p.name) for p in consumers], deadline)
+    before = sum(cpu_s(p.popen.pid) for p in consumers)
+    go.touch()
+    loader.wait(deadline)
+    bus.wait_empty(deadline)
+    if stop:  # workers run until told; CPU read before SIGTERM, so shutdown is not counted
+        used = sum(cpu_s(p.popen.pid) for p in consumers) - before
+        bus.stop(deadline)
+    else:  # the plain loop exits by itself; its CPU comes from wait4
+        for process in consumers:
+            process.wait(deadline)
+        used = sum(p.cpu_s for p in consumers) - before
+    tallies = bus.tallies([p.name for p in consumers])
+    seconds = max(t["last_at"] for t in tallies) - loader.output()["loaded_at"]
+    return {"msgs_per_s": bus.n / seconds, "cpu_us_per_msg": used / bus.n * 1e6}
 
 
-# -- reporting ------------------------------------------------------------------------------------
+# -- latency --------------------------------------------------------------------------------------
 
 
-def summary(results: list[Result]) -> dict[str, Any]:
-    best = max(results, key=lambda r: r.msgs_per_s)
+def latency(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Idle CPU share of a ready worker, then the delay from publish() to handler start at a rate."""
+    bus = Bus(work, args.latency_n)
+    deadline = time.monotonic() + TIMEOUT_S + args.idle_s
+    try:
+        worker = bus.worker("worker0", args)
+        bus.wait_ready([bus.ready_file(worker.name)], deadline)
+        time.sleep(1.0)  # let start-up settle (a measurement interval, not a synchronisation)
+        before, started = cpu_s(worker.popen.pid), time.monotonic()
+        time.sleep(args.idle_s)
+        idle_pct = (cpu_s(worker.popen.pid) - before) / (time.monotonic() - started) * 100
+        argv = [sys.executable, bus.app, "publish", str(args.latency_n), "--rate", str(args.rate)]
+        publisher = Process(argv, env=bus.env, cwd=bus.work, name="publisher")
+        publisher.wait(deadline)
+        if publisher.returncode != 0:
+            raise BenchError(f"publisher exited {publisher.returncode}; log:\n{publisher.log_tail()}")
+        bus.wait_empty(deadline)
+        bus.stop(deadline)
+        (tally,) = bus.tallies([worker.name])
+    finally:
+        bus.kill()
+    return {"idle_cpu_pct": idle_pct, "latencies_s": tally["latencies_s"]}
+
+
+# -- rounds and the report ------------------------------------------------------------------------
+
+DRAIN_CONTENDERS = ["hedwig_1", "hedwig_2", "plain_sqlite3"]
+
+
+def spread(values: list[float], digits: int = 1) -> dict[str, Any]:
     return {
-        "msgs_per_s": round(best.msgs_per_s, 1),
-        "msgs_per_s_median": round(statistics.median(r.msgs_per_s for r in results), 1),
-        "seconds": round(best.seconds, 3),
-        "steady_msgs_per_s": round(best.steady_msgs_per_s, 1),
-        "publish_s": round(best.publish_s, 3),
-        "worker_peak_rss_mb": round(max(r.worker_peak_rss_mb for r in results), 1),
-        "worker_cpu_us_per_msg": round(statistics.median(r.worker_cpu_s for r in results) / best.n * 1e6, 1),
-        "publisher_cpu_us_per_msg": round(statistics.median(r.publisher_cpu_s for r in results) / best.n * 1e6, 1),
-        "rounds_msgs_per_s": [round(r.msgs_per_s, 1) for r in results],
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "rounds": [round(v, digits) for v in values],
     }
 
 
-def print_table(sides: list[Side], by_side: dict[str, list[Result]]) -> None:
-    header = f"{'side':34} {'round':>5} {'msgs/s':>9} {'seconds':>8} {'steady/s':>9} {'publish s':>9} "
-    header += f"{'exit s':>7} {'peak RSS MB':>11} {'worker CPU us/msg':>17} {'publisher CPU us/msg':>20}"
-    print(header, file=sys.stderr)
-    for side in sides:
-        for index, r in enumerate(by_side[side.name], 1):
-            print(
-                f"{side.label:34} {index:>5} {r.msgs_per_s:>9.1f} {r.seconds:>8.3f} {r.steady_msgs_per_s:>9.1f} "
-                f"{r.publish_s:>9.3f} {r.exit_s:>7.3f} {r.worker_peak_rss_mb:>11.1f} "
-                f"{r.worker_cpu_s / r.n * 1e6:>17.1f} {r.publisher_cpu_s / r.n * 1e6:>20.1f}",
-                file=sys.stderr,
-            )
+def run_rounds(args: argparse.Namespace, root: Path) -> tuple[dict[str, list[dict[str, float]]], list[dict[str, Any]]]:
+    drains: dict[str, list[dict[str, float]]] = {name: [] for name in DRAIN_CONTENDERS}
+    latencies: list[dict[str, Any]] = []
+    runs: list[tuple[str, Callable[[Path], None]]] = [
+        *[(name, lambda work, name=name: drains[name].append(drain(name, work, args))) for name in DRAIN_CONTENDERS],
+        ("latency", lambda work: latencies.append(latency(work, args))),
+    ]
+    for round_index in range(args.rounds):
+        shift = round_index % len(runs)  # rotated, so no contender always runs on a warmer machine
+        for name, run in runs[shift:] + runs[:shift]:
+            print(f"round {round_index + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
+            run(root / f"{name}-{round_index}")
+            figures = drains[name][-1] if name in drains else {"idle_cpu_pct": latencies[-1]["idle_cpu_pct"]}
+            print("  " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), file=sys.stderr, flush=True)
+    return drains, latencies
 
 
-def report(args: argparse.Namespace, sides: list[Side], by_side: dict[str, list[Result]]) -> dict[str, Any]:
-    print_table(sides, by_side)
-    out: dict[str, Any] = {"bench": "sqlite_bus", "n": args.n, "rounds": args.rounds}
-    out["settings"] = {
-        "hedwig_tasks": f"-c {args.concurrency} --prefetch {args.prefetch} --burst",
-        "celery_sqla": f"-P {args.celery_pool} -c {args.celery_concurrency} "
-        f"--prefetch-multiplier {args.celery_prefetch_multiplier}",
+def report(
+    args: argparse.Namespace, drains: dict[str, list[dict[str, float]]], latencies: list[dict[str, Any]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "bench": "sqlite_bus",
+        "n": args.n,
+        "rounds": args.rounds,
+        "worker": f"-c {args.concurrency} --prefetch {args.prefetch}",
+        "drain_msgs_per_s": {name: spread([r["msgs_per_s"] for r in runs]) for name, runs in drains.items()},
+        "consumer_cpu_us_per_msg": {name: spread([r["cpu_us_per_msg"] for r in runs]) for name, runs in drains.items()},
     }
-    for side in sides:
-        out[side.name] = summary(by_side[side.name])
-    hedwig, celery = out["hedwig_tasks"], out["celery_sqla"]
+    delays_ms = sorted(d * 1000 for run in latencies for d in run["latencies_s"])
+    out["latency"] = {
+        "rate_per_s": args.rate,
+        "messages": len(delays_ms),
+        "p50_ms": round(statistics.median(delays_ms), 2),
+        "p99_ms": round(delays_ms[min(len(delays_ms) - 1, int(len(delays_ms) * 0.99))], 2),
+        "max_ms": round(delays_ms[-1], 2),
+        "idle_cpu_pct": spread([run["idle_cpu_pct"] for run in latencies], 2),
+    }
+    medians = {name: statistics.median(r["msgs_per_s"] for r in runs) for name, runs in drains.items()}
     out["ratio"] = {
-        "throughput": round(hedwig["msgs_per_s"] / celery["msgs_per_s"], 2),
-        "memory": round(hedwig["worker_peak_rss_mb"] / celery["worker_peak_rss_mb"], 2),
+        "drain_vs_plain_sqlite3": round(medians["hedwig_1"] / medians["plain_sqlite3"], 3),
+        "two_workers_vs_one": round(medians["hedwig_2"] / medians["hedwig_1"], 3),
     }
-    print(
-        f"hedwig-tasks / Celery: {out['ratio']['throughput']}x the throughput, "
-        f"{out['ratio']['memory']}x the worker peak RSS",
-        file=sys.stderr,
-    )
     return out
 
 
-# -- main -----------------------------------------------------------------------------------------
+def print_summary(out: dict[str, Any]) -> None:
+    for name, figures in out["drain_msgs_per_s"].items():
+        cpu = out["consumer_cpu_us_per_msg"][name]
+        print(
+            f"{name:14} drain {figures['median']:>9.1f} msgs/s ({figures['min']:.1f}-{figures['max']:.1f}), "
+            f"consumer CPU {cpu['median']:.1f} us/msg",
+            file=sys.stderr,
+        )
+    lat = out["latency"]
+    print(
+        f"latency at {lat['rate_per_s']:g}/s: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms; "
+        f"idle worker CPU {lat['idle_cpu_pct']['median']}%",
+        file=sys.stderr,
+    )
+    print(f"ratios: {out['ratio']}", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=DEFAULT_N, help="messages per run (%(default)s)")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="runs of each side (%(default)s)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per run (%(default)s)")
-    parser.add_argument("-c", "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="hedwig-tasks -c")
-    parser.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH, help="hedwig-tasks --prefetch")
-    parser.add_argument("--celery-pool", default=DEFAULT_CELERY_POOL, choices=["threads", "solo"])
-    parser.add_argument("--celery-concurrency", type=int, default=DEFAULT_CELERY_CONCURRENCY)
-    parser.add_argument("--celery-prefetch-multiplier", type=int, default=DEFAULT_CELERY_PREFETCH_MULTIPLIER)
-    parser.add_argument(
-        "--publish-many", type=int, default=0, metavar="K", help="also run hedwig-tasks publishing K per transaction"
-    )
-    parser.add_argument("--celery-wal", action="store_true", help="also run Celery with SQLite in WAL mode")
-    parser.add_argument("--only", choices=["hedwig", "celery"], help="run one side only (no ratio)")
+    parser.add_argument("--n", type=int, default=DEFAULT_N, help="messages per drain run (%(default)s)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds (%(default)s)")
+    parser.add_argument("-c", "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="worker -c")
+    parser.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH, help="worker --prefetch")
+    parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="latency: messages a second")
+    parser.add_argument("--latency-n", type=int, default=DEFAULT_LATENCY_N, help="latency: messages per round")
+    parser.add_argument("--idle-s", type=float, default=DEFAULT_IDLE_S, help="seconds of idle CPU measured")
+    parser.add_argument("--celery", action="store_true", help="also run end to end against Celery (slow)")
+    parser.add_argument("--celery-n", type=int, default=DEFAULT_CELERY_N, help="messages per Celery run")
+    parser.add_argument("--celery-rounds", type=int, default=2, help="rounds of the Celery comparison")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.rounds < 1:
-        parser.error("--n and --rounds must be 1 or more")
+    if args.n < 1 or args.rounds < 1 or args.latency_n < 1:
+        parser.error("--n, --rounds and --latency-n must be 1 or more")
     return args
 
 
-def side_makers(args: argparse.Namespace) -> list[Callable[[Path], Side]]:
-    """One maker per side to run; each builds the side for a run's own directory."""
-    makers: list[Callable[[Path], Side]] = []
-    if args.only != "celery":
-        makers.append(functools.partial(hedwig_side, args=args))
-        if args.publish_many:
-            makers.append(functools.partial(hedwig_side, args=args, batch=args.publish_many))
-    if args.only != "hedwig":
-        makers.append(functools.partial(celery_side, args=args))
-        if args.celery_wal:
-            makers.append(functools.partial(celery_side, args=args, wal=True))
-    return makers
-
-
-def run_all(args: argparse.Namespace, root: Path) -> tuple[list[Side], dict[str, list[Result]]]:
-    makers = side_makers(args)
-    sides = [make(root) for make in makers]  # for names and labels
-    by_side: dict[str, list[Result]] = {side.name: [] for side in sides}
-    order = list(zip(makers, sides, strict=True))
-    for round_index in range(args.rounds):
-        # Alternate which side goes first, so neither always runs on a warmer machine.
-        for make, side in order if round_index % 2 == 0 else order[::-1]:
-            print(f"round {round_index + 1}/{args.rounds}: {side.label} ...", file=sys.stderr, flush=True)
-            work = root / f"{side.name}-{round_index}"
-            result = run(make(work), work, args.n, args.timeout)
-            by_side[side.name].append(result)
-            print(f"  {result.msgs_per_s:.1f} msgs/s in {result.seconds:.2f}s", file=sys.stderr, flush=True)
-    return sides, by_side
+def celery_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The end-to-end comparison's settings (``_end_to_end.py``), with this run's worker settings."""
+    return argparse.Namespace(
+        n=args.celery_n,
+        rounds=args.celery_rounds,
+        timeout=900.0,
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+        celery_pool="threads",
+        celery_concurrency=args.concurrency,
+        celery_prefetch_multiplier=4,
+        publish_many=0,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="hedwig-bench-"))
     try:
-        sides, by_side = run_all(args, root)
+        out = report(args, *run_rounds(args, root))
+        if args.celery:
+            celery = versus_celery(celery_args(args), root / "celery")
+            out["end_to_end"] = celery
+            for variant in ("celery_sqla", "celery_sqla_wal"):
+                out["ratio"][f"end_to_end_vs_{variant}"] = celery[f"ratio_{variant}"]["throughput"]
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if args.only:
-        print_table(sides, by_side)
-        print(json.dumps({"bench": "sqlite_bus", "n": args.n, **{s.name: summary(by_side[s.name]) for s in sides}}))
-        return 0
-    print(json.dumps(report(args, sides, by_side)))
+    print_summary(out)
+    print(json.dumps(out))
     return 0
 
 

@@ -10,6 +10,7 @@ is added.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,8 @@ from hedwig_tasks.transports.base import Delivery
 
 __all__ = ["Tracing"]
 
+#: How long a "no SDK configured" answer is kept before asking OpenTelemetry again, in seconds.
+NOOP_RECHECK_S = 1.0
 #: Attributes that carry trace context; without an SDK only these make a span worth starting.
 _CARRIED = frozenset({"traceparent", "tracestate", "baggage"})
 
@@ -38,10 +41,24 @@ class Tracing:
         self.enabled = enabled
         self._tracer = trace.get_tracer("hedwig_tasks", __version__, tracer_provider=tracer_provider)
         self._own_provider = tracer_provider is not None
+        self._noop_until = 0.0  #: monotonic time until which "no SDK" is taken as known
 
     def _noop(self) -> bool:
-        """True while no SDK is configured: spans would record nothing."""
-        return not self._own_provider and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        """True while no SDK is configured: spans would record nothing.
+
+        Asking OpenTelemetry costs microseconds (it looks in the environment each time), so a
+        "no SDK" answer is kept for ``NOOP_RECHECK_S``: an SDK configured later is used from
+        at most that long after. Once there is one it stays (OpenTelemetry sets it once).
+        """
+        if self._own_provider:
+            return False
+        now = time.monotonic()
+        if now < self._noop_until:
+            return True
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            self._noop_until = now + NOOP_RECHECK_S
+            return True
+        return False
 
     @contextlib.contextmanager
     def publishing(self, message: Message, topic: str, system: str) -> Iterator[dict[str, str]]:
@@ -63,10 +80,16 @@ class Tracing:
             propagate.inject(headers)
             yield headers
 
+    def spans(self, delivery: Delivery) -> bool:
+        """Whether handling ``delivery`` gets a span: tracing is on, and an SDK records it or the
+        delivery carries trace context to pass on. The worker asks first, so a message costs no
+        span machinery at all when neither holds."""
+        return self.enabled and (not self._noop() or not _CARRIED.isdisjoint(delivery.attributes))
+
     @contextlib.contextmanager
     def processing(self, delivery: Delivery, system: str) -> Iterator[Span | None]:
         """A CONSUMER span around the handling of one delivery, child of the publisher's span."""
-        if not self.enabled or (self._noop() and not _CARRIED.intersection(delivery.attributes)):
+        if not self.spans(delivery):
             yield None
             return
         parent = propagate.extract(dict(delivery.attributes))

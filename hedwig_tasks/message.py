@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 __all__ = ["Message", "Metadata", "Version", "VersionLike"]
 
 _M = TypeVar("_M", bound="Message")
+_T = TypeVar("_T")
 
 _VERSION_RE = re.compile(r"^\s*(\d+)\.(\d+)\s*$")
 _PARSED: dict[str, Version] = {}  # versions seen, by their text: a service meets only a few
@@ -161,11 +162,40 @@ class Message:
         """The transport delivery this message came in, or None for one built locally."""
         return self.metadata.delivery
 
+    @property
+    def attempt(self) -> int:
+        """Which delivery of this message this is: 1 the first time, 2 on the first retry, ...
+
+        Right in every mode: a worker reads it from the transport's delivery count, an eager run
+        and a message built locally (never delivered) say 1.
+        """
+        delivery = self.metadata.delivery
+        return delivery.attempt if delivery is not None else 1
+
     def with_headers(self, headers: Mapping[str, str]) -> Message:
         """A copy whose headers are these merged over the current ones."""
-        merged = {**self.headers, **headers}
-        return dataclasses.replace(self, metadata=dataclasses.replace(self.metadata, headers=merged))
+        return self.with_metadata(headers={**self.headers, **headers})
 
     def with_metadata(self, **changes: Any) -> Message:
-        """A copy with these metadata fields replaced (``publisher``, ``timestamp``, ``delivery``)."""
-        return dataclasses.replace(self, metadata=dataclasses.replace(self.metadata, **changes))
+        """A copy with these metadata fields replaced (``publisher``, ``timestamp``, ``headers``, ``delivery``).
+
+        Raises ``TypeError`` for a field Metadata does not have.
+        """
+        unknown = changes.keys() - _METADATA_FIELDS
+        if unknown:
+            raise TypeError(f"Metadata has no field(s) {', '.join(sorted(unknown))}")
+        if "headers" in changes:
+            changes["headers"] = _freeze(changes["headers"])
+        # Copied field by field: the values are already checked, and a worker does this per message.
+        return _copy(self, metadata=_copy(self.metadata, **changes))
+
+
+_METADATA_FIELDS = frozenset(f.name for f in dataclasses.fields(Metadata))
+
+
+def _copy(value: _T, **changes: Any) -> _T:
+    """A copy of a frozen dataclass value with ``changes``, without running its checks again."""
+    copy = object.__new__(type(value))
+    copy.__dict__.update(value.__dict__)
+    copy.__dict__.update(changes)
+    return copy

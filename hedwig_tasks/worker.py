@@ -1,10 +1,10 @@
 """The worker: receive, decode, dispatch, settle; with prefetch, leases and graceful shutdown.
 
 Threads: one receive loop (the caller's), ``concurrency`` handler threads, one lease keeper
-and one acker that batches acknowledgements. A semaphore of ``concurrency + prefetch`` slots
-bounds what is held: the receive loop asks the transport for no more than the free slots,
-and a slot comes back only when its delivery is settled (for an ack, once the batched ack is
-sent), so nothing is hoarded. Every held delivery, buffered or running, has its lease extended by
+and one acker that batches acknowledgements. ``concurrency + prefetch`` slots bound what is
+held: the receive loop takes every free slot at once and asks the transport for no more, and a
+slot comes back only when its delivery is settled (for an ack, once the batched ack is sent),
+so nothing is hoarded. Every held delivery, buffered or running, has its lease extended by
 the keeper until it is settled or ``max_lease_s`` has passed.
 
 Shutdown (:meth:`Worker.stop`, SIGTERM or SIGINT from the CLI): stop receiving, release the
@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hedwig_tasks import signals
@@ -51,6 +51,8 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 HEARTBEAT_INTERVAL_S = 1.0
 #: Longest pause between receives after a transport error, in seconds.
 MAX_ERROR_BACKOFF_S = 30.0
+#: Longest an ack waits for others to go with it while handlers still have work, in seconds.
+ACK_GATHER_S = 0.02
 #: How long after its due time a burst worker still waits for a retry it scheduled, in seconds
 #: (only where the broker cannot count delayed retries itself).
 BURST_RETRY_GRACE_S = 10.0
@@ -80,6 +82,40 @@ class WorkerOptions:
             raise ConfigurationError("wait_s and shutdown_timeout_s must be 0 or more")
 
 
+class _Slots:
+    """A count of free places for deliveries, taken in bulk by the receive loop.
+
+    The receive loop takes every free slot at once, and waits for ``enough`` of them while the
+    handlers still have buffered work: a receive (and later its ack) costs a broker round
+    trip, so a few large batches cost the worker less than many small ones.
+    """
+
+    def __init__(self, total: int, *, enough: int) -> None:
+        self._free = total
+        self._enough = enough
+        self._changed = threading.Condition(threading.Lock())
+
+    def take(self, most: int, timeout_s: float, hungry: Callable[[], bool]) -> int:
+        """Every free slot, up to ``most``, once there are ``enough`` of them or the handlers are
+        ``hungry()``; 0 if that does not happen within ``timeout_s``."""
+
+        def ready() -> bool:
+            return self._free >= self._enough or (self._free > 0 and hungry())
+
+        with self._changed:
+            if not ready() and not self._changed.wait_for(ready, timeout_s):
+                return 0
+            taken = min(self._free, most)
+            self._free -= taken
+            return taken
+
+    def give(self, count: int) -> None:
+        if count:
+            with self._changed:
+                self._free += count
+                self._changed.notify()
+
+
 @dataclasses.dataclass
 class _Held:
     delivery: Delivery
@@ -105,11 +141,13 @@ class Worker:
         self._consumer: Consumer | None = None
         self._held: dict[int, _Held] = {}
         self._held_lock = threading.Lock()
-        self._slots = threading.Semaphore(self.options.concurrency + self.options.prefetch)
+        held = self.options.concurrency + self.options.prefetch
+        self._ack_batch = max(1, held // 2)  #: acks worth one broker round trip
+        self._slots = _Slots(held, enough=self._ack_batch)
         self._withheld = 0  #: slots of buffered deliveries released as stale, back once a handler frees
         self._retries_due: dict[str, float] = {}  #: message key -> when a retry we scheduled is due
-        self._buffer: queue.Queue[Delivery | None] = queue.Queue()
-        self._acks: queue.Queue[Delivery | None] = queue.Queue()
+        self._buffer: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -213,18 +251,12 @@ class Worker:
         )
 
     def _take_slots(self) -> int:
-        """Wait briefly for one free slot, then take every other free one without waiting."""
-        if not self._slots.acquire(timeout=0.2):
-            return 0
-        taken = 1
-        limit = self.app.transport.capabilities.max_receive_batch
-        while taken < limit and self._slots.acquire(blocking=False):
-            taken += 1
-        return taken
+        """Wait briefly for free slots: half of them, or any once the handlers run short of work."""
+        most = self.app.transport.capabilities.max_receive_batch
+        return self._slots.take(most, 0.2, lambda: self._buffer.qsize() < self.options.concurrency)
 
     def _give_back_slots(self, count: int) -> None:
-        for _ in range(count):
-            self._slots.release()
+        self._slots.give(count)
 
     def _buffer_all(self, deliveries: list[Delivery]) -> None:
         now = time.monotonic()
@@ -320,10 +352,13 @@ class Worker:
                 if held is None:  # released while buffered: at shutdown, or it waited past a lease
                     continue
                 held.running = True
+            self._local.outcome = ""
             acking = self._process_safely(delivery)
             with self._held_lock:
                 self._held.pop(id(delivery), None)
                 withheld, self._withheld = self._withheld, 0
+                if self._local.outcome:
+                    self.counts[self._local.outcome] += 1
             # an ack in the acker's queue still holds its slot until it is sent
             self._give_back_slots(withheld + (0 if acking else 1))
 
@@ -344,23 +379,38 @@ class Worker:
 
     def _ack_loop(self) -> None:
         assert self._consumer is not None
-        while True:
-            first = self._acks.get()
-            batch = [first] if first is not None else []
-            while True:
-                try:
-                    item = self._acks.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    first = None
-                else:
-                    batch.append(item)
+        done = False
+        while not done:
+            batch, done = self._next_acks()
             if batch:
                 self._settle("ack", self._consumer.ack, batch)
-                self._give_back_slots(len(batch))
-            if first is None:
-                return
+                self._give_back_slots(len(batch))  # once per batch: one wake-up of the receive loop
+
+    def _next_acks(self) -> tuple[list[Delivery], bool]:
+        """The acks to send together, and whether the worker is done (a None came).
+
+        While deliveries are still held (more acks are coming), up to ``ACK_GATHER_S`` more
+        gathers a larger batch (an ack is a broker round trip); once none is held, what is
+        there goes at once, so the slots it frees reach the receive loop without delay.
+        """
+        batch: list[Delivery] = []
+        item = self._acks.get()
+        deadline = time.monotonic() + ACK_GATHER_S
+        while item is not None:
+            batch.append(item)
+            try:
+                item = self._acks.get_nowait()
+                continue
+            except queue.Empty:
+                pass
+            wait_s = deadline - time.monotonic()
+            if len(batch) >= self._ack_batch or wait_s <= 0 or not self._held or self._stopping.is_set():
+                return batch, False
+            try:
+                item = self._acks.get(timeout=wait_s)
+            except queue.Empty:
+                return batch, False
+        return batch, True
 
     def _lease_loop(self) -> None:
         assert self._consumer is not None
@@ -395,8 +445,8 @@ class Worker:
             self._settle("release", self._consumer.release, deliveries)
 
     def _tally(self, outcome: str) -> None:
-        with self._held_lock:
-            self.counts[outcome] += 1
+        """Count this thread's delivery as ``outcome`` once it is finished (under the held lock)."""
+        self._local.outcome = outcome
 
     def _settle(self, what: str, action: Any, *args: Any) -> None:
         try:
@@ -408,8 +458,12 @@ class Worker:
     # -- one message --------------------------------------------------------------------------
 
     def _process(self, delivery: Delivery) -> None:
-        """Handle one delivery, inside its consumer span."""
-        with self.app.tracing.processing(delivery, self.app.transport.messaging_system) as span:
+        """Handle one delivery, inside its consumer span when it gets one."""
+        tracing = self.app.tracing
+        if not tracing.spans(delivery):
+            self._handle(delivery, None)
+            return
+        with tracing.processing(delivery, self.app.transport.messaging_system) as span:
             action, error, reason = self._handle(delivery, span)
             Tracing.outcome(span, action, error, reason)
 
@@ -466,24 +520,17 @@ class Worker:
     def _report(
         self, handler: Handler, message: Message, error: Exception | None, duration_s: float, outcome: Outcome
     ) -> None:
-        attempt = message.delivery.attempt if message.delivery else 1
-        tag = f"{message.type} {message.version} id={message.id} attempt={attempt} in {duration_s * 1000:.1f}ms"
-        fields = {
-            "message_id": message.id,
-            "message_type": message.type,
-            "message_version": str(message.version),
-            "attempt": attempt,
-            "duration_ms": round(duration_s * 1000, 3),
-            "outcome": "ignored" if isinstance(error, Ignore) else outcome.action,
-        }
         if error is None or isinstance(error, Ignore):
             self._tally("handled")
             signals.send(signals.handler_succeeded, self.app, message=message, handler=handler, duration_s=duration_s)
-            logger.info("handled %s%s", tag, " (ignored)" if error else "", extra=fields)
+            if logger.isEnabledFor(logging.INFO):  # the line and its fields cost more than the handler often
+                tag, fields = _describe(message, error, duration_s, outcome)
+                logger.info("handled %s%s", tag, " (ignored)" if error else "", extra=fields)
             return
         signals.send(
             signals.handler_failed, self.app, message=message, handler=handler, error=error, duration_s=duration_s
         )
+        tag, fields = _describe(message, error, duration_s, outcome)
         if outcome.action == "retry":
             fields["retry_in_s"] = round(outcome.delay_s, 3)
             logger.warning("failed %s: %s; retrying in %.1fs", tag, outcome.reason, outcome.delay_s, extra=fields)
@@ -572,6 +619,22 @@ class Worker:
             state = "running" if running else "buffered"
             logger.info("releasing %d %s message(s)", len(deliveries), state)
             self._settle("release", self._consumer.release, deliveries)
+
+
+def _describe(
+    message: Message, error: Exception | None, duration_s: float, outcome: Outcome
+) -> tuple[str, dict[str, Any]]:
+    """The words and the structured fields of a log line about one handled message."""
+    tag = f"{message.type} {message.version} id={message.id} attempt={message.attempt} in {duration_s * 1000:.1f}ms"
+    fields = {
+        "message_id": message.id,
+        "message_type": message.type,
+        "message_version": str(message.version),
+        "attempt": message.attempt,
+        "duration_ms": round(duration_s * 1000, 3),
+        "outcome": "ignored" if isinstance(error, Ignore) else outcome.action,
+    }
+    return tag, fields
 
 
 def _key(delivery: Delivery) -> str:

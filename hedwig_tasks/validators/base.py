@@ -21,7 +21,8 @@ import base64
 import binascii
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 from hedwig_tasks.exceptions import DecodeError, ValidationError
 from hedwig_tasks.message import Message, Metadata, Version
@@ -139,23 +140,21 @@ def headers_from_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
 
 def read_meta_attributes(attributes: Mapping[str, str]) -> tuple[str, Metadata, str]:
     """``(id, metadata, schema)`` from transport attributes; :class:`DecodeError` if any is missing."""
-    missing = [name for name in META_ATTRIBUTES if not isinstance(attributes.get(name), str)]
+    values = [attributes.get(name) for name in META_ATTRIBUTES]
+    missing = [name for name, value in zip(META_ATTRIBUTES, values, strict=True) if not isinstance(value, str)]
     if missing:
         raise DecodeError(f"missing Hedwig attribute(s): {', '.join(missing)}")
-    if attributes["hedwig_format_version"] != FORMAT_VERSION:
-        raise DecodeError(f"unknown hedwig_format_version {attributes['hedwig_format_version']!r}")
+    format_version, message_id, timestamp_text, publisher, schema = cast("list[str]", values)
+    if format_version != FORMAT_VERSION:
+        raise DecodeError(f"unknown hedwig_format_version {format_version!r}")
     try:
-        timestamp = int(attributes["hedwig_message_timestamp"])
+        timestamp = int(timestamp_text)
     except ValueError:
-        raise DecodeError(
-            f"hedwig_message_timestamp is not an integer: {attributes['hedwig_message_timestamp']!r}"
-        ) from None
-    metadata = Metadata(
-        timestamp=timestamp,
-        publisher=attributes["hedwig_publisher"],
-        headers=headers_from_attributes(attributes),
-    )
-    return attributes["hedwig_id"], metadata, attributes["hedwig_schema"]
+        raise DecodeError(f"hedwig_message_timestamp is not an integer: {timestamp_text!r}") from None
+    # a fresh dict, so it is frozen as it is rather than copied once more
+    headers = MappingProxyType(headers_from_attributes(attributes))
+    metadata = Metadata(timestamp=timestamp, publisher=publisher, headers=headers)
+    return message_id, metadata, schema
 
 
 def parse_schema_tail(schema: str) -> tuple[str, Version]:

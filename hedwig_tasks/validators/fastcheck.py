@@ -73,7 +73,7 @@ class _Compiler:
             return lambda value: True
         if len(checks) == 1:
             return checks[0]
-        return lambda value: all(check(value) for check in checks)
+        return _all_of(tuple(checks))
 
     def _ref(self, ref: Any) -> Check:
         if not isinstance(ref, str) or not ref.startswith("#/definitions/") or "~" in ref or "%" in ref:
@@ -100,20 +100,29 @@ class _Compiler:
         names = [value] if isinstance(value, str) else value
         if not isinstance(names, list) or not all(n in _TYPES for n in names):
             raise _Unsupported
-        tests = [_TYPES[n] for n in names]
-        return tests[0] if len(tests) == 1 else (lambda v: any(t(v) for t in tests))
+        tests = tuple(_TYPES[n] for n in names)
+        return tests[0] if len(tests) == 1 else _any_of(tests)
 
     def _k_properties(self, value: Any, schema: Mapping[str, Any]) -> Check:
         if not isinstance(value, Mapping):
             raise _Unsupported
-        compiled = [(name, self.compile(sub)) for name, sub in value.items()]
-        return lambda v: not isinstance(v, dict) or all(name not in v or check(v[name]) for name, check in compiled)
+        compiled = tuple((name, self.compile(sub)) for name, sub in value.items())
+
+        def properties(v: Any) -> bool:
+            if not isinstance(v, dict):
+                return True
+            for name, check in compiled:
+                if name in v and not check(v[name]):
+                    return False
+            return True
+
+        return properties
 
     def _k_required(self, value: Any, schema: Mapping[str, Any]) -> Check:
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
             raise _Unsupported
-        names = tuple(value)
-        return lambda v: not isinstance(v, dict) or all(name in v for name in names)
+        names = frozenset(value)
+        return lambda v: not isinstance(v, dict) or names <= v.keys()
 
     def _k_additionalProperties(self, value: Any, schema: Mapping[str, Any]) -> Check | None:
         if "patternProperties" in schema:
@@ -122,7 +131,7 @@ class _Compiler:
         if value is True:
             return None
         if value is False:
-            return lambda v: not isinstance(v, dict) or all(k in known for k in v)
+            return lambda v: not isinstance(v, dict) or known.issuperset(v)
         extra = self.compile(value)
         return lambda v: not isinstance(v, dict) or all(k in known or extra(item) for k, item in v.items())
 
@@ -130,7 +139,16 @@ class _Compiler:
         if not isinstance(value, Mapping):
             raise _Unsupported  # the tuple form
         item = self.compile(value)
-        return lambda v: not isinstance(v, list) or all(item(x) for x in v)
+
+        def items(v: Any) -> bool:
+            if not isinstance(v, list):
+                return True
+            for x in v:
+                if not item(x):
+                    return False
+            return True
+
+        return items
 
     def _k_enum(self, value: Any, schema: Mapping[str, Any]) -> Check:
         if not isinstance(value, list) or not all(type(x) in (str, int, float, bool) or x is None for x in value):
@@ -176,6 +194,27 @@ class _Compiler:
             raise _Unsupported
         conforms = self.format_checker.conforms
         return lambda v: bool(conforms(v, value))
+
+
+def _all_of(checks: tuple[Check, ...]) -> Check:
+    # loops, not all() over a generator: this runs for every message published and received
+    def check(value: Any) -> bool:
+        for one in checks:
+            if not one(value):
+                return False
+        return True
+
+    return check
+
+
+def _any_of(checks: tuple[Check, ...]) -> Check:
+    def check(value: Any) -> bool:
+        for one in checks:
+            if one(value):
+                return True
+        return False
+
+    return check
 
 
 def _is_number(value: Any) -> bool:

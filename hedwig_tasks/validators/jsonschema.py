@@ -39,6 +39,8 @@ from hedwig_tasks.validators.fastcheck import compile_check
 __all__ = ["JSONSchemaValidator"]
 
 _MAJOR_KEY_RE = re.compile(r"^(\d+)\.\*$")
+#: How many distinct schema strings a validator remembers the parse of.
+_SCHEMAS_SEEN_LIMIT = 1024
 _CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -99,6 +101,7 @@ class JSONSchemaValidator(Validator):
         self.root: str = schema["id"]
         _check_metaschema(schema, self._latest, source)
         self._validators = self._compile(schema)
+        self._schemas_seen: dict[str, tuple[str, Version]] = {}
 
     @staticmethod
     def _load(path: Path) -> Mapping[str, Any]:
@@ -246,11 +249,21 @@ class JSONSchemaValidator(Validator):
             data = payload
         else:
             message_id, metadata, schema, data = self._open_container(payload)
-        if not schema.startswith(self.root):
-            raise DecodeError(f"schema {schema!r} belongs to another schema file, not {self.root!r}")
-        message_type, version = parse_schema_tail(schema)
+        message_type, version = self._read_schema(schema)
         self._validate(message_type, version, data, receiving=True)
         return Message(type=message_type, version=version, data=data, id=message_id, metadata=metadata)
+
+    def _read_schema(self, schema: str) -> tuple[str, Version]:
+        """Type and version from a received schema string; remembered, as a service sees few."""
+        known = self._schemas_seen.get(schema)
+        if known is not None:
+            return known
+        if not schema.startswith(self.root):
+            raise DecodeError(f"schema {schema!r} belongs to another schema file, not {self.root!r}")
+        known = parse_schema_tail(schema)
+        if len(self._schemas_seen) < _SCHEMAS_SEEN_LIMIT:
+            self._schemas_seen[schema] = known
+        return known
 
     @staticmethod
     def _open_container(payload: Any) -> tuple[str, Metadata, str, Any]:

@@ -7,9 +7,11 @@ import gc
 import inspect
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +21,10 @@ import pytest
 
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.testing.contract import ContractClock, RealClock, TransportContract
+from hedwig_tasks.transports import _sqlite_consumer as sqlite_consumer
+from hedwig_tasks.transports import _sqlite_sql as sqlite_sql
 from hedwig_tasks.transports import from_url
+from hedwig_tasks.transports.base import Consumer
 from hedwig_tasks.transports.sqlite import DEFAULT_LEASE_S, SQLiteTransport
 
 
@@ -306,3 +311,182 @@ def test_two_processes_claim_each_message_exactly_once(tmp_path: Path) -> None:
     assert sorted(first + second) == expected
     assert bus.status("q", ["t"])[0].depth == 0
     bus.close()
+
+
+# -- the hot path ------------------------------------------------------------------------------
+
+
+def test_one_ack_settles_more_receipts_than_one_statement_takes(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.publish_many("t", [(str(i).encode(), {}) for i in range(1000)])
+    consumer = bus.consumer("q", ["t"])
+    batch = consumer.receive(1000, wait_s=0)
+    assert len(batch) == 1000 > sqlite_sql.ACK_CHUNK
+    consumer.ack(batch)
+    assert (bus.status("q", ["t"])[0].depth, bus.status("q", ["t"])[0].in_flight) == (0, 0)
+    bus.close()
+
+
+def test_a_stale_receipt_in_an_ack_batch_deletes_nothing_of_the_new_lease(tmp_path: Path) -> None:
+    now = [1000.0]
+    bus = SQLiteTransport(tmp_path / "bus.db", lease_s=10, clock=lambda: now[0])
+    bus.provision("q", ["t"], [])
+    bus.publish_many("t", [(b"a", {}), (b"b", {})])
+    consumer = bus.consumer("q", ["t"])
+    stale_a, stale_b = consumer.receive(2, wait_s=0)
+    now[0] += 11  # both leases ran out
+    (fresh_a,) = consumer.receive(1, wait_s=0)
+    consumer.ack([stale_a, stale_b])  # a's receipt is stale; b's is still the current lease
+    assert fresh_a.body == b"a" and fresh_a.attempt == 2
+    assert bus.status("q", ["t"])[0].in_flight == 1  # a kept, b gone
+    consumer.ack([fresh_a])
+    assert bus.status("q", ["t"])[0].in_flight == 0
+    bus.close()
+
+
+# -- wake-ups ----------------------------------------------------------------------------------
+
+_PUBLISH = """
+import sys
+from hedwig_tasks.transports.sqlite import SQLiteTransport
+bus = SQLiteTransport(sys.argv[1])
+bus.publish("t", b"from another process", {})
+bus.close()
+"""
+
+
+@pytest.fixture
+def slow_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls far apart, so a receive that returns soon was woken, not polling."""
+    monkeypatch.setattr(sqlite_consumer, "DEFAULT_POLL_MIN_S", 60.0)
+    monkeypatch.setattr(sqlite_consumer, "DEFAULT_POLL_MAX_S", 60.0)
+
+
+def _waiting(bus: SQLiteTransport, consumer: Consumer) -> tuple[threading.Thread, list[list[bytes]]]:
+    """A thread blocked in ``consumer.receive``, once its wake-up socket is bound."""
+    got: list[list[bytes]] = []
+    thread = threading.Thread(target=lambda: got.append([d.body for d in consumer.receive(1, wait_s=60)]))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not list(bus.wake.directory.glob("*.sock")):
+        assert time.monotonic() < deadline, "the consumer never bound its wake-up socket"
+        time.sleep(0.01)
+    return thread, got
+
+
+@pytest.mark.usefixtures("slow_polls")
+def test_a_publish_in_another_process_wakes_a_waiting_consumer(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    consumer = bus.consumer("q", ["t"])
+    thread, got = _waiting(bus, consumer)
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", _PUBLISH, str(bus.path)], check=True, timeout=60)
+    thread.join(30)
+    assert got == [[b"from another process"]]
+    assert time.monotonic() - started < 30  # a poll would have taken 60 s
+    consumer.close()
+    assert list(bus.wake.directory.glob("*.sock")) == []  # close unbinds
+    bus.close()
+
+
+@pytest.mark.usefixtures("slow_polls")
+def test_a_release_wakes_a_waiting_consumer(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.publish("t", b"held", {})
+    holder, waiter = bus.consumer("q", ["t"]), bus.consumer("q", ["t"])
+    held = holder.receive(1, wait_s=0)
+    thread, got = _waiting(bus, waiter)
+    holder.release(held)
+    thread.join(30)
+    assert got == [[b"held"]]
+    waiter.close()
+    bus.close()
+
+
+def test_a_socket_left_by_a_killed_process_is_removed_by_the_next_publish(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.wake.directory.mkdir()
+    left = bus.wake.directory / "999999-dead.sock"
+    orphan = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    orphan.bind(str(left))
+    orphan.close()  # the file stays, as a kill -9 leaves it; nobody receives on it
+    assert left.exists()
+    bus.publish("t", b"x", {})
+    assert not left.exists()
+    bus.close()
+
+
+def test_without_a_wake_up_directory_consumers_still_find_messages_by_polling(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.wake.directory.write_text("a file where the wake-up directory would go")
+    consumer = bus.consumer("q", ["t"])
+    assert consumer.receive(1, wait_s=0.1) == []
+    threading.Timer(0.05, bus.publish, args=("t", b"polled", {})).start()
+    assert [d.body for d in consumer.receive(1, wait_s=10)] == [b"polled"]
+    bus.close()
+
+
+def test_a_bus_path_too_long_for_a_socket_address_wakes_through_the_temporary_directory(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "bus.db"
+    bus = SQLiteTransport(deep)
+    assert len(os.fsencode(bus.wake.directory)) < 80
+    assert bus.wake.directory.parent == Path(tempfile.gettempdir())
+    assert SQLiteTransport(deep).wake.directory == bus.wake.directory  # every process finds the same one
+
+
+# -- dead letters by id ------------------------------------------------------------------------
+
+
+def test_a_dead_letters_id_is_the_message_id_its_delivery_had(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.publish_many("t", [(b"a", {}), (b"b", {}), (b"c", {})])
+    consumer = bus.consumer("q", ["t"])
+    deliveries = consumer.receive(3, wait_s=0)
+    for delivery in deliveries:
+        consumer.dead_letter(delivery, "bad")
+    a, b, c = deliveries
+    assert [r.transport_id for r in bus.dead_letters("q")] == [a.transport_id, b.transport_id, c.transport_id]
+    assert [r.body for r in bus.dead_letters("q", ids=[c.transport_id, a.transport_id], limit=1)] == [b"a"]
+    assert bus.purge_dead_letters("q", ids=[b.transport_id, "unknown"]) == 1
+    assert bus.requeue_dead_letters("q", limit=1) == 1  # the oldest: a
+    assert [d.body for d in consumer.receive(5, wait_s=0)] == [b"a"]
+    assert [r.body for r in bus.dead_letters("q")] == [b"c"]
+    bus.close()
+
+
+def test_requeue_and_purge_by_many_ids_work_in_chunks(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.publish_many("t", [(str(i).encode(), {}) for i in range(1200)])
+    consumer = bus.consumer("q", ["t"])
+    for delivery in consumer.receive(1200, wait_s=0):
+        consumer.dead_letter(delivery, "x")
+    records = bus.dead_letters("q", limit=2000)
+    calls: list[tuple[int, int | None]] = []
+    chosen = [r.transport_id for r in records[:1100]]
+    assert bus.requeue_dead_letters("q", ids=chosen, progress=lambda *a: calls.append(a)) == 1100
+    assert calls == [(500, 1100), (1000, 1100), (1100, 1100)]
+    assert bus.status("q", ["t"])[0].depth == 1100
+    assert bus.purge_dead_letters("q", ids=[r.transport_id for r in records]) == 100
+    assert bus.dead_letters("q") == []
+    bus.close()
+
+
+def test_a_version_1_bus_file_gains_the_dead_letter_index(tmp_path: Path) -> None:
+    path = tmp_path / "bus.db"
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.executescript(sqlite_sql.SCHEMA.replace("PRAGMA user_version = 2", "PRAGMA user_version = 1"))
+        raw.execute("DROP INDEX dead_letters_by_message")
+    bus = SQLiteTransport(path)
+    assert bus.dead_letters("q", ids=["x"]) == []
+    bus.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (sqlite_sql.SCHEMA_VERSION,)
+        names = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "dead_letters_by_message" in names

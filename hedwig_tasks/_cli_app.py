@@ -9,6 +9,7 @@ Every failure is a :class:`CLIError`: one line that says what was tried and what
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import os
@@ -174,10 +175,11 @@ def load_app(spec: str, option: str = "-A") -> Hedwig:
 
 
 def _remember(app: Hedwig, value: Any) -> Hedwig:
-    """An app that came from Flask is the default app in every thread (handlers' ``Message.new(...).publish()``)."""
-    if not isinstance(value, Hedwig):
-        from hedwig_tasks import conf
+    """The app ``-A`` found is the default app in every thread, unless settings built one already:
+    ``Message.new(...).publish()`` in a handler uses it (a Flask app context is per thread)."""
+    from hedwig_tasks import conf
 
+    with contextlib.suppress(ConfigurationError):
         conf.use_app(app)
     return app
 

@@ -7,12 +7,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import cli, one_error, project
 
 FAILING = """
 from pathlib import Path
+from typing import Any
 
 from hedwig_tasks import DeadLetter, Hedwig, Message
 
@@ -63,7 +65,7 @@ def copy(dead: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def listed(folder: Path, *args: str) -> list[dict[str, object]]:
+def listed(folder: Path, *args: str) -> list[dict[str, Any]]:
     result = cli(folder, "dlq", "list", "-A", "failing", "--json", *args)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
@@ -86,7 +88,7 @@ def test_list_json_has_every_field(dead: Path) -> None:
     assert set(first) == {
         "id", "hedwig_id", "type", "version", "subscription", "attempts", "dead_at", "reason", "attributes", "body",
     }  # fmt: skip
-    assert sorted(r["type"] for r in records) == ["send_email"] * 3 + ["user-created"] * 2
+    assert sorted(str(r["type"]) for r in records) == ["send_email"] * 3 + ["user-created"] * 2
     assert all(r["id"] and r["attempts"] == 1 for r in records)
 
 

@@ -15,7 +15,7 @@ from redis_server import cleanup, redis_url
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.testing.contract import ContractClock, Names, RealClock, TransportContract
 from hedwig_tasks.transports import from_url
-from hedwig_tasks.transports.base import Consumer, Delivery, SubscriptionStatus
+from hedwig_tasks.transports.base import Consumer, Delivery
 from hedwig_tasks.transports.redis import RedisTransport
 
 
@@ -182,9 +182,14 @@ def test_trimming_keeps_what_any_group_still_needs(url: str, names: Names) -> No
         bus.provision(None, [], [names.other_topic])
         other = f"hedwig:{names.other_topic}"
         wait_for(lambda: bus.publish(names.other_topic, b"nobody", {}) and raw.xlen(other) == 0, timeout_s=10)
-        assert bus.status(names.queue, [names.topic])[0] == SubscriptionStatus(
-            f"{names.queue}:{names.topic}", names.topic, 0, 0, 0
+        (row,) = bus.status(names.queue, [names.topic])
+        assert (row.subscription, row.depth, row.in_flight, row.dead_letters) == (
+            f"{names.queue}:{names.topic}",
+            0,
+            0,
+            0,
         )
+        assert row.details["stream"] == stream
     finally:
         bus.close()
 

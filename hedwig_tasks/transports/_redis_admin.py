@@ -113,7 +113,19 @@ class RedisAdmin:
         with self._link.errors(doing):
             flat = self._link.script("counts")(keys=keys, args=[queue, self._link.lease_ms, scan, *names])
         return [
-            SubscriptionStatus(name, topic, int(flat[3 * i]), int(flat[3 * i + 1]), int(flat[3 * i + 2]))
+            SubscriptionStatus(
+                name,
+                topic,
+                int(flat[3 * i]),
+                int(flat[3 * i + 1]),
+                int(flat[3 * i + 2]),
+                details={
+                    "stream": stream_key(topic),
+                    "group": queue,
+                    "retries and requeues": queue_key(queue),
+                    "dead letters": dlq_key(queue),
+                },
+            )
             for i, (name, topic) in enumerate(zip(names, topics, strict=True))
         ]
 

@@ -105,7 +105,13 @@ class RedisConsumer(Consumer):
             return []
         found: list[Delivery] = []
         if now >= self._next_housekeeping:
-            found = self._housekeep(streams, max_messages)
+            try:
+                found = self._housekeep(streams, max_messages)
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._ready = None  # a stream or its group went away (a Redis without persistence restarted)
+                return []
         if len(found) < max_messages:
             block_s = max(0.0, min(deadline, self._next_housekeeping, now + self._link.block_s) - time.monotonic())
             block_ms = None if found else int(block_s * 1000)

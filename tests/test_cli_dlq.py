@@ -77,7 +77,7 @@ def test_list_is_a_table_with_the_total(dead: Path) -> None:
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["id", "type", "version", "subscription", "attempts", "died", "(UTC)", "reason"]
     assert len(rows) == 4
-    assert any("send_email" in row and "1.0" in row and "bounced: to0@example.com" in row for row in rows)
+    assert any("send_email" in row and "1.0" in row and "bounced: to" in row for row in rows)
     assert result.stderr.strip() == "4 of 5 dead letter(s) of dlqtest shown, oldest first (--limit N for more)"
 
 

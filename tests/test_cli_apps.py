@@ -79,3 +79,18 @@ def test_status_on_pubsub_says_what_it_knows(emulator_host: str, tmp_path: Path)
         "-: Pub/Sub's API reports no message counts; backlog and dead letters are Cloud Monitoring"
     )
     assert sum(line.startswith("-: ") for line in lines) == 1
+
+
+def test_a_publish_only_app_provisions_only_its_topics(emulator_host: str, tmp_path: Path) -> None:
+    folder = project(tmp_path)
+    (folder / "orders.py").write_text(
+        "from pathlib import Path\nfrom hedwig_tasks import Hedwig\n"
+        "hedwig = Hedwig('orders', schema=Path(__file__).with_name('schema.json'))\n"
+    )
+    url = f"gcp://c1-{uuid.uuid4().hex[:10]}?emulator={emulator_host}"
+    result = cli(folder, "provision", "-A", "orders", "--transport", url)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        "create topic user-created-v1",
+        "create topic send_email-v1",
+    ]  # no hedwig-orders topic, no dead-letter topic, no subscription

@@ -302,8 +302,37 @@ def test_authedwig_dead_letter_is_listed_and_requeued_by_hedwig_tasks(route: Rou
     _assert_settled(route, ours)
 
 
-def test_an_app_built_from_authedwig_settings_talks_to_authedwig(route: Route) -> None:
-    """The settings authedwig runs on (REDIS_URL and its Redis backends) build a hedwig-tasks app."""
+def _as_hedwig_tasks_url(settings: dict[str, Any]) -> dict[str, Any]:
+    """authedwig's Redis settings as the migration guide says to write them for hedwig-tasks today."""
+    moved = {
+        k: v
+        for k, v in settings.items()
+        if k not in ("REDIS_URL", "HEDWIG_PUBLISHER_BACKEND", "HEDWIG_CONSUMER_BACKEND")
+    }
+    return {
+        **moved,
+        "HEDWIG_TRANSPORT_URL": f"{settings['REDIS_URL']}?lease_s={settings['HEDWIG_VISIBILITY_TIMEOUT_S']}",
+    }
+
+
+SETTINGS_FORMS = [
+    pytest.param(_as_hedwig_tasks_url, id="transport-url"),
+    pytest.param(
+        dict,
+        id="as-authedwig-has-them",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="settings.py refuses REDIS_URL and conf.py maps only Hedwig's AWS and Google backend paths",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("form", SETTINGS_FORMS)
+def test_an_app_built_from_authedwig_settings_talks_to_authedwig(
+    route: Route, form: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """authedwig's Redis settings build a hedwig-tasks app on the same streams and group."""
     handled: list[Message] = []
     settings = {
         **route.settings("jsonschema", container=False),
@@ -311,8 +340,8 @@ def test_an_app_built_from_authedwig_settings_talks_to_authedwig(route: Route) -
         "HEDWIG_JSONSCHEMA_FILE": str(SCHEMA_FILE),
         "HEDWIG_CALLBACKS": {("user-created", "1.*"): handled.append},
     }
-    app = build_app(HedwigSettings.read(settings))
-    assert app.transport.scheme == "redis"
+    app = build_app(HedwigSettings.read(form(settings)))
+    assert (app.transport.scheme, app.transport.lease_s) == ("redis", AUTHEDWIG_VISIBILITY_TIMEOUT_S)
     app.provision()
     sent = route.authedwig_publishes("jsonschema", container=False)
     _drain(app)
@@ -321,3 +350,24 @@ def test_an_app_built_from_authedwig_settings_talks_to_authedwig(route: Route) -
     ours = app.publish("user-created", "1.0", {"user_id": "U_9"})
     [theirs] = _authedwig_consume(route, "jsonschema", False)
     assert (theirs.id, theirs.publisher) == (ours.id, "settings-service")
+
+
+def test_the_transport_reads_authedwigs_redis_settings(route: Route) -> None:
+    """``RedisTransport.from_settings``: REDIS_URL, and HEDWIG_VISIBILITY_TIMEOUT_S as the lease."""
+    from hedwig_tasks.transports.redis import RedisTransport
+
+    transport = RedisTransport.from_settings(route.settings("jsonschema", container=False))
+    assert transport.lease_s == AUTHEDWIG_VISIBILITY_TIMEOUT_S
+    handled: list[Message] = []
+    app = Hedwig(
+        "settings-service",
+        schema=SCHEMA_FILE,
+        transport=transport,
+        routing={"user-created": route.topic},
+        queue=route.queue,
+    )
+    app.handler("user-created", "1.*")(handled.append)
+    app.provision()
+    sent = route.authedwig_publishes("jsonschema", container=False)
+    _drain(app)
+    assert [message.id for message in handled] == [sent.id]

@@ -59,6 +59,9 @@ Cluster is not supported (the scripts touch several keys). Entries carry text, s
 be UTF-8 (binary messages arrive base64-encoded from the app). Durability is Redis's: without
 ``appendonly`` a Redis crash loses what it had not written.
 
+Server: Redis 6.2 or later (``XAUTOCLAIM``); on Redis 7 ``XINFO GROUPS`` reports each group's lag,
+so counts read no entry of a topic stream.
+
 Connection string: ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://`` for TLS,
 e.g. ``redis://localhost:6379/0?lease_s=60``. The password never appears in a repr or a log.
 

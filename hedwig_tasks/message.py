@@ -90,6 +90,18 @@ class Metadata:
         if not isinstance(self.headers, MappingProxyType):
             object.__setattr__(self, "headers", _freeze(self.headers))
 
+    @classmethod
+    def received(cls, timestamp: int, publisher: str, headers: dict[str, str]) -> Metadata:
+        """Metadata read off the wire by a validator, which has checked the fields' types.
+
+        ``headers`` must be a fresh dict: it is frozen as it is, not copied. A worker builds one
+        per message, and a frozen dataclass's ``__init__`` costs several times this.
+        """
+        metadata = object.__new__(cls)
+        metadata.__dict__.update(timestamp=timestamp, publisher=publisher, headers=MappingProxyType(headers))
+        metadata.__dict__["delivery"] = None
+        return metadata
+
 
 @dataclasses.dataclass(frozen=True)
 class Message:

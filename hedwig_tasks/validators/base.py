@@ -21,7 +21,6 @@ import base64
 import binascii
 import dataclasses
 from collections.abc import Iterable, Mapping
-from types import MappingProxyType
 from typing import Any, cast
 
 from hedwig_tasks.exceptions import DecodeError, ValidationError
@@ -151,9 +150,7 @@ def read_meta_attributes(attributes: Mapping[str, str]) -> tuple[str, Metadata, 
         timestamp = int(timestamp_text)
     except ValueError:
         raise DecodeError(f"hedwig_message_timestamp is not an integer: {timestamp_text!r}") from None
-    # a fresh dict, so it is frozen as it is rather than copied once more
-    headers = MappingProxyType(headers_from_attributes(attributes))
-    metadata = Metadata(timestamp=timestamp, publisher=publisher, headers=headers)
+    metadata = Metadata.received(timestamp, publisher, headers_from_attributes(attributes))
     return message_id, metadata, schema
 
 

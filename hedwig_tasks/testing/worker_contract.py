@@ -492,18 +492,19 @@ class WorkerContract:
         fleet.wait(lambda: "fine" in fleet.handled() and len(fleet.events("dead")) >= len(poison), "all settled")
         assert fleet.stop(worker) == 0, fleet.logs()
         assert {e["user_id"] for e in fleet.events("start")} == {"fine"}
-        listed = fleet.cli("dlq", "list")
+        listed = fleet.cli("dlq", "list", "--json")
         assert listed.returncode == 0, listed.stderr
         reasons = [json.loads(line)["reason"] for line in listed.stdout.splitlines()]
         for _, _, expected in poison:
             assert any(expected in reason for reason in reasons), (expected, reasons)
-        requeued = fleet.cli("dlq", "requeue")
-        moved = re.search(r"requeued (\d+) message\(s\)", requeued.stderr)
+        requeued = fleet.cli("dlq", "requeue", "--yes")
+        moved = re.search(r"requeued ([\d,]+) dead letter\(s\)", requeued.stderr)
         assert requeued.returncode == 0 and moved, requeued.stderr
-        assert int(moved[1]) == len(poison) or (not self.exactly_once and int(moved[1]) >= len(poison))
+        count = int(moved[1].replace(",", ""))
+        assert count == len(poison) or (not self.exactly_once and count >= len(poison))
         fleet.wait(lambda: fleet.transport.dead_letters(fleet.name()) == [], "the dead letters requeued")
         if fleet.transport.capabilities.status_counts:
-            assert self.counts(fleet) == (int(moved[1]), 0, 0)
+            assert self.counts(fleet) == (count, 0, 0)
 
     # -- leases, shutdown and crashes ---------------------------------------------------------
 

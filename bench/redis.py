@@ -21,7 +21,8 @@ handler notes the time and counts; nothing else.
   prefetch (twice the threads: 8) and acknowledgement after the handler; filled by
   ``actor.send``. No schema.
 
-**publish**, from one thread of this process, ``--publish-messages`` each:
+**publish**, from one thread of this process, ``--publish-messages`` each, in chunks of 500
+that the contenders take in turn (so a busy moment of the machine hits all of them):
 ``hedwig_tasks`` (``Hedwig.publish``: validate, encode, one ``XADD``), ``dramatiq``
 (``actor.send``), ``plain_xadd`` (``json.dumps`` and one ``XADD`` with the same fields, no
 validation); and batched: ``hedwig_tasks_many`` (``app.encode`` each, then
@@ -40,9 +41,10 @@ Usage::
     python bench/redis.py [--messages 20000] [--publish-messages 5000] [--latency-messages 1000]
                           [--rate 100] [--rounds 3] [--parts drain,publish,latency] [--url URL]
 
-Progress goes to stderr; stdout gets ONE JSON line with every contender's figures and a
-``ratio`` per comparison (throughput: hedwig-tasks over the other; latency: hedwig-tasks's
-p99 over Celery's, lower is better) and whether the issue's targets were met.
+Progress goes to stderr; stdout gets ONE JSON line with every contender's figures (median,
+spread and each round's), a ``ratio`` per comparison (of the medians; throughput: hedwig-tasks
+over the other; latency: hedwig-tasks's p99 over Celery's, lower is better), the same ratio in
+each round (``round_ratios``), and whether the issue's targets were met.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,8 @@ HELD = 16
 CONCURRENCY = 4
 #: Messages per publish_many call and per plain pipeline.
 BATCH = 100
+#: Messages each publisher sends before the next takes its turn.
+PUBLISH_CHUNK = 500
 #: Longest one run may take, in seconds.
 TIMEOUT_S = 600.0
 TARGETS = {"drain_vs_plain_min": 0.25, "drain_vs_dramatiq_min": 3.0, "publish_vs_dramatiq_min": 1.5}
@@ -378,14 +382,13 @@ def drain_figures(run: Run, n: int, result: dict[str, Any]) -> dict[str, float]:
 
 
 class RoundTrips:
-    """Counts what redis-py sends to the server: one per command, one per pipeline."""
+    """Counts what redis-py sends to the server while installed: one per command, one per pipeline."""
 
     def __init__(self) -> None:
         self.count = 0
         self._original = redis.connection.AbstractConnection.send_packed_command
 
-    @contextmanager
-    def counting(self) -> Iterator[None]:
+    def __enter__(self) -> RoundTrips:
         original = self._original
 
         def send(connection: Any, command: Any, check_health: bool = True) -> None:
@@ -393,45 +396,29 @@ class RoundTrips:
             original(connection, command, check_health)
 
         redis.connection.AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            redis.connection.AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        redis.connection.AbstractConnection.send_packed_command = self._original  # type: ignore[method-assign]
 
 
-def timed(m: int, publish: Callable[[int], object], *, step: int = 1) -> dict[str, float]:
-    trips = RoundTrips()
-    with trips.counting():
-        started = time.perf_counter()
-        for number in range(0, m, step):
-            publish(number)
-        elapsed = time.perf_counter() - started
-    return {"per_s": m / elapsed, "round_trips_per_message": trips.count / m}
+#: A publisher: ``send(n)`` publishes message n (or the batch from n with ``step`` > 1).
+Sender = tuple[Callable[[int], object], int]
 
 
-def publish_hedwig(run: Run, m: int) -> dict[str, float]:
+def hedwig_sender(run: Run, stack: ExitStack, *, many: bool = False) -> Sender:
     app = run.hedwig_app()
+    stack.callback(app.close)
     app.provision()
     app.publish("user-created", "1.0", _data(-1))  # connect before the clock
-    try:
-        return timed(m, lambda number: app.publish("user-created", "1.0", _data(number)))
-    finally:
-        app.close()
-
-
-def publish_hedwig_many(run: Run, m: int) -> dict[str, float]:
-    app = run.hedwig_app()
-    app.provision()
-    app.publish("user-created", "1.0", _data(-1))
 
     def batch(start: int) -> None:
         messages = [app.message("user-created", "1.0", _data(number)) for number in range(start, start + BATCH)]
         app.transport.publish_many(run.topic, [app.encode(message) for message in messages])
 
-    try:
-        return timed(m, batch, step=BATCH)
-    finally:
-        app.close()
+    if many:
+        return batch, BATCH
+    return (lambda number: app.publish("user-created", "1.0", _data(number))), 1
 
 
 def _plain_fields(number: int) -> dict[str, str]:
@@ -445,13 +432,7 @@ def _plain_fields(number: int) -> dict[str, str]:
     }
 
 
-def publish_plain(run: Run, m: int) -> dict[str, float]:
-    stream = f"hedwig:{run.topic}"
-    run.client.xadd(stream, _plain_fields(-1))  # type: ignore[arg-type]
-    return timed(m, lambda number: run.client.xadd(stream, _plain_fields(number)))  # type: ignore[arg-type]
-
-
-def publish_plain_pipeline(run: Run, m: int) -> dict[str, float]:
+def plain_sender(run: Run, stack: ExitStack, *, many: bool = False) -> Sender:
     stream = f"hedwig:{run.topic}"
     run.client.xadd(stream, _plain_fields(-1))  # type: ignore[arg-type]
 
@@ -461,16 +442,43 @@ def publish_plain_pipeline(run: Run, m: int) -> dict[str, float]:
             pipe.xadd(stream, _plain_fields(number))  # type: ignore[arg-type]
         pipe.execute()
 
-    return timed(m, batch, step=BATCH)
+    if many:
+        return batch, BATCH
+    return (lambda number: run.client.xadd(stream, _plain_fields(number))), 1  # type: ignore[arg-type]
 
 
-def publish_dramatiq(run: Run, m: int) -> dict[str, float]:
+def dramatiq_sender_of(run: Run, stack: ExitStack) -> Sender:
     actor = dramatiq_sender(run)
+    stack.callback(actor.broker.close)
     actor.send(**_data(-1))
-    try:
-        return timed(m, lambda number: actor.send(**_data(number)))
-    finally:
-        actor.broker.close()
+    return (lambda number: actor.send(**_data(number))), 1
+
+
+PUBLISHERS: dict[str, Callable[[Run, ExitStack], Sender]] = {
+    "hedwig_tasks": hedwig_sender,
+    "dramatiq": dramatiq_sender_of,
+    "plain_xadd": plain_sender,
+    "hedwig_tasks_many": lambda run, stack: hedwig_sender(run, stack, many=True),
+    "plain_pipeline": lambda run, stack: plain_sender(run, stack, many=True),
+}
+
+
+def publish_round(workdir: Path, args: argparse.Namespace, m: int, order: list[str]) -> dict[str, dict[str, float]]:
+    """Every contender publishes ``m``, in chunks taken in turn, so a busy moment hits them all."""
+    elapsed = dict.fromkeys(order, 0.0)
+    trips = dict.fromkeys(order, 0)
+    with ExitStack() as stack:
+        senders = {name: PUBLISHERS[name](stack.enter_context(run_of(workdir, args.url, m)), stack) for name in order}
+        for chunk in range(0, m, PUBLISH_CHUNK):
+            for name in order:
+                send, step = senders[name]
+                with RoundTrips() as counted:
+                    started = time.perf_counter()
+                    for number in range(chunk, min(chunk + PUBLISH_CHUNK, m), step):
+                        send(number)
+                    elapsed[name] += time.perf_counter() - started
+                trips[name] += counted.count
+    return {name: {"per_s": m / elapsed[name], "round_trips_per_message": trips[name] / m} for name in order}
 
 
 # -- latency --------------------------------------------------------------------------------------
@@ -553,6 +561,7 @@ def summary(values: list[dict[str, Any]]) -> dict[str, Any]:
         series = [v[key] for v in values]
         out[key] = round(statistics.median(series), 3)
         out[f"{key}_spread"] = [round(min(series), 3), round(max(series), 3)]
+        out[f"{key}_rounds"] = [round(value, 3) for value in series]
     return out
 
 
@@ -572,16 +581,15 @@ def drain(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def publish(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    m = args.publish_messages - args.publish_messages % BATCH
-    log(f"publish: {m} messages from one thread, {args.rounds} rounds")
-    contenders = {
-        "hedwig_tasks": publish_hedwig,
-        "dramatiq": publish_dramatiq,
-        "plain_xadd": publish_plain,
-        "hedwig_tasks_many": publish_hedwig_many,
-        "plain_pipeline": publish_plain_pipeline,
-    }
-    figures = rounds(workdir, args, m, {name: lambda run, f=f: f(run, m) for name, f in contenders.items()})
+    m = args.publish_messages - args.publish_messages % PUBLISH_CHUNK
+    log(f"publish: {m} messages from one thread, in chunks of {PUBLISH_CHUNK} taken in turn, {args.rounds} rounds")
+    names = [name for name in PUBLISHERS if not args.only or name in args.only.split(",")]
+    figures: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name, values in publish_round(workdir, args, m, order).items():
+            figures[name].append(values)
+            log(f"  round {round_ + 1}: {name} {json.dumps({k: round(v, 2) for k, v in values.items()})}")
     return {name: summary(values) for name, values in figures.items()}
 
 
@@ -607,13 +615,17 @@ RATIOS = {
 }
 
 
-def ratios(results: dict[str, Any]) -> dict[str, float]:
+def ratios(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each comparison's ratio of medians, and its ratio in each round (same round, same moment)."""
     out: dict[str, float] = {}
+    by_round: dict[str, list[float]] = {}
     for name, (part, ours, other, figure) in RATIOS.items():
         sides = results.get(part, {})
         if ours in sides and other in sides:
             out[name] = round(sides[ours][figure] / sides[other][figure], 3)
-    return out
+            pairs = zip(sides[ours][f"{figure}_rounds"], sides[other][f"{figure}_rounds"], strict=True)
+            by_round[name] = [round(a / b, 3) for a, b in pairs]
+    return out, by_round
 
 
 def targets_met(ratio: dict[str, float]) -> dict[str, bool]:
@@ -633,8 +645,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--url", default=URL)
     parser.add_argument("--only", help="comma-separated contenders to run (ratios only where both ran)")
     args = parser.parse_args()
-    if min(args.messages, args.publish_messages // BATCH, args.latency_messages, args.rounds) < 1:
-        parser.error(f"--messages, --latency-messages and --rounds must be 1 or more, --publish-messages {BATCH}+")
+    if min(args.messages, args.publish_messages // PUBLISH_CHUNK, args.latency_messages, args.rounds) < 1:
+        parser.error(f"--messages, --latency-messages, --rounds must be 1 or more, --publish-messages {PUBLISH_CHUNK}+")
     return args
 
 
@@ -654,10 +666,11 @@ def main() -> int:
         except BenchError as exc:
             log(f"bench failed: {exc}")
             return 1
-    ratio = ratios(results)
+    ratio, round_ratios = ratios(results)
     settings = {"messages": args.messages, "publish_messages": args.publish_messages, "rounds": args.rounds}
     settings.update(latency_messages=args.latency_messages, rate=args.rate)
-    print(json.dumps({"bench": "redis", **settings, **results, "ratio": ratio, "targets_met": targets_met(ratio)}))
+    figures = {**results, "ratio": ratio, "round_ratios": round_ratios, "targets_met": targets_met(ratio)}
+    print(json.dumps({"bench": "redis", **settings, **figures}))
     return 0
 
 

@@ -217,6 +217,8 @@ class Hedwig:
         Raises :class:`ConfigurationError` at declaration for an unknown type or major, a
         duplicate registration, or a function that cannot take a message.
         """
+        if callable(message_type):
+            raise self._bare_handler(message_type)
         majors = parse_majors(pattern)
         for major in majors:
             try:
@@ -230,6 +232,17 @@ class Hedwig:
             return handler
 
         return register
+
+    def _bare_handler(self, fn: Callable[..., Any]) -> ConfigurationError:
+        """The error for ``@app.handler`` written without its arguments, saying how to write it."""
+        name = getattr(fn, "__name__", "handler")
+        types = sorted({t for t, _ in self.validator.known_types()})
+        example = types[0] if types else "send_email"
+        return ConfigurationError(
+            f"@handler used without arguments on {name}(): name the message type and the majors it "
+            f'takes, as in @app.handler("{example}", "1.*") (app being your Hedwig app); '
+            f"the schema defines {', '.join(map(repr, types)) or 'no types'}"
+        )
 
     def handler_for(self, message: Message) -> Handler:
         """The handler for a message; :class:`HandlerNotFound` if none takes it."""

@@ -7,6 +7,9 @@ here keeps the dependency list as it is. ``hedwig-tasks worker --metrics-port PO
 * ``hedwig_published_total``, ``hedwig_handled_total``, ``hedwig_failed_total``,
   ``hedwig_retried_total``, ``hedwig_dead_lettered_total``: counters by ``type`` and ``major``
   (dead letters that could not be decoded count under ``type="",major=""``);
+* ``hedwig_handler_dead_lettered_total``: messages whose handler raised ``DeadLetter``, by
+  ``type`` and ``major``. A deliberate dead letter is not a failure: it is counted here and in
+  ``hedwig_dead_lettered_total``, never in ``hedwig_failed_total``;
 * ``hedwig_handler_duration_seconds``: a histogram by ``type`` and ``major``;
 * ``hedwig_running``, ``hedwig_buffered``: gauges of what the worker holds;
 * ``hedwig_subscription_depth``, ``hedwig_subscription_dead_letters``: gauges by
@@ -37,9 +40,10 @@ DEFAULT_DEPTH_EVERY_S = 5.0
 _COUNTERS = {
     "hedwig_published_total": "Messages published.",
     "hedwig_handled_total": "Messages whose handler succeeded (or raised Ignore).",
-    "hedwig_failed_total": "Handler runs that raised.",
+    "hedwig_failed_total": "Handler runs that raised (not counting Ignore and DeadLetter).",
     "hedwig_retried_total": "Messages scheduled for a retry.",
     "hedwig_dead_lettered_total": "Messages sent to the dead letters.",
+    "hedwig_handler_dead_lettered_total": "Messages whose handler raised DeadLetter (a decision, not a failure).",
 }
 
 Labels = tuple[str, str]
@@ -99,6 +103,7 @@ class Metrics:
             (signals.after_publish, self._count("hedwig_published_total")),
             (signals.handler_succeeded, self._on_done("hedwig_handled_total")),
             (signals.handler_failed, self._on_done("hedwig_failed_total")),
+            (signals.handler_dead_lettered, self._on_done("hedwig_handler_dead_lettered_total")),
             (signals.handler_retried, self._count("hedwig_retried_total")),
             (signals.message_dead_lettered, self._count("hedwig_dead_lettered_total")),
         ):

@@ -12,9 +12,9 @@ import random
 from collections.abc import Callable
 from typing import Literal
 
-from hedwig_tasks.exceptions import DeadLetter, Ignore, Retry
+from hedwig_tasks.exceptions import ConfigurationError, DeadLetter, Ignore, Retry, RoutingError, ValidationError
 
-__all__ = ["DEFAULT_RETRY_POLICY", "Outcome", "RetryPolicy", "decide"]
+__all__ = ["DEFAULT_RETRY_POLICY", "NON_RETRYABLE", "Outcome", "RetryPolicy", "decide"]
 
 #: Retries after the first attempt before a message is dead-lettered.
 DEFAULT_MAX_RETRIES = 5
@@ -22,6 +22,12 @@ DEFAULT_MAX_RETRIES = 5
 DEFAULT_BACKOFF_S = 2.0
 #: The longest backoff, in seconds.
 DEFAULT_MAX_BACKOFF_S = 600.0
+#: Errors a handler raises that no retry can cure, so its message is dead-lettered at once with
+#: the error as the reason: a message that breaks its schema (``ValidationError``, say from a
+#: publish inside the handler), a wrong setting or schema (``ConfigurationError``), a message
+#: type with no route (``RoutingError``). The default of ``RetryPolicy.dont_retry_on``; extend
+#: it with ``RetryPolicy(dont_retry_on=(*NON_RETRYABLE, KeyError))``.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (ValidationError, ConfigurationError, RoutingError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +36,8 @@ class RetryPolicy:
 
     The n-th retry waits ``backoff_s * 2**(n-1)`` seconds, capped at ``max_backoff_s``; with
     ``jitter`` the wait is drawn from its upper half so that retries of many messages spread
-    out. An exception in ``dont_retry_on``, or not in ``retry_on``, dead-letters at once.
+    out. An exception in ``dont_retry_on`` (by default :data:`NON_RETRYABLE`, the errors no
+    retry can cure), or not in ``retry_on``, dead-letters at once with the error as the reason.
     """
 
     max_retries: int = DEFAULT_MAX_RETRIES
@@ -38,7 +45,7 @@ class RetryPolicy:
     max_backoff_s: float = DEFAULT_MAX_BACKOFF_S
     jitter: bool = True
     retry_on: tuple[type[BaseException], ...] = (Exception,)
-    dont_retry_on: tuple[type[BaseException], ...] = ()
+    dont_retry_on: tuple[type[BaseException], ...] = NON_RETRYABLE
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:

@@ -25,7 +25,10 @@ Consuming:
 * ``message_unknown(message)``: no handler takes its type and major; it will be dead-lettered.
 * ``handler_started(message, handler)``: the handler is about to run.
 * ``handler_succeeded(message, handler, duration_s)``: it returned (or raised ``Ignore``).
-* ``handler_failed(message, handler, error, duration_s)``: it raised.
+* ``handler_failed(message, handler, error, duration_s)``: it raised (anything but ``Ignore`` or
+  ``DeadLetter``).
+* ``handler_dead_lettered(message, handler, reason, duration_s)``: it raised ``DeadLetter``: a
+  decision, not a failure (``message_dead_lettered`` follows, as for every dead letter).
 * ``handler_retried(message, handler, error, delay_s, attempt)``: the message will come back after ``delay_s``.
 * ``message_dead_lettered(message, delivery, reason)``: sent to the dead letters; ``message`` is None if undecodable.
 """
@@ -40,6 +43,7 @@ from blinker import Namespace, Signal
 __all__ = [
     "after_publish",
     "before_publish",
+    "handler_dead_lettered",
     "handler_failed",
     "handler_retried",
     "handler_started",
@@ -71,6 +75,7 @@ message_received = _signals.signal("message-received")
 handler_started = _signals.signal("handler-started")
 handler_succeeded = _signals.signal("handler-succeeded")
 handler_failed = _signals.signal("handler-failed")
+handler_dead_lettered = _signals.signal("handler-dead-lettered")
 handler_retried = _signals.signal("handler-retried")
 message_dead_lettered = _signals.signal("message-dead-lettered")
 message_unknown = _signals.signal("message-unknown")

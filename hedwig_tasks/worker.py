@@ -26,7 +26,15 @@ from typing import Any
 
 from hedwig_tasks import signals
 from hedwig_tasks.app import Hedwig
-from hedwig_tasks.exceptions import ConfigurationError, DecodeError, HandlerNotFound, Ignore, TransportError
+from hedwig_tasks.exceptions import (
+    ConfigurationError,
+    DeadLetter,
+    DecodeError,
+    HandlerControl,
+    HandlerNotFound,
+    Ignore,
+    TransportError,
+)
 from hedwig_tasks.handler import Handler
 from hedwig_tasks.instrumentation import Tracing
 from hedwig_tasks.message import Message
@@ -372,9 +380,11 @@ class Worker:
         try:
             self._process(delivery)
         except Exception as exc:
-            logger.exception("unexpected error processing delivery %s", delivery.transport_id)
-            if not self._local.settled:
-                self._dead_letter(delivery, None, f"unexpected error: {type(exc).__name__}: {exc}")
+            if self._local.settled:
+                logger.exception("unexpected error after settling delivery %s", delivery.transport_id)
+            else:
+                logger.exception("unexpected error processing delivery %s; dead-lettering it", delivery.transport_id)
+                self._dead_letter(delivery, None, f"unexpected error: {type(exc).__name__}: {exc}", logged=True)
         return bool(self._local.settled == "ack")
 
     def _ack_loop(self) -> None:
@@ -520,6 +530,8 @@ class Worker:
     def _report(
         self, handler: Handler, message: Message, error: Exception | None, duration_s: float, outcome: Outcome
     ) -> None:
+        """Signal and log how the handler's run ended: one log line per message, a traceback
+        only for an error nobody raised on purpose."""
         if error is None or isinstance(error, Ignore):
             self._tally("handled")
             signals.send(signals.handler_succeeded, self.app, message=message, handler=handler, duration_s=duration_s)
@@ -527,15 +539,28 @@ class Worker:
                 tag, fields = _describe(message, error, duration_s, outcome)
                 logger.info("handled %s%s", tag, " (ignored)" if error else "", extra=fields)
             return
+        tag, fields = _describe(message, error, duration_s, outcome)
+        if isinstance(error, DeadLetter):  # the handler's decision, not a failure
+            signals.send(
+                signals.handler_dead_lettered,
+                self.app,
+                message=message,
+                handler=handler,
+                reason=outcome.reason,
+                duration_s=duration_s,
+            )
+            logger.warning("dead-lettered %s: %s", tag, outcome.reason, extra=fields)
+            return
         signals.send(
             signals.handler_failed, self.app, message=message, handler=handler, error=error, duration_s=duration_s
         )
-        tag, fields = _describe(message, error, duration_s, outcome)
         if outcome.action == "retry":
             fields["retry_in_s"] = round(outcome.delay_s, 3)
             logger.warning("failed %s: %s; retrying in %.1fs", tag, outcome.reason, outcome.delay_s, extra=fields)
+        elif isinstance(error, HandlerControl):  # Retry past the policy's retries: asked for, no traceback
+            logger.error("failed %s: %s; dead-lettered", tag, outcome.reason, extra=fields)
         else:
-            logger.error("failed %s: %s", tag, outcome.reason, exc_info=error, extra=fields)
+            logger.error("failed %s: %s; dead-lettered", tag, outcome.reason, exc_info=error, extra=fields)
 
     def _carry_out(self, outcome: Outcome, delivery: Delivery, message: Message, handler: Handler) -> None:
         assert self._consumer is not None
@@ -564,19 +589,21 @@ class Worker:
                 attempt=delivery.attempt,
             )
         else:
-            self._dead_letter(delivery, message, outcome.reason)
+            self._dead_letter(delivery, message, outcome.reason, logged=True)
 
-    def _dead_letter(self, delivery: Delivery, message: Message | None, reason: str) -> None:
+    def _dead_letter(self, delivery: Delivery, message: Message | None, reason: str, *, logged: bool = False) -> None:
+        """Send a delivery to the dead letters; ``logged``: its log line was already written."""
         assert self._consumer is not None
-        what = f"id={message.id}" if message else f"transport id={delivery.transport_id}"
-        fields = {
-            "message_id": message.id if message else delivery.attributes.get("hedwig_id", ""),
-            "transport_id": delivery.transport_id,
-            "subscription": delivery.subscription,
-            "attempt": delivery.attempt,
-            "outcome": "dead_letter",
-        }
-        logger.error("dead-lettering %s from %s: %s", what, delivery.subscription, reason, extra=fields)
+        if not logged:
+            what = f"id={message.id}" if message else f"transport id={delivery.transport_id}"
+            fields = {
+                "message_id": message.id if message else delivery.attributes.get("hedwig_id", ""),
+                "transport_id": delivery.transport_id,
+                "subscription": delivery.subscription,
+                "attempt": delivery.attempt,
+                "outcome": "dead_letter",
+            }
+            logger.error("dead-lettering %s from %s: %s", what, delivery.subscription, reason, extra=fields)
         self._local.settled = "dead_letter"
         self._settle("dead letter", self._consumer.dead_letter, delivery, reason)
         self._tally("dead_lettered")

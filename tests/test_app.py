@@ -277,3 +277,32 @@ def test_a_publish_over_the_transports_attribute_limit_fails_before_sending(sche
     app.publish("user-created", "1.0", {"user_id": "U"}, headers={f"h{i}": "v" for i in range(4)})
     with pytest.raises(PublishError, match=r"1\d attributes, and MemoryTransport carries at most 10"):
         app.publish("user-created", "1.0", {"user_id": "U"}, headers={f"h{i}": "v" for i in range(6)})
+
+
+def test_a_bare_handler_decorator_says_how_to_write_it() -> None:
+    app = make_app()
+    with pytest.raises(ConfigurationError) as caught:
+
+        @app.handler  # type: ignore[arg-type]  # the mistake under test
+        def send_email(message: Message) -> None: ...
+
+    text = str(caught.value)
+    assert "@handler used without arguments on send_email()" in text
+    assert '@app.handler("send_email", "1.*")' in text
+    assert "'send_email', 'user-created'" in text  # what the schema defines
+    assert len(app.registry) == 0
+
+
+def test_message_attempt_is_one_in_eager_mode_and_for_a_message_built_locally() -> None:
+    app = make_app()
+    attempts: list[int] = []
+
+    @app.handler("user-created", "1.*")
+    def created(message: Message) -> None:
+        attempts.append(message.attempt)
+
+    with eager(app):
+        sent = created.publish(user_id="U1")
+    assert attempts == [1]
+    assert sent.delivery is None and sent.attempt == 1
+    assert Message.new("user-created", "1.0", {"user_id": "U2"}).attempt == 1

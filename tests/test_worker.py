@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +13,19 @@ import pytest
 from conftest import SCHEMA_FILE
 from helpers import WorkerThread, wait_for
 
-from hedwig_tasks import ConfigurationError, DeadLetter, Hedwig, Ignore, Message, Retry, RetryPolicy, signals
+from hedwig_tasks import (
+    ConfigurationError,
+    DeadLetter,
+    Hedwig,
+    Ignore,
+    Message,
+    Retry,
+    RetryPolicy,
+    ValidationError,
+    signals,
+)
+from hedwig_tasks.metrics import Metrics
+from hedwig_tasks.retry import NON_RETRYABLE, decide
 from hedwig_tasks.transports.memory import MemoryTransport
 from hedwig_tasks.worker import Worker, WorkerOptions
 
@@ -20,7 +33,8 @@ FAST = RetryPolicy(max_retries=2, backoff_s=0.05, jitter=False)
 
 
 def make_app(bus: MemoryTransport | None = None, **options: Any) -> Hedwig:
-    return Hedwig("svc", schema=SCHEMA_FILE, transport=bus or MemoryTransport(), retry=FAST, **options)
+    options.setdefault("retry", FAST)
+    return Hedwig("svc", schema=SCHEMA_FILE, transport=bus or MemoryTransport(), **options)
 
 
 class Running(WorkerThread):
@@ -39,6 +53,7 @@ def outcomes() -> Iterator[list[tuple[str, dict[str, Any]]]]:
     for name in (
         "handler_succeeded",
         "handler_failed",
+        "handler_dead_lettered",
         "handler_retried",
         "message_dead_lettered",
         "message_invalid",
@@ -340,3 +355,118 @@ def test_unknown_subscription_is_refused() -> None:
         Worker(app, WorkerOptions(topics=["nope"]))
     with pytest.raises(ConfigurationError, match="concurrency must be 1 or more"):
         WorkerOptions(concurrency=0)
+
+
+def test_message_attempt_counts_deliveries_in_a_worker() -> None:
+    app = make_app()
+    attempts: list[tuple[int, int]] = []
+
+    @app.handler("user-created", "1.*")
+    def flaky(message: Message) -> None:
+        attempts.append((message.attempt, message.delivery.attempt))
+        if message.attempt < 3:
+            raise Retry("not yet", delay_s=0.01)
+
+    runner = Running(app)
+    app.publish("user-created", "1.0", {"user_id": "U"})
+    wait_for(lambda: len(attempts) == 3 and runner.worker.counts["handled"] == 1)
+    runner.stop()
+    assert attempts == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_a_validation_error_from_a_publish_in_a_handler_dead_letters_at_once(outcomes: list[Any]) -> None:
+    app = make_app(retry=RetryPolicy(max_retries=5, backoff_s=0.01))
+    calls: list[int] = []
+
+    @app.handler("user-created", "1.*")
+    def forwards(message: Message) -> None:
+        calls.append(1)
+        app.publish("send_email", "1.0", {"to": "x"})  # breaks the schema: "subject" is required
+
+    runner = Running(app)
+    app.publish("user-created", "1.0", {"user_id": "U"})
+    wait_for(lambda: app.transport.dead_letters("svc"))
+    runner.stop()
+    assert calls == [1]
+    [record] = app.transport.dead_letters("svc")
+    assert record.reason.startswith("not retried: ValidationError: send_email 1.0: ")
+    assert [name for name, _ in outcomes] == ["handler_failed", "message_dead_lettered"]
+
+
+def test_non_retryable_errors_are_a_list_a_policy_extends() -> None:
+    assert RetryPolicy().dont_retry_on == NON_RETRYABLE
+    assert ValidationError in NON_RETRYABLE
+    assert decide(RetryPolicy(), ValidationError("bad"), 1).action == "dead_letter"
+    assert decide(RetryPolicy(), KeyError("k"), 1).action == "retry"
+    extended = RetryPolicy(dont_retry_on=(*NON_RETRYABLE, KeyError))
+    assert decide(extended, KeyError("k"), 1).reason == "not retried: KeyError: 'k'"
+    assert decide(extended, ValidationError("bad"), 1).action == "dead_letter"
+    assert decide(RetryPolicy(dont_retry_on=()), ValidationError("bad"), 1).action == "retry"
+
+
+class _Lines(logging.Handler):
+    """Every log line written at WARNING and above, as the CLI's formatter writes them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        self.lines: list[str] = []
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.lines.extend(self.format(record).splitlines())
+
+
+@pytest.fixture
+def warning_lines() -> Iterator[_Lines]:
+    lines = _Lines()
+    root = logging.getLogger("hedwig_tasks")
+    root.addHandler(lines)
+    yield lines
+    root.removeHandler(lines)
+
+
+def test_deliberate_dead_letters_log_one_line_each_and_are_not_failures(
+    outcomes: list[Any], warning_lines: _Lines
+) -> None:
+    app = make_app()
+    metrics = Metrics(app)
+
+    @app.handler("user-created", "1.*")
+    def reject(message: Message) -> None:
+        raise DeadLetter(f"customer {message.data['user_id']} unknown")
+
+    runner = Running(app)
+    for n in range(25):
+        app.publish("user-created", "1.0", {"user_id": f"U{n}"})
+    wait_for(lambda: len(app.transport.dead_letters("svc")) == 25)
+    runner.stop()
+    metrics.close()
+    assert len(warning_lines.lines) == 25, warning_lines.lines  # one line per message, no traceback
+    assert {r.levelno for r in warning_lines.records} == {logging.WARNING}
+    assert all(r.exc_info is None for r in warning_lines.records)
+    assert "dead-lettered user-created 1.0 id=" in warning_lines.lines[0]
+    assert "attempt=1" in warning_lines.lines[0] and "unknown" in warning_lines.lines[0]
+    names = [name for name, _ in outcomes]
+    assert names.count("handler_dead_lettered") == 25 and names.count("message_dead_lettered") == 25
+    assert "handler_failed" not in names
+    assert metrics.value("hedwig_failed_total", "user-created", 1) == 0
+    assert metrics.value("hedwig_handler_dead_lettered_total", "user-created", 1) == 25
+    assert metrics.value("hedwig_dead_lettered_total", "user-created", 1) == 25
+
+
+def test_an_unexpected_error_logs_one_line_with_its_traceback(warning_lines: _Lines) -> None:
+    app = make_app(retry=RetryPolicy(max_retries=0))
+
+    @app.handler("user-created", "1.*")
+    def broken(message: Message) -> None:
+        raise ZeroDivisionError("oops")
+
+    runner = Running(app)
+    app.publish("user-created", "1.0", {"user_id": "U"})
+    wait_for(lambda: app.transport.dead_letters("svc"))
+    runner.stop()
+    [record] = warning_lines.records
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert "gave up after 1 attempts: ZeroDivisionError: oops; dead-lettered" in record.getMessage()

@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from hedwig_tasks import signals
@@ -39,6 +39,7 @@ from hedwig_tasks.handler import Handler
 from hedwig_tasks.instrumentation import Tracing
 from hedwig_tasks.message import Message
 from hedwig_tasks.retry import Outcome, decide
+from hedwig_tasks.slots import Slots
 from hedwig_tasks.transports.base import Consumer, Delivery
 
 __all__ = ["Worker", "WorkerOptions"]
@@ -90,40 +91,6 @@ class WorkerOptions:
             raise ConfigurationError("wait_s and shutdown_timeout_s must be 0 or more")
 
 
-class _Slots:
-    """A count of free places for deliveries, taken in bulk by the receive loop.
-
-    The receive loop takes every free slot at once, and waits for ``enough`` of them while the
-    handlers still have buffered work: a receive (and later its ack) costs a broker round
-    trip, so a few large batches cost the worker less than many small ones.
-    """
-
-    def __init__(self, total: int, *, enough: int) -> None:
-        self._free = total
-        self._enough = enough
-        self._changed = threading.Condition(threading.Lock())
-
-    def take(self, most: int, timeout_s: float, hungry: Callable[[], bool]) -> int:
-        """Every free slot, up to ``most``, once there are ``enough`` of them or the handlers are
-        ``hungry()``; 0 if that does not happen within ``timeout_s``."""
-
-        def ready() -> bool:
-            return self._free >= self._enough or (self._free > 0 and hungry())
-
-        with self._changed:
-            if not ready() and not self._changed.wait_for(ready, timeout_s):
-                return 0
-            taken = min(self._free, most)
-            self._free -= taken
-            return taken
-
-    def give(self, count: int) -> None:
-        if count:
-            with self._changed:
-                self._free += count
-                self._changed.notify()
-
-
 @dataclasses.dataclass
 class _Held:
     delivery: Delivery
@@ -151,7 +118,7 @@ class Worker:
         self._held_lock = threading.Lock()
         held = self.options.concurrency + self.options.prefetch
         self._ack_batch = max(1, held // 2)  #: acks worth one broker round trip
-        self._slots = _Slots(held, enough=self._ack_batch)
+        self._slots = Slots(held, enough=self._ack_batch)
         self._withheld = 0  #: slots of buffered deliveries released as stale, back once a handler frees
         self._retries_due: dict[str, float] = {}  #: message key -> when a retry we scheduled is due
         self._buffer: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()

@@ -490,3 +490,32 @@ def test_a_version_1_bus_file_gains_the_dead_letter_index(tmp_path: Path) -> Non
         assert raw.execute("PRAGMA user_version").fetchone() == (sqlite_sql.SCHEMA_VERSION,)
         names = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "dead_letters_by_message" in names
+
+
+# -- waiting for the write lock ----------------------------------------------------------------
+
+
+def test_a_writer_waits_for_another_writers_lock_then_goes_on(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db", busy_timeout_s=10)
+    bus.provision("q", ["t"], [])
+    other = sqlite3.connect(bus.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.2, other.execute, args=("COMMIT",)).start()
+    bus.publish("t", b"after the lock", {})  # waits out the other writer
+    assert [d.body for d in bus.consumer("q", ["t"]).receive(1, wait_s=0)] == [b"after the lock"]
+    other.close()
+    bus.close()
+
+
+def test_a_writer_gives_up_after_busy_timeout_s(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db", busy_timeout_s=0.3)
+    bus.provision("q", ["t"], [])
+    with contextlib.closing(sqlite3.connect(bus.path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="database is locked"):
+            bus.publish("t", b"x", {})
+        assert 0.3 <= time.monotonic() - started < 10
+        assert bus.status("q", ["t"])[0].depth == 0  # reads go on beside a writer (WAL)
+        other.execute("ROLLBACK")
+    bus.close()

@@ -21,13 +21,22 @@ handler notes the time and counts; nothing else.
   prefetch (twice the threads: 8) and acknowledgement after the handler; filled by
   ``actor.send``. No schema.
 
+Where the drain still differs: only hedwig-tasks validates each message against its schema,
+keeps leases and runs the worker's bookkeeping (signals, tracing context, counts); the plain
+loop holds 16 at once as the worker does but handles them on one thread. Dramatiq reads with a
+Lua script rather than a blocking read, sleeps with a growing backoff whenever its prefetch is
+full or the queue is empty, and acknowledges each message with its own script call: that is
+its default design, and what bounds it here.
+
 **publish**, from one thread of this process, ``--publish-messages`` each, in chunks of 500
 that the contenders take in turn (so a busy moment of the machine hits all of them):
 ``hedwig_tasks`` (``Hedwig.publish``: validate, encode, one ``XADD``), ``dramatiq``
 (``actor.send``), ``plain_xadd`` (``json.dumps`` and one ``XADD`` with the same fields, no
 validation); and batched: ``hedwig_tasks_many`` (``app.encode`` each, then
 ``transport.publish_many`` a hundred at a time) against ``plain_pipeline`` (a redis-py
-pipeline of a hundred ``XADD``). Round trips are counted on redis-py's connections.
+pipeline of a hundred ``XADD``). Round trips are counted on redis-py's connections, and
+``cpu_us`` is the publishing thread's CPU time per message (the client's own work, which a busy
+machine does not blur as it blurs wall time).
 
 **latency**: a worker process runs, warmed up by one message; then ``--latency-messages`` are
 published at ``--rate`` per second (paced by the clock) and the handler notes ``now -
@@ -35,6 +44,8 @@ sent_at``, ``sent_at`` taken just before the publish call. ``hedwig_tasks``: ``h
 worker -c 4`` (default prefetch); ``celery``: ``celery worker -P threads -c 4`` with
 ``task_acks_late``, default prefetch multiplier (4), no gossip/mingle/heartbeat, on Kombu's
 Redis transport (its unacked store under keys of its own). The figure is each round's p99.
+Celery publishes through ``apply_async`` (one ``LPUSH`` by Kombu, no schema) and its worker
+takes messages with ``BRPOP``; hedwig-tasks validates at publish and on receive.
 
 Usage::
 
@@ -466,6 +477,7 @@ PUBLISHERS: dict[str, Callable[[Run, ExitStack], Sender]] = {
 def publish_round(workdir: Path, args: argparse.Namespace, m: int, order: list[str]) -> dict[str, dict[str, float]]:
     """Every contender publishes ``m``, in chunks taken in turn, so a busy moment hits them all."""
     elapsed = dict.fromkeys(order, 0.0)
+    cpu = dict.fromkeys(order, 0.0)
     trips = dict.fromkeys(order, 0)
     with ExitStack() as stack:
         senders = {name: PUBLISHERS[name](stack.enter_context(run_of(workdir, args.url, m)), stack) for name in order}
@@ -473,12 +485,16 @@ def publish_round(workdir: Path, args: argparse.Namespace, m: int, order: list[s
             for name in order:
                 send, step = senders[name]
                 with RoundTrips() as counted:
-                    started = time.perf_counter()
+                    started, started_cpu = time.perf_counter(), time.thread_time()
                     for number in range(chunk, min(chunk + PUBLISH_CHUNK, m), step):
                         send(number)
                     elapsed[name] += time.perf_counter() - started
+                    cpu[name] += time.thread_time() - started_cpu
                 trips[name] += counted.count
-    return {name: {"per_s": m / elapsed[name], "round_trips_per_message": trips[name] / m} for name in order}
+    return {
+        name: {"per_s": m / elapsed[name], "cpu_us": cpu[name] / m * 1e6, "round_trips_per_message": trips[name] / m}
+        for name in order
+    }
 
 
 # -- latency --------------------------------------------------------------------------------------

@@ -64,13 +64,18 @@ class Route:
         self.client = redis.Redis.from_url(url, decode_responses=True)
 
     def app(
-        self, validator: str, *, container: bool = False, handled: Callable[[Message], Any] | None = None
+        self,
+        validator: str,
+        *,
+        container: bool = False,
+        handled: Callable[[Message], Any] | None = None,
+        lease_s: float | None = None,
     ) -> Hedwig:
         schema = SCHEMA_FILE if validator == "jsonschema" else [UserCreatedV1, UserUpdatedV1]
         app = Hedwig(
             "hedwig-tasks-service",
             schema=schema,
-            transport=self.url,
+            transport=self.url if lease_s is None else f"{self.url}?lease_s={lease_s}",
             routing={"user-created": self.topic},
             queue=self.queue,
             container=container,
@@ -299,6 +304,32 @@ def test_authedwig_dead_letter_is_listed_and_requeued_by_hedwig_tasks(route: Rou
     [got] = handled
     assert (got.id, got.data, dict(got.headers)) == (sent.id, {"user_id": "U_8"}, HEADERS)
     assert ours.transport.dead_letters(route.queue) == []
+    _assert_settled(route, ours)
+
+
+def test_what_authedwig_left_unacknowledged_is_taken_over_by_hedwig_tasks(route: Route) -> None:
+    """A service moving over: its old consumer read a message and never acked it; a worker takes it over."""
+    handled: list[Message] = []
+    ours = route.app("jsonschema", handled=handled.append, lease_s=AUTHEDWIG_VISIBILITY_TIMEOUT_S)
+    ours.provision()
+    sent = ours.publish("user-created", "1.0", {"user_id": "U_6"}, headers=HEADERS)
+
+    def fail(message: Any) -> None:
+        raise RuntimeError("authedwig's consumer stops before acknowledging")
+
+    [tried] = _authedwig_consume(route, "jsonschema", False, callback=fail)
+    assert tried.id == sent.id
+    stream = f"hedwig:{route.topic}"
+    [pending] = route.client.xpending_range(stream, route.queue, "-", "+", 10)
+    assert pending["times_delivered"] == 1  # held by authedwig's consumer, unacknowledged
+    lease_ms = AUTHEDWIG_VISIBILITY_TIMEOUT_S * 1000
+    wait_for(
+        lambda: route.client.xpending_range(stream, route.queue, "-", "+", 1)[0]["time_since_delivered"] > lease_ms
+    )
+    assert _drain(ours).counts == {"handled": 1, "retried": 0, "dead_lettered": 0}
+    [got] = handled
+    assert (got.id, dict(got.headers)) == (sent.id, HEADERS)
+    assert got.delivery is not None and got.delivery.attempt == 2  # authedwig's delivery counted
     _assert_settled(route, ours)
 
 

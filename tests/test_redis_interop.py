@@ -25,6 +25,7 @@ import redis
 from conftest import SCHEMA_FILE, authedwig_settings
 from helpers import wait_for
 from kombu_server import server_url
+from test_aws_interop import FORMS, HEADERS, VALIDATORS, _data, _version  # the same cases as on SNS/SQS
 
 from hedwig_tasks import DeadLetter, Hedwig, Message
 from hedwig_tasks.conf import build_app
@@ -39,9 +40,6 @@ with warnings.catch_warnings():
 
 pytestmark = pytest.mark.slow
 
-FORMS = [pytest.param(False, id="attributes"), pytest.param(True, id="container")]
-VALIDATORS = ["jsonschema", "protobuf"]
-HEADERS = {"request_id": "req-42", "tenant": "acme"}
 PUBLISHER_BACKEND = "hedwig.backends.redis.RedisStreamsPublisherBackend"
 CONSUMER_BACKEND = "hedwig.backends.redis.RedisStreamsConsumerBackend"
 #: authedwig's lease on Redis, in seconds: a message it did not ack is claimed again after it.
@@ -135,18 +133,6 @@ def route(redis_url: str) -> Iterator[Route]:
         yield route
     finally:
         route.delete()
-
-
-def _data(validator: str) -> Any:
-    return (
-        {"user_id": "U_1234", "profile": {"name": "Zoë"}}
-        if validator == "jsonschema"
-        else UserCreatedV1(user_id="U_1234")
-    )
-
-
-def _version(validator: str) -> str:
-    return "1.1" if validator == "jsonschema" else "1.0"
 
 
 def _drain(app: Hedwig) -> Worker:

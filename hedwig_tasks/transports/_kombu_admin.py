@@ -4,17 +4,18 @@ transport's :class:`~hedwig_tasks.transports._kombu_link.Broker`. See ``kombu.py
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import amqp.exceptions
 
 from hedwig_tasks.exceptions import TransportError
 from hedwig_tasks.transports._kombu_link import Broker, Link
-from hedwig_tasks.transports._kombu_messages import attributes, body_bytes, send
+from hedwig_tasks.transports._kombu_messages import attributes, body_bytes, headers_of, send
 from hedwig_tasks.transports._kombu_names import (
     ATTEMPTS,
     DEAD_AT,
+    DEAD_ID,
     DELAY_BUCKETS_S,
     REASON,
     SUBSCRIPTION,
@@ -123,45 +124,99 @@ class KombuAdmin:
 
     # -- dead letters -----------------------------------------------------------------------
 
-    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
-        """The oldest ``limit`` dead letters, left in place."""
+    def dead_letters(
+        self, queue: str, *, limit: int = 100, ids: Collection[str] | None = None
+    ) -> list[DeadLetterRecord]:
+        """The oldest ``limit`` dead letters (of those ``ids`` names, if given), left in place."""
         link = self._broker.link()
         try:
             with link.errors("list dead letters"):
-                return self._browse_dead(link, queue, limit)
+                return self._browse_dead(link, queue, limit, None if ids is None else set(ids))
         finally:
             link.reset()
 
-    def _browse_dead(self, link: Link, queue: str, limit: int) -> list[DeadLetterRecord]:
+    def _browse_dead(
+        self, link: Link, queue: str, limit: int, wanted: set[str] | None = None
+    ) -> list[DeadLetterRecord]:
         # RabbitMQ cannot peek: take them unacked, then close the channel, which puts them back in order.
         channel = link.fresh_channel()
         records: list[DeadLetterRecord] = []
         try:
-            while len(records) < limit:
+            while len(records) < limit and (wanted is None or wanted):
                 raw = channel.basic_get(dlq_name(queue), no_ack=False)
                 if raw is None:
                     break
-                records.append(_record(channel.message_to_python(raw)))
+                record = _record(raw)
+                if wanted is None or record.transport_id in wanted:
+                    records.append(record)
+                    if wanted is not None:
+                        wanted.discard(record.transport_id)
         except amqp.exceptions.NotFound:
             records = []  # no dead-letter queue; py-amqp opened the channel the broker closed again
         channel.close()
         return records
 
-    def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
-        """Move the oldest dead letters back to their subscriptions, attempts reset."""
+    def requeue_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
+        """Move the oldest dead letters (or those ``ids`` names) back to their subscriptions, attempts reset."""
+        checked: set[str] = set()
+
+        def requeue(link: Link, raw: Any) -> None:
+            self._requeue_one(link, raw, checked)
+
+        return self._sweep("requeue dead letters", queue, limit, progress, ids, requeue)
+
+    def purge_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
+        """Delete the oldest dead letters (or those ``ids`` names) for good; returns how many."""
+        return self._sweep(
+            "purge dead letters",
+            queue,
+            limit,
+            progress,
+            ids,
+            lambda link, raw: link.channel.basic_ack(raw.delivery_tag),
+        )
+
+    def _sweep(
+        self,
+        doing: str,
+        queue: str,
+        limit: int | None,
+        progress: Progress | None,
+        ids: Collection[str] | None,
+        act: Callable[[Link, Any], None],
+    ) -> int:
+        """Take the dead letters oldest first and ``act`` on each chosen one (which acks it); those
+        not chosen go back, in order, when the connection closes. Returns how many were acted on."""
+        wanted = None if ids is None else set(ids)
         link = self._broker.link()
         done = 0
         try:
-            with link.errors("requeue dead letters"):
-                total = self._dlq_size(link, queue)
-                total = total if limit is None else min(limit, total)
-                channel = link.channel
-                checked: set[str] = set()
-                while done < total:
-                    raw = channel.basic_get(dlq_name(queue), no_ack=False)
+            with link.errors(doing):
+                size = self._dlq_size(link, queue)
+                total = min(size, len(wanted) if wanted is not None else size, size if limit is None else limit)
+                for _ in range(size):
+                    if done >= total:
+                        break
+                    raw = link.channel.basic_get(dlq_name(queue), no_ack=False)
                     if raw is None:
                         break
-                    self._requeue_one(link, channel.message_to_python(raw), checked)
+                    if wanted is not None and _dead_id(raw) not in wanted:
+                        continue
+                    act(link, raw)
                     done += 1
                     if progress is not None and (done % PROGRESS_EVERY == 0 or done == total):
                         progress(done, total)
@@ -169,16 +224,16 @@ class KombuAdmin:
             link.reset()
         return done
 
-    def _requeue_one(self, link: Link, message: Any, checked: set[str]) -> None:
-        target = str(message.headers.get(SUBSCRIPTION, ""))
+    def _requeue_one(self, link: Link, raw: Any, checked: set[str]) -> None:
+        headers = headers_of(raw)
+        target = str(headers.get(SUBSCRIPTION, ""))
         if target not in checked:
             if not link.exists("queue", target):  # the default exchange would drop it silently
                 raise TransportError(f"dead letter's subscription {target!r} no longer exists")
             checked.add(target)
-        message_id = message.properties.get("message_id")
-        body, _ = body_bytes(message.body, message.content_encoding)
-        send(link.channel, target, body, attributes(message.headers), message_id=message_id)
-        message.ack()
+        body, _ = body_bytes(raw.body, raw.properties.get("content_encoding"))
+        send(link.confirms, target, body, attributes(headers), message_id=raw.properties.get("message_id"))
+        link.channel.basic_ack(raw.delivery_tag)
 
 
 def _provision_rabbit(
@@ -210,14 +265,20 @@ def _rabbit_counts(link: Link, names: list[str], dlq: str) -> tuple[list[int], i
     return [sum(d or 0 for d in found[i : i + step]) for i in range(0, len(found), step)], dead or 0
 
 
-def _record(message: Any) -> DeadLetterRecord:
-    headers = message.headers or {}
+def _dead_id(raw: Any) -> str:
+    """A dead letter's own id: the one it was given when it died, else (one from before there were
+    such ids) its message id."""
+    return str(headers_of(raw).get(DEAD_ID) or raw.properties.get("message_id") or "")
+
+
+def _record(raw: Any) -> DeadLetterRecord:
+    headers = headers_of(raw)
     return DeadLetterRecord(
-        body=body_bytes(message.body, message.content_encoding)[0],
+        body=body_bytes(raw.body, raw.properties.get("content_encoding"))[0],
         attributes=attributes(headers),
         reason=str(headers.get(REASON, "")),
         subscription=str(headers.get(SUBSCRIPTION, "")),
         attempts=int(headers.get(ATTEMPTS, 0)),
         dead_at=float(headers.get(DEAD_AT, 0.0)),
-        transport_id=str(message.properties.get("message_id") or ""),
+        transport_id=_dead_id(raw),
     )

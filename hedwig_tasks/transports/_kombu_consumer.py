@@ -1,6 +1,13 @@
 """The Kombu transport's consumer: receiving under prefetch, leases kept by the consumer,
 settling, delayed retries and dead letters, on a connection of its own made by the transport's
-:class:`~hedwig_tasks.transports._kombu_link.Broker`. See ``kombu.py`` for the design."""
+:class:`~hedwig_tasks.transports._kombu_link.Broker`. See ``kombu.py`` for the design.
+
+Locks: ``_lock`` is held by whatever reads from the connection (a receive taking what arrived,
+a copy published and waited on, a declare), ``_held_lock`` over the consumer's own records for
+a moment at a time, and ``_ack_lock`` over planning and writing acks, so that they go out in
+the order planned; frames are written under the link's ``write_lock``. An ack never takes
+``_lock``: acks go out while a receive reads.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +15,21 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
+import math
 import select
 import threading
 import time
-import weakref
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import kombu
 
 from hedwig_tasks.transports._kombu_link import Broker
 from hedwig_tasks.transports._kombu_messages import Reading, read, send
 from hedwig_tasks.transports._kombu_names import (
     ATTEMPTS,
     DEAD_AT,
+    DEAD_ID,
     FAULT,
     REASON,
     SUBSCRIPTION,
@@ -45,15 +51,9 @@ DRAIN_SLICE_S = 0.05
 EXISTENCE_CHECK_S = 5.0
 
 
-def _close_fds(*fds: int) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
 @dataclasses.dataclass
 class _Held:
-    message: Any  # a kombu Message
+    tag: int  # the broker's delivery tag on the channel of ``generation``
     subscription: str
     reading: Reading  # what the delivery handed out was made of; copies are made of it
     generation: int
@@ -65,6 +65,20 @@ class _Held:
         if self.reading.fault:
             found[FAULT] = self.reading.fault
         return found
+
+
+def ack_plan(tags: Sequence[int], unacked: set[int]) -> list[tuple[int, bool]]:
+    """``basic_ack`` calls, ``(tag, multiple)``, that settle ``tags`` and nothing else of ``unacked``.
+
+    Tags below every other unacked one are settled by one ``multiple`` ack of the highest of them;
+    the rest one by one. ``unacked`` loses ``tags``.
+    """
+    ordered = sorted(tags)
+    unacked.difference_update(ordered)
+    floor = min(unacked, default=math.inf)
+    below = [t for t in ordered if t < floor]
+    plan = [(below[-1], True)] if len(below) > 1 else [(t, False) for t in below]
+    return plan + [(t, False) for t in ordered[len(below) :]]
 
 
 class KombuConsumer(Consumer):
@@ -81,18 +95,17 @@ class KombuConsumer(Consumer):
         self._prefetch = prefetch
         self._link = broker.link()
         self._lock = threading.RLock()
+        self._held_lock = threading.Lock()
+        self._ack_lock = threading.Lock()
         self._buffer: deque[tuple[str, Any]] = deque()
         self._held: dict[int, _Held] = {}
+        self._unacked: set[int] = set()  # delivery tags of this channel not yet acked
         self._tokens = itertools.count(1)
         self._consuming = 0  # the link generation consumption was set up on
         self._declared: set[str] = set()
         self._missing: list[str] = []  # subscriptions whose queue does not exist (yet)
         self._warned: set[str] = set()
         self._next_existence_check = 0.0
-        self._wake_r, self._wake_w = os.pipe()  # settling wakes a receive waiting on the socket
-        os.set_blocking(self._wake_r, False)  # several waiters may see one byte; only one gets it
-        os.set_blocking(self._wake_w, False)
-        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -103,30 +116,25 @@ class KombuConsumer(Consumer):
             with self._lock, self._link.errors("receive"):
                 self._ensure_consuming()
                 self._housekeep()
-                if not self._buffer:
-                    self._drain(0.0)
-                self._drain_ready(max_messages)
+                while len(self._buffer) < max_messages and self._drain():
+                    pass  # take what the broker already pushed, without waiting
                 if self._buffer and max_messages > 0:
                     return self._hand_out(max_messages)
                 sock = self._socket()
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 return []
-            # Wait without the lock, so acks and retries from other threads go ahead meanwhile; a
-            # settle frees prefetch room, so it wakes this wait.
+            # Wait without the lock, so retries and dead letters from other threads go ahead
+            # meanwhile; an ack frees prefetch room, and the broker's next delivery wakes this.
             self._wait(sock, min(DRAIN_SLICE_S, remaining_s))
 
     def _wait(self, sock: Any, timeout_s: float) -> None:
-        """Until ``sock`` has something to read, something was settled, or ``timeout_s`` passed."""
-        waiting = [self._wake_r] if sock is None else [sock, self._wake_r]
+        """Until ``sock`` has something to read or ``timeout_s`` passed."""
+        if sock is None:
+            time.sleep(timeout_s)
+            return
         with contextlib.suppress(OSError, ValueError):  # closed meanwhile: the next drain says why
-            readable, _, _ = select.select(waiting, [], [], timeout_s)
-            if self._wake_r in readable:
-                os.read(self._wake_r, 4096)  # BlockingIOError: another waiter took the byte first
-
-    def _woken(self) -> None:
-        with contextlib.suppress(OSError):  # a full pipe is already a wake-up
-            os.write(self._wake_w, b"!")
+            select.select([sock], [], [], timeout_s)
 
     def _socket(self) -> Any:
         """The socket deliveries arrive on, if known."""
@@ -142,7 +150,9 @@ class KombuConsumer(Consumer):
             return
         self._buffer.clear()
         self._declared.clear()
-        channel.basic_qos(0, self._prefetch, True)  # shared by the channel
+        with self._held_lock:
+            self._unacked.clear()
+        channel.basic_qos(0, self._prefetch, True)  # shared by the channel's consumers
         self._consuming = self._link.generation
         self._missing = list(self._subscriptions)
         self._consume_existing()
@@ -156,55 +166,48 @@ class KombuConsumer(Consumer):
                     logger.warning("queue %s does not exist (not provisioned?): nothing to receive from it", name)
                     self._warned.add(name)
                 continue
-            queue = kombu.Queue(name, no_declare=True)
-            callback = self._collector(name)
-            # Kombu raises out of the drain on a message it could not decompress or encode, unless
-            # told what to do: collect it all the same (its fields are read with care, in ``read``).
-            consumer = kombu.Consumer(
-                self._link.channel,
-                [queue],
-                auto_declare=False,
-                on_message=callback,
-                on_decode_error=callback,
-            )
-            consumer.consume()
+            self._link.channel.basic_consume(name, callback=self._collector(name), no_ack=False)
             self._missing.remove(name)
 
-    def _collector(self, name: str) -> Callable[..., None]:
-        def collect(message: Any, error: Exception | None = None) -> None:
+    def _collector(self, name: str) -> Callable[[Any], None]:
+        def collect(message: Any) -> None:  # a py-amqp message, read with care in ``read``
+            with self._held_lock:
+                self._unacked.add(message.delivery_info["delivery_tag"])
             self._buffer.append((name, message))
 
         return collect
 
-    def _drain(self, timeout_s: float) -> None:
+    def _drain(self) -> bool:
+        """Handle one method the broker already sent (a delivery, a confirm); False if none."""
         assert self._link.connection is not None
         try:
-            self._link.connection.drain_events(timeout=timeout_s)
+            self._link.connection.connection.drain_events(timeout=0)
         except TimeoutError:
-            pass
-
-    def _drain_ready(self, max_messages: int) -> None:
-        """Take what the broker already pushed, without waiting, to return a fuller batch."""
-        assert self._link.connection is not None
-        while self._buffer and len(self._buffer) < max_messages:
-            before = len(self._buffer)
-            self._drain(0.0)
-            if len(self._buffer) == before:
-                return
+            return False
+        return True
 
     def _hand_out(self, max_messages: int) -> list[Delivery]:
         found: list[Delivery] = []
         expires_at = self._broker.clock() + self._broker.lease_s
-        while self._buffer and len(found) < max_messages:
-            name, message = self._buffer.popleft()
-            reading = read(message)
-            token = next(self._tokens)
-            self._held[token] = _Held(message, name, reading, self._link.generation, expires_at)
-            found.append(
-                Delivery(
-                    reading.body, reading.attributes, reading.attempt, token, name, reading.message_id, reading.fault
+        generation = self._link.generation
+        with self._held_lock:
+            while self._buffer and len(found) < max_messages:
+                name, message = self._buffer.popleft()
+                reading = read(message)
+                token = next(self._tokens)
+                tag = message.delivery_info["delivery_tag"]
+                self._held[token] = _Held(tag, name, reading, generation, expires_at)
+                found.append(
+                    Delivery(
+                        reading.body,
+                        reading.attributes,
+                        reading.attempt,
+                        token,
+                        name,
+                        reading.message_id,
+                        reading.fault,
+                    )
                 )
-            )
         return found
 
     def _housekeep(self) -> None:
@@ -212,28 +215,50 @@ class KombuConsumer(Consumer):
         if self._missing and time.monotonic() >= self._next_existence_check:
             self._consume_existing()
         now = self._broker.clock()
-        for token, held in list(self._held.items()):
-            if held.generation != self._link.generation:
-                del self._held[token]  # its connection is gone; the broker gives it back
-            elif held.expires_at <= now:
-                logger.warning("lease ran out on id=%s from %s", held.reading.message_id, held.subscription)
-                del self._held[token]
-                self._resend(held, held.subscription)
+        expired: list[_Held] = []
+        with self._held_lock:
+            for token, held in list(self._held.items()):
+                if held.generation != self._link.generation:
+                    del self._held[token]  # its connection is gone; the broker gives it back
+                elif held.expires_at <= now:
+                    del self._held[token]
+                    expired.append(held)
+        for held in expired:
+            logger.warning("lease ran out on id=%s from %s", held.reading.message_id, held.subscription)
+            self._resend(held, held.subscription)
 
     # -- settling ---------------------------------------------------------------------------
 
     def _take(self, delivery: Delivery) -> _Held | None:
-        self._woken()
-        held = self._held.pop(delivery.receipt, None)
+        with self._held_lock:
+            held = self._held.pop(delivery.receipt, None)
         if held is None or held.generation != self._link.generation:
             return None
         return held
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        with self._lock, self._link.errors("ack"):
-            messages = [held.message for held in map(self._take, deliveries) if held is not None]
-            for message in messages:
-                message.ack()
+        """Ack each; contiguous ones in one ``multiple`` ack. Writes only: never waits for a receive."""
+        # Acks are planned and written in one order, so a ``multiple`` one never covers a tag
+        # that another thread planned to ack on its own and has not written yet.
+        with self._ack_lock:
+            with self._held_lock:
+                channel, generation = self._link.current
+                tags = []
+                for delivery in deliveries:
+                    held = self._held.pop(delivery.receipt, None)
+                    if held is not None and held.generation == generation:
+                        tags.append(held.tag)
+                plan = ack_plan(tags, self._unacked) if channel is not None else []
+            # A failure leaves the connection to the receive, which reads the same error and drops it.
+            with self._link.errors("ack", drop=False):
+                for tag, multiple in plan:
+                    channel.basic_ack(tag, multiple=multiple)
+
+    def _ack_one(self, held: _Held) -> None:
+        with self._ack_lock:
+            with self._held_lock:
+                self._unacked.discard(held.tag)
+            self._link.channel.basic_ack(held.tag)
 
     def release(self, deliveries: Sequence[Delivery]) -> None:
         """Put each back at the tail of its queue, attempt kept, then ack the held copy."""
@@ -251,16 +276,16 @@ class KombuConsumer(Consumer):
             if delay_s <= 0:
                 self._resend(held, held.subscription)
             else:
-                self._delay_rabbit(held, delay_s)
+                self._delay(held, delay_s)
 
     def _resend(self, held: _Held, routing_key: str, **options: Any) -> None:
-        """Publish a copy (confirmed on RabbitMQ) that carries the attempt, then ack the held one."""
+        """Publish a confirmed copy that carries the attempt, then ack the held one."""
         reading = held.reading
         message_id = reading.message_id or None
-        send(self._link.channel, routing_key, reading.body, held.headers(), message_id=message_id, **options)
-        held.message.ack()
+        send(self._link.confirms, routing_key, reading.body, held.headers(), message_id=message_id, **options)
+        self._ack_one(held)
 
-    def _delay_rabbit(self, held: _Held, delay_s: float) -> None:
+    def _delay(self, held: _Held, delay_s: float) -> None:
         bucket_s = bucket(delay_s)
         name = delay_queue_name(held.subscription, bucket_s)
         if name not in self._declared:
@@ -282,18 +307,19 @@ class KombuConsumer(Consumer):
                 SUBSCRIPTION: held.subscription,
                 ATTEMPTS: reading.attempt,
                 DEAD_AT: repr(time.time()),
+                DEAD_ID: uuid.uuid4().hex,
             }
             dlq = dlq_name(self._queue)
             if dlq not in self._declared:  # unrouted, it would be dropped
                 self._link.channel.queue_declare(dlq, durable=True, auto_delete=False)
                 self._declared.add(dlq)
-            send(self._link.channel, dlq, reading.body, headers, message_id=reading.message_id or None)
-            held.message.ack()
+            send(self._link.confirms, dlq, reading.body, headers, message_id=reading.message_id or None)
+            self._ack_one(held)
 
     def extend_lease(self, deliveries: Sequence[Delivery], lease_s: float) -> None:
         """Move the consumer's deadline (the broker itself keeps an unacked message until the channel closes)."""
-        with self._lock:
-            expires_at = self._broker.clock() + lease_s
+        expires_at = self._broker.clock() + lease_s
+        with self._held_lock:
             for delivery in deliveries:
                 held = self._held.get(delivery.receipt)
                 if held is not None and held.generation == self._link.generation:
@@ -302,6 +328,8 @@ class KombuConsumer(Consumer):
     def close(self) -> None:
         """Drop the connection: the broker gives back whatever was not settled."""
         with self._lock:
-            self._held.clear()
+            with self._held_lock:
+                self._held.clear()
+                self._unacked.clear()
             self._buffer.clear()
             self._link.reset()

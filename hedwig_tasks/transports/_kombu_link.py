@@ -21,7 +21,7 @@ import kombu.exceptions
 
 from hedwig_tasks.exceptions import ConfigurationError, TransportError
 from hedwig_tasks.transports._boundary import boundary
-from hedwig_tasks.transports._kombu_messages import on_return
+from hedwig_tasks.transports._kombu_messages import Confirms, on_return
 
 __all__ = ["DRIVER_ERRORS", "Broker", "Link", "mask"]
 
@@ -107,32 +107,36 @@ class Broker:
 
 
 class Link:
-    """One Kombu connection and channel, opened on first use and dropped on any driver error.
+    """One Kombu connection and its channel in confirm mode, opened on first use and dropped on
+    any driver error.
 
     ``generation`` changes each time the connection is opened or dropped, so a consumer can tell
-    a delivery of an earlier connection (which settles nothing) from one of this.
+    a delivery of an earlier connection (which settles nothing) from one of this. Every frame
+    written on the connection goes out under ``write_lock``, so a thread that only writes (acks)
+    may do so while another reads.
     """
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self.transport_options: dict[str, Any] = {"confirm_publish": True}
         self.connection: kombu.Connection | None = None
         self._channel: Any = None
+        self._confirms: Confirms | None = None
+        self.write_lock = threading.Lock()
+        self._reset_lock = threading.Lock()
         self.generation = 0
 
     @property
     def channel(self) -> Any:
         """The channel, connecting first if need be."""
         if self.connection is None:
-            connection = kombu.Connection(
-                self.broker.url,
-                transport_options=self.transport_options,
-                connect_timeout=self.broker.connect_timeout_s,
-            )
+            connection = kombu.Connection(self.broker.url, connect_timeout=self.broker.connect_timeout_s)
             try:
                 connection.ensure_connection(max_retries=0)
+                raw = connection.connection  # py-amqp's
+                raw.frame_writer = _locked(raw.frame_writer, self.write_lock)
                 self._channel = connection.channel()
                 self._channel.events["basic_return"].add(on_return)
+                self._confirms = Confirms(self._channel)
             except BaseException:
                 with contextlib.suppress(Exception):
                     connection.release()
@@ -141,12 +145,25 @@ class Link:
             self.generation += 1
         return self._channel
 
+    @property
+    def current(self) -> tuple[Any, int]:
+        """The channel if connected (else None), and the generation; connects nothing."""
+        return self._channel, self.generation
+
+    @property
+    def confirms(self) -> Confirms:
+        """Publishing on the channel with the broker's confirms, connecting first if need be."""
+        self.channel  # noqa: B018 - connects
+        assert self._confirms is not None
+        return self._confirms
+
     def reset(self) -> None:
         """Drop the connection, without raising; the next use connects again."""
-        connection, self.connection, self._channel = self.connection, None, None
-        if connection is None:
-            return
-        self.generation += 1  # receipts from this connection settle nothing from now on
+        with self._reset_lock:
+            connection, self.connection, self._channel, self._confirms = self.connection, None, None, None
+            if connection is None:
+                return
+            self.generation += 1  # receipts from this connection settle nothing from now on
         raw = connection._connection  # Kombu swallows errors while closing; the socket may stay open
         try:
             connection.release()
@@ -157,13 +174,14 @@ class Link:
                 raw.collect()  # py-amqp: close the socket without talking
 
     @contextlib.contextmanager
-    def errors(self, doing: str, error: type[TransportError] = TransportError) -> Iterator[None]:
-        """The boundary: a driver error drops the connection and becomes ``error``; ours pass."""
+    def errors(self, doing: str, error: type[TransportError] = TransportError, *, drop: bool = True) -> Iterator[None]:
+        """The boundary: a driver error becomes ``error`` (ours pass) and, with ``drop``, drops the connection."""
         with boundary(f"{doing} on {mask(self.broker.url)}", DRIVER_ERRORS, error=error):
             try:
                 yield
             except DRIVER_ERRORS:
-                self.reset()
+                if drop:
+                    self.reset()
                 raise
 
     def fresh_channel(self) -> Any:
@@ -204,6 +222,16 @@ class Link:
         finally:
             _close(channel)
         return found
+
+
+def _locked(write: Callable[..., Any], lock: threading.Lock) -> Callable[..., Any]:
+    """py-amqp's frame writer, one frame at a time under ``lock``."""
+
+    def write_frame(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return write(*args, **kwargs)
+
+    return write_frame
 
 
 def _close(channel: Any) -> None:

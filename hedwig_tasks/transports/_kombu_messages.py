@@ -4,18 +4,27 @@ warning about publishes nobody receives. No connections of its own. See ``kombu.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import amqp
+import amqp.exceptions
+
+from hedwig_tasks.exceptions import PublishError
 from hedwig_tasks.transports._kombu_names import ATTEMPTS, FAULT, topic_of
 
 __all__ = [
+    "Confirms",
     "Reading",
     "attributes",
     "body_bytes",
+    "headers_of",
+    "message",
     "on_return",
     "read",
     "send",
@@ -24,7 +33,7 @@ __all__ = [
 
 logger = logging.getLogger("hedwig_tasks.transports.kombu")  # one logger for the whole transport
 
-#: RabbitMQ: longest a publish waits for the broker's confirm, in seconds.
+#: Longest a publish waits for the broker's confirm, in seconds.
 CONFIRM_TIMEOUT_S = 30.0
 
 _OURS = "x-hedwig-"
@@ -45,33 +54,83 @@ def attributes(headers: Mapping[str, Any]) -> dict[str, str]:
 # -- sending ----------------------------------------------------------------------------------
 
 
+def message(body: bytes, headers: Mapping[str, Any], *, message_id: Any = None, expiration: float | None = None) -> Any:
+    """A persistent py-amqp message carrying ``body`` with ``headers`` (``expiration`` in seconds)."""
+    properties: dict[str, Any] = {**_CONTENT, "delivery_mode": 2, "application_headers": dict(headers)}
+    if message_id:
+        properties["message_id"] = message_id
+    if expiration is not None:
+        properties["expiration"] = str(max(0, int(expiration * 1000)))
+    return amqp.Message(body, **properties)
+
+
+class Confirms:
+    """Publisher confirms on one py-amqp channel: publish any number, then wait for them all once.
+
+    The channel is put in confirm mode; the broker numbers this channel's publishes from 1 and
+    confirms them (several at once with ``multiple``), or refuses (nacks) them. Not thread-safe:
+    the caller holds whatever lock guards the channel's connection.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        self._channel = channel
+        self._sent = 0  # the broker's number of the last publish
+        self._waiting: set[int] = set()
+        self._nacked = 0
+
+    def publish(self, message: Any, *, routing_key: str, exchange: str = "", mandatory: bool = False) -> None:
+        """Send one message, without waiting for its confirm (see :meth:`wait`)."""
+        self._channel.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+        self._sent += 1
+        self._waiting.add(self._sent)
+
+    def wait(self, timeout_s: float = CONFIRM_TIMEOUT_S) -> None:
+        """Until the broker has confirmed every message published so far.
+
+        Raises ``PublishError`` if it refused any (the rest are confirmed by then); a confirm
+        that does not come within ``timeout_s`` (a blocked broker) raises a driver error, so the
+        caller's boundary drops the connection.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self._waiting:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise amqp.exceptions.RecoverableConnectionError(
+                    f"{len(self._waiting)} publishes not confirmed within {timeout_s:g}s"
+                )
+            with contextlib.suppress(TimeoutError):
+                self._channel.connection.drain_events(timeout=remaining_s)
+        nacked, self._nacked = self._nacked, 0
+        if nacked:
+            raise PublishError(f"RabbitMQ refused {nacked} of the messages (nack)")
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self._waiting = {n for n in self._waiting if n > delivery_tag}
+        else:
+            self._waiting.discard(delivery_tag)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        before = len(self._waiting)
+        self._on_ack(delivery_tag, multiple)
+        self._nacked += before - len(self._waiting)
+
+
 def send(
-    channel: Any,
+    confirms: Confirms,
     routing_key: str,
     body: bytes,
     headers: Mapping[str, Any],
     *,
-    exchange: str = "",
     message_id: Any = None,
     expiration: float | None = None,
-    mandatory: bool = False,
 ) -> None:
-    """Publish persistently (what ``kombu.Producer.publish`` does, without its per-call setup).
-
-    ``exchange`` defaults to the default exchange: straight to the queue ``routing_key``.
-    The channel waits for the broker's confirm; a refusal raises. A ``mandatory``
-    publish that no queue takes comes back to the channel's return handler before the confirm.
-    """
-    properties: dict[str, Any] = {"delivery_mode": 2, "message_id": message_id}
-    if expiration is not None:
-        properties["expiration"] = str(max(0, int(expiration * 1000)))
-    message = channel.prepare_message(
-        body, 0, _CONTENT["content_type"], _CONTENT["content_encoding"], dict(headers), properties
-    )
-    # A confirm that never comes (a blocked broker) must not hang the caller.
-    channel.basic_publish(
-        message, exchange=exchange, routing_key=routing_key, mandatory=mandatory, timeout=CONFIRM_TIMEOUT_S
-    )
+    """Publish one message persistently to the queue ``routing_key`` and wait for its confirm."""
+    confirms.publish(message(body, headers, message_id=message_id, expiration=expiration), routing_key=routing_key)
+    confirms.wait()
 
 
 _unrouted_lock = threading.Lock()
@@ -99,7 +158,7 @@ def on_return(exc: Any, exchange: str, routing_key: str, message: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Reading:
-    """What a consumer could read of one received Kombu message."""
+    """What a consumer could read of one received message."""
 
     body: bytes
     attributes: dict[str, str]  #: the headers that are Hedwig attributes (text values only)
@@ -109,24 +168,26 @@ class Reading:
 
 
 def read(message: Any) -> Reading:
-    """Every field the consumer uses of a received message, read so that no value of it can raise.
+    """Every field the consumer uses of a received py-amqp message, read so that no value of it can raise.
 
-    Another system may publish to a subscription: a text body (AMQP clients decode a body that
-    has a ``content_encoding``), no body, headers or counts of any type. What cannot be read is
+    Another system may publish to a subscription: a text body (py-amqp decodes a body that has
+    a ``content_encoding``), no body, headers or counts of any type. What cannot be read is
     named in ``fault``; the body is then the raw bytes there are and the attempt 1.
     """
     faults: list[str] = []
-    headers = message.headers
-    if not isinstance(headers, Mapping):
+    properties = message.properties if isinstance(message.properties, Mapping) else {}
+    headers = properties.get("application_headers")
+    if headers is None:
+        headers = {}
+    elif not isinstance(headers, Mapping):
         faults.append(f"headers are {_kind(headers)}, not a table")
         headers = {}
     earlier = headers.get(FAULT)
     if isinstance(earlier, str) and earlier:
         faults.append(earlier)  # found when it was first received; this is a copy the consumer made
-    body = _body(message, faults)
+    body = _body(message.body, properties, faults)
     found = _text_attributes(headers, faults)
     attempt = _attempt(message, headers, faults)
-    properties = message.properties if isinstance(message.properties, Mapping) else {}
     return Reading(body, found, attempt, str(properties.get("message_id") or ""), "; ".join(faults))
 
 
@@ -149,8 +210,13 @@ def body_bytes(body: Any, encoding: Any = None) -> tuple[bytes, str]:
     return b"", f"body is {_kind(body)}, not bytes or text"
 
 
-def _body(message: Any, faults: list[str]) -> bytes:
-    body, fault = body_bytes(message.body, message.content_encoding)
+def headers_of(message: Any) -> dict[str, Any]:
+    """A py-amqp message's headers (an empty table when it has none)."""
+    return message.properties.get("application_headers") or {}
+
+
+def _body(raw: Any, properties: Mapping[str, Any], faults: list[str]) -> bytes:
+    body, fault = body_bytes(raw, properties.get("content_encoding"))
     if fault:
         faults.append(fault)
     return body

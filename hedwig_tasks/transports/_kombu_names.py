@@ -7,6 +7,7 @@ from __future__ import annotations
 __all__ = [
     "ATTEMPTS",
     "DEAD_AT",
+    "DEAD_ID",
     "DELAY_BUCKETS_S",
     "FAULT",
     "REASON",
@@ -30,6 +31,8 @@ REASON = "x-hedwig-reason"
 SUBSCRIPTION = "x-hedwig-subscription"
 #: Header of a dead letter: when it died, epoch seconds as text.
 DEAD_AT = "x-hedwig-dead-at"
+#: Header of a dead letter: its own id (``DeadLetterRecord.transport_id``), unique among dead letters.
+DEAD_ID = "x-hedwig-dead-id"
 #: Header: why a consumer could not read a delivery; kept on copies it makes (release, retry) of one.
 FAULT = "x-hedwig-fault"
 

@@ -63,7 +63,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import amqp.exceptions
@@ -72,7 +72,7 @@ from hedwig_tasks.exceptions import PublishError
 from hedwig_tasks.transports._kombu_admin import KombuAdmin
 from hedwig_tasks.transports._kombu_consumer import DEFAULT_PREFETCH, KombuConsumer
 from hedwig_tasks.transports._kombu_link import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_LEASE_S, Broker, mask
-from hedwig_tasks.transports._kombu_messages import send
+from hedwig_tasks.transports._kombu_messages import message
 from hedwig_tasks.transports._kombu_names import (
     DELAY_BUCKETS_S,
     delay_queue_name,
@@ -100,6 +100,8 @@ __all__ = [
     "subscription_name",
 ]
 
+#: Most messages ``publish_many`` sends before it waits for their confirms.
+CONFIRM_WINDOW = 1000
 #: The options a URL's query may carry for the transport (the rest are Kombu's).
 URL_OPTIONS = {"lease_s": seconds, "connect_timeout_s": seconds}
 
@@ -152,7 +154,11 @@ class KombuTransport(Transport):
     # -- publishing -------------------------------------------------------------------------
 
     def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
-        return self.publish_many(topic, [(body, attributes)], owner=owner)[0]
+        """Publish one message persistently, on this thread's connection; returns once the broker
+        confirmed it. See :meth:`publish_many` for what raises."""
+        message_id = uuid.uuid4().hex
+        self._publish(topic, [(message_id, body, attributes)])
+        return message_id
 
     def publish_many(
         self,
@@ -161,24 +167,33 @@ class KombuTransport(Transport):
         *,
         owner: str | None = None,
     ) -> list[str]:
-        """Publish each persistently, on this thread's connection; each is confirmed.
+        """Publish each persistently, on this thread's connection, then wait for the broker's
+        confirms of them all (every ``CONFIRM_WINDOW`` messages and at the end): it returns once
+        every one is confirmed.
 
         A topic that does not exist raises ``PublishError``, naming it; one no queue subscribes to
-        is warned about. Other failures raise ``PublishError`` too.
+        is warned about. A refusal, or any other failure, raises ``PublishError`` too; messages
+        before the failing window may have been sent.
         """
         ids = [uuid.uuid4().hex for _ in messages]
+        self._publish(topic, [(i, body, attributes) for i, (body, attributes) in zip(ids, messages, strict=True)])
+        return ids
+
+    def _publish(self, topic: str, messages: list[tuple[str, bytes, Mapping[str, str]]]) -> None:
         link = self._broker.thread_link()
+        exchange = exchange_name(topic)
         with link.errors(f"publish to {topic!r}", PublishError):
             try:
-                for message_id, (body, attributes) in zip(ids, messages, strict=True):
-                    exchange = exchange_name(topic)
-                    send(
-                        link.channel, topic, body, attributes, exchange=exchange, message_id=message_id, mandatory=True
-                    )
+                confirms = link.confirms
+                for n, (message_id, body, attributes) in enumerate(messages, 1):
+                    built = message(body, attributes, message_id=message_id)
+                    confirms.publish(built, exchange=exchange, routing_key=topic, mandatory=True)
+                    if n % CONFIRM_WINDOW == 0:
+                        confirms.wait()
+                confirms.wait()
             except amqp.exceptions.NotFound as exc:  # the exchange: it closed the channel
                 link.reset()
                 raise PublishError(_missing_topic(topic)) from exc
-        return ids
 
     # -- consuming and administration -------------------------------------------------------
 
@@ -203,13 +218,33 @@ class KombuTransport(Transport):
         """Depth (including delayed retries) per subscription, reading no message; see ``_kombu_admin``."""
         return self._admin.counts(queue, topics)
 
-    def dead_letters(self, queue: str, *, limit: int = 100) -> list[DeadLetterRecord]:
-        """The oldest ``limit`` dead letters, left in place."""
-        return self._admin.dead_letters(queue, limit=limit)
+    def dead_letters(
+        self, queue: str, *, limit: int = 100, ids: Collection[str] | None = None
+    ) -> list[DeadLetterRecord]:
+        """The oldest ``limit`` dead letters (of those ``ids`` names, if given), left in place."""
+        return self._admin.dead_letters(queue, limit=limit, ids=ids)
 
-    def requeue_dead_letters(self, queue: str, *, limit: int | None = None, progress: Progress | None = None) -> int:
-        """Move the oldest dead letters back to their subscriptions, attempts reset."""
-        return self._admin.requeue_dead_letters(queue, limit=limit, progress=progress)
+    def requeue_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
+        """Move the oldest dead letters (or those ``ids`` names) back to their subscriptions, attempts reset."""
+        return self._admin.requeue_dead_letters(queue, limit=limit, progress=progress, ids=ids)
+
+    def purge_dead_letters(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        ids: Collection[str] | None = None,
+    ) -> int:
+        """Delete the oldest dead letters (or those ``ids`` names) for good; returns how many."""
+        return self._admin.purge_dead_letters(queue, limit=limit, progress=progress, ids=ids)
 
 
 def _missing_topic(topic: str) -> str:

@@ -1,0 +1,342 @@
+"""The RabbitMQ hot path: draining against a plain pika loop, publishing against Dramatiq.
+
+Both comparisons run in one process, round after round, the order of the contenders rotated
+each round; every figure is the median over the rounds, with the spread (lowest and highest
+round ratio) beside it.
+
+Drain (``drain``): ``--messages`` valid ``user-created`` messages wait in a subscription queue
+before the consumer starts; the clock runs from the first message handled to the last, as seen
+by the bench polling a file that the handler appends one byte to per message (the same on both
+sides: the handlers are otherwise no-ops). Worker CPU per message is the process's user+system
+time over that span (``/proc/<pid>/stat``) divided by the messages.
+
+* ``hedwig``: one ``hedwig-tasks worker`` process, ``-c 4 --prefetch 12`` (16 held), schema
+  validation on, acks after the handler, leases kept.
+* ``pika``: a plain loop in a process of its own: ``pika.BlockingConnection``,
+  ``basic_qos(prefetch_count=16)`` (the same 16 held), ``basic_consume`` with manual acks,
+  ``json.loads`` of the body, the byte, ``basic_ack``. No validation, no framework.
+
+Publish (``publish`` and ``publish_many``): one thread of this process sends ``--messages``
+messages to a durable queue nobody consumes, persistent, with publisher confirms on both sides.
+
+* ``hedwig``: ``Hedwig.publish()`` per message (validated, encoded, routed; returns once
+  RabbitMQ confirmed that message).
+* ``hedwig_many``: the app encodes and validates each message, and the transport's
+  ``publish_many`` sends ``--batch`` at a time (returns once RabbitMQ confirmed every one).
+* ``dramatiq``: ``RabbitmqBroker(confirm_delivery=True)`` with its default middleware, and
+  ``actor.send()`` per message (returns once RabbitMQ confirmed that message); Dramatiq has no
+  batch send.
+
+Usage::
+
+    python bench/rabbitmq.py [--messages 10000] [--rounds 3] [--batch 100]
+
+Progress goes to stderr; stdout gets ONE JSON line, ``{"bench": "rabbitmq", ...,
+"comparisons": [{"name": "drain", "ratio": .., "target": 0.7, ...}, {"name": "publish", ...},
+{"name": "publish_many", ...}]}``, each ``ratio`` hedwig-tasks's median rate over the
+reference's. The broker comes from ``HEDWIG_TEST_AMQP_URL`` or the local default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+# bench/kombu.py is named like the library: never let ``import kombu`` find it.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import kombu  # noqa: E402
+
+from hedwig_tasks import Hedwig  # noqa: E402
+
+URL = os.environ.get("HEDWIG_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+CONCURRENCY, PREFETCH = 4, 12
+HELD = CONCURRENCY + PREFETCH
+
+SCHEMA = {
+    "id": "https://hedwig-tasks.bench/schema",
+    "$schema": "http://json-schema.org/draft-04/schema",
+    "schemas": {
+        "user-created": {
+            "1.*": {
+                "type": "object",
+                "x-version": "1.0",
+                "required": ["user_id", "email"],
+                "properties": {"user_id": {"type": "string"}, "email": {"type": "string", "minLength": 3}},
+            }
+        }
+    },
+}
+
+HEDWIG_APP = """
+import os
+from hedwig_tasks import Hedwig
+
+hedwig = Hedwig(os.environ["BENCH_APP"], schema=os.environ["BENCH_SCHEMA"],
+                routing={"user-created": os.environ["BENCH_TOPIC"]})
+DONE = os.open(os.environ["BENCH_DONE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
+@hedwig.handler("user-created", "1.*")
+def user_created(message):
+    os.write(DONE, b".")
+"""
+
+PIKA_LOOP = """
+import json, os, sys
+import pika
+
+DONE = os.open(os.environ["BENCH_DONE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+connection = pika.BlockingConnection(pika.URLParameters(os.environ["BENCH_URL"]))
+channel = connection.channel()
+channel.basic_qos(prefetch_count=int(os.environ["BENCH_HELD"]))
+
+def on_message(channel, method, properties, body):
+    json.loads(body)
+    os.write(DONE, b".")
+    channel.basic_ack(method.delivery_tag)
+
+channel.basic_consume(os.environ["BENCH_QUEUE"], on_message, auto_ack=False)
+channel.start_consuming()
+"""
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _data(n: int) -> dict[str, str]:
+    return {"user_id": f"U{n}", "email": "u@example.com"}
+
+
+def _pika_url(url: str) -> str:
+    """Kombu's ``//`` (the vhost ``/``) as pika spells it."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/%2F")) if parts.path in ("", "/", "//") else url
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Fixture:
+    """An app with a subscription of its own on the broker, filled with valid messages."""
+
+    def __init__(self, workdir: Path, side: str) -> None:
+        self.workdir = workdir
+        self.tag = f"bench-{side}-{uuid.uuid4().hex[:8]}"
+        self.app = Hedwig(self.tag, schema=workdir / "schema.json", transport=URL, routing={"user-created": self.tag})
+        self.app.handler("user-created", "1.*")(lambda message: None)
+        self.app.provision()
+        self.queue = f"hedwig-{self.tag}-{self.tag}"
+        self.done = workdir / f"{self.tag}.done"
+        self.done.touch()
+
+    def fill(self, messages: int, batch: int = 500) -> None:
+        for start in range(0, messages, batch):
+            chunk = range(start, min(messages, start + batch))
+            encoded = [self.app.encode(self.app.message("user-created", "1.0", _data(n))) for n in chunk]
+            self.app.transport.publish_many(self.tag, encoded)
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "BENCH_APP": self.tag,
+            "BENCH_TOPIC": self.tag,
+            "BENCH_QUEUE": self.queue,
+            "BENCH_URL": _pika_url(URL),
+            "BENCH_HELD": str(HELD),
+            "BENCH_SCHEMA": str(self.workdir / "schema.json"),
+            "BENCH_DONE": str(self.done),
+            "HEDWIG_TRANSPORT_URL": URL,
+            "PYTHONPATH": os.pathsep.join([str(self.workdir), *sys.path[1:]]),
+        }
+
+    def drain(self, command: list[str], messages: int) -> tuple[float, float]:
+        """Run ``command`` until it handled every message: (messages per second, CPU µs per message)."""
+        process = subprocess.Popen(command, env=self.env(), cwd=self.workdir, stdout=subprocess.DEVNULL)
+        try:
+            self._wait(process, 1, 60)
+            started, cpu = time.perf_counter(), _cpu_s(process.pid)
+            self._wait(process, messages, 600)
+            elapsed, used = time.perf_counter() - started, _cpu_s(process.pid) - cpu
+            return (messages - 1) / elapsed, used / (messages - 1) * 1e6
+        finally:
+            process.terminate()
+            process.wait(30)
+
+    def _wait(self, process: subprocess.Popen[bytes], count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.done.stat().st_size < count:
+            if process.poll() is not None:
+                raise SystemExit(f"{self.tag}: the consumer exited with {process.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.tag}: {self.done.stat().st_size} of {count} handled in {timeout_s:.0f}s")
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        self.app.transport.close()
+        _cleanup([self.queue, f"hedwig-{self.tag}-dlq"], [f"hedwig-{self.tag}"])
+
+
+def drain_hedwig(workdir: Path, messages: int) -> tuple[float, float]:
+    fixture = Fixture(workdir, "drain-hedwig")
+    try:
+        fixture.fill(messages)
+        command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "hedwig_bench_app", "-l", "WARNING"]
+        return fixture.drain([*command, "-c", str(CONCURRENCY), "--prefetch", str(PREFETCH)], messages)
+    finally:
+        fixture.close()
+
+
+def drain_pika(workdir: Path, messages: int) -> tuple[float, float]:
+    fixture = Fixture(workdir, "drain-pika")
+    try:
+        fixture.fill(messages)
+        return fixture.drain([sys.executable, str(workdir / "pika_loop.py")], messages)
+    finally:
+        fixture.close()
+
+
+def publish_hedwig(workdir: Path, messages: int, batch: int) -> float:
+    fixture = Fixture(workdir, "publish-hedwig")
+    try:
+        fixture.app.publish("user-created", "1.0", _data(-1))  # connects
+        started = time.perf_counter()
+        for n in range(messages):
+            fixture.app.publish("user-created", "1.0", _data(n))
+        return messages / (time.perf_counter() - started)
+    finally:
+        fixture.close()
+
+
+def publish_hedwig_many(workdir: Path, messages: int, batch: int) -> float:
+    fixture = Fixture(workdir, "publish-many")
+    app = fixture.app
+    try:
+        app.publish("user-created", "1.0", _data(-1))
+        started = time.perf_counter()
+        for start in range(0, messages, batch):
+            chunk = range(start, min(messages, start + batch))
+            app.transport.publish_many(
+                fixture.tag, [app.encode(app.message("user-created", "1.0", _data(n))) for n in chunk]
+            )
+        return messages / (time.perf_counter() - started)
+    finally:
+        fixture.close()
+
+
+def publish_dramatiq(workdir: Path, messages: int, batch: int) -> float:
+    import dramatiq
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    queue = f"bench-dramatiq-{uuid.uuid4().hex[:8]}"
+    broker = RabbitmqBroker(url=_pika_url(URL), confirm_delivery=True)
+
+    def user_created(user_id: str, email: str) -> None:
+        pass
+
+    actor = dramatiq.actor(user_created, broker=broker, queue_name=queue)
+    try:
+        actor.send(**_data(-1))  # connects and declares
+        started = time.perf_counter()
+        for n in range(messages):
+            actor.send(**_data(n))
+        return messages / (time.perf_counter() - started)
+    finally:
+        broker.close()
+        _cleanup([queue, f"{queue}.DQ", f"{queue}.XQ"], [])
+
+
+def _cleanup(queues: list[str], exchanges: list[str]) -> None:
+    with kombu.Connection(URL) as connection:
+        channel = connection.channel()
+        for queue in queues:
+            channel.queue_delete(queue)
+        for exchange in exchanges:
+            try:
+                channel.exchange_delete(exchange)
+            except Exception:
+                channel = connection.channel()
+
+
+def rounds(contenders: dict[str, Callable[[], Any]], count: int, label: str) -> dict[str, list[Any]]:
+    """Each contender once per round, the order rotated by one each round."""
+    results: dict[str, list[Any]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for round_ in range(count):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in order:
+            results[name].append(contenders[name]())
+            log(f"{label} round {round_ + 1}: {name} {results[name][-1]}")
+    return results
+
+
+def comparison(name: str, ours: list[float], theirs: list[float], target: float, reference: str) -> dict[str, Any]:
+    ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
+    return {
+        "name": name,
+        "reference": reference,
+        "hedwig_per_s": round(statistics.median(ours), 1),
+        f"{reference}_per_s": round(statistics.median(theirs), 1),
+        "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
+        "target": target,
+        "spread": [round(min(ratios), 3), round(max(ratios), 3)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=10000)
+    parser.add_argument("--rounds", type=int, default=3, help="rotated rounds; figures are their medians")
+    parser.add_argument("--batch", type=int, default=100, help="messages per publish_many")
+    parser.add_argument("--only", choices=["drain", "publish"], help="run one of the two comparisons")
+    args = parser.parse_args()
+    n, batch = args.messages, args.batch
+    comparisons: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="hedwig-bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "schema.json").write_text(json.dumps(SCHEMA))
+        (workdir / "hedwig_bench_app.py").write_text(HEDWIG_APP)
+        (workdir / "pika_loop.py").write_text(PIKA_LOOP)
+        if args.only != "publish":
+            drained = rounds(
+                {"hedwig": lambda: drain_hedwig(workdir, n), "pika": lambda: drain_pika(workdir, n)},
+                args.rounds,
+                "drain",
+            )
+            row = comparison("drain", [r for r, _ in drained["hedwig"]], [r for r, _ in drained["pika"]], 0.7, "pika")
+            row["hedwig_cpu_us_per_msg"] = round(statistics.median(c for _, c in drained["hedwig"]), 1)
+            row["pika_cpu_us_per_msg"] = round(statistics.median(c for _, c in drained["pika"]), 1)
+            comparisons.append(row)
+        if args.only != "drain":
+            published = rounds(
+                {
+                    "hedwig": lambda: publish_hedwig(workdir, n, batch),
+                    "hedwig_many": lambda: publish_hedwig_many(workdir, n, batch),
+                    "dramatiq": lambda: publish_dramatiq(workdir, n, batch),
+                },
+                args.rounds,
+                "publish",
+            )
+            comparisons.append(comparison("publish", published["hedwig"], published["dramatiq"], 1.5, "dramatiq"))
+            many = comparison("publish_many", published["hedwig_many"], published["dramatiq"], 1.5, "dramatiq")
+            comparisons.append({**many, "batch": batch})
+    run = {"messages": n, "rounds": args.rounds, "concurrency": CONCURRENCY, "held": HELD}
+    print(json.dumps({"bench": "rabbitmq", **run, "comparisons": comparisons}))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@
     ├── HandlerNotFound (LookupError)        no handler for a received (type, major)
     ├── TransportError                       the broker failed; driver errors become this at the transport boundary
     │   └── PublishError                     a publish that could not be delivered
+    ├── StateError                           the state store failed; driver errors become this at the store boundary
     └── HandlerControl                       raised by a handler to say what happens to its message
         ├── Retry                            retry later, after ``delay_s`` or the policy's backoff
         ├── Ignore                           acknowledge and drop, without counting as a failure
@@ -31,6 +32,7 @@ __all__ = [
     "Retry",
     "RoutingError",
     "SchemaError",
+    "StateError",
     "TransportError",
     "ValidationError",
 ]
@@ -73,6 +75,10 @@ class TransportError(HedwigError):
 
 class PublishError(TransportError):
     """A publish could not be delivered. Nothing was silently dropped: the caller must act."""
+
+
+class StateError(HedwigError):
+    """The state store (leases, keys, counters, heartbeats) failed. Driver errors are chained as ``__cause__``."""
 
 
 class HandlerControl(HedwigError):

@@ -15,11 +15,14 @@ from tcp_proxy import TcpProxy
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.testing.contract import ContractClock, Names, RealClock, TransportContract
 from hedwig_tasks.transports import from_url
+from hedwig_tasks.transports._kombu_consumer import ack_plan
 from hedwig_tasks.transports.base import Delivery, SubscriptionStatus
 from hedwig_tasks.transports.kombu import (
     DEFAULT_LEASE_S,
     KombuTransport,
     delay_queue_name,
+    dlq_name,
+    exchange_name,
     subscription_name,
 )
 
@@ -211,6 +214,8 @@ def test_url_options_are_taken_out_and_the_password_is_masked() -> None:
         ("sqs://h/", "amqp://, amqps:// and pyamqp://, not sqs://"),
         ("redis://h/0", "RabbitMQ .* only; redis:// is the Redis Streams transport's"),
         ("rediss://h/0", "rediss:// is the Redis Streams transport's"),
+        ("amqp://h//?heartbaet=3", "unknown kombu option 'heartbaet'; did you mean heartbeat?"),
+        ("amqp://h//?connect_timeout=3", "unknown kombu option 'connect_timeout'; did you mean connect_timeout_s?"),
     ],
 )
 def test_bad_urls_are_refused(url: str, complaint: str) -> None:
@@ -274,3 +279,107 @@ def test_a_consumer_reconnects_after_its_connection_drops() -> None:
         consumer.close()
         bus.close()
         cleanup(url, [names.queue], [names.topic])
+
+
+# -- publisher confirms, acks, dead-letter ids -------------------------------------------------
+
+
+@pytest.fixture
+def rabbit() -> Iterator[tuple[KombuTransport, Names]]:
+    url = server_url("amqp")
+    names = Names.fresh()
+    bus = KombuTransport(url, lease_s=30.0)
+    yield bus, names
+    bus.close()
+    cleanup(url, [names.queue], [names.topic])
+
+
+def test_a_message_the_broker_refuses_is_never_reported_sent(rabbit: tuple[KombuTransport, Names]) -> None:
+    # A queue that takes two messages and refuses (nacks) the rest: publish_many waits for every
+    # confirm before it returns, so a refused message fails the call; so does a single publish.
+    bus, names = rabbit
+    bus.provision(None, [], [names.topic])
+    full = subscription_name(names.queue, names.topic)
+    with kombu.Connection(bus.url) as connection:
+        channel = connection.channel()
+        channel.queue_declare(full, durable=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+        channel.queue_bind(full, exchange_name(names.topic), routing_key="")
+    with pytest.raises(PublishError, match="refused 3 of the messages"):
+        bus.publish_many(names.topic, [(f"m{n}".encode(), {}) for n in range(5)])
+    with pytest.raises(PublishError, match="refused 1 of the messages"):
+        bus.publish(names.topic, b"one more", {})
+    with kombu.Connection(bus.url) as connection:
+        assert connection.channel().queue_declare(full, passive=True).message_count == 2
+    consumer = bus.consumer(names.queue, [names.topic])
+    taken = []
+    while len(taken) < 2:
+        taken += consumer.receive(2, wait_s=5)
+    assert sorted(d.body for d in taken) == [b"m0", b"m1"]
+    consumer.ack(taken)
+    consumer.close()
+
+
+def test_publish_many_returns_once_every_message_is_confirmed(rabbit: tuple[KombuTransport, Names]) -> None:
+    bus, names = rabbit
+    bus.provision(names.queue, [names.topic], [])
+    ids = bus.publish_many(names.topic, [(f"m{n}".encode(), {"n": str(n)}) for n in range(2500)])  # 3 windows
+    assert len(set(ids)) == 2500
+    with kombu.Connection(bus.url) as connection:  # confirmed: on the queue when the call returns
+        declared = connection.channel().queue_declare(subscription_name(names.queue, names.topic), passive=True)
+    assert declared.message_count == 2500
+
+
+def test_acks_in_any_order_settle_exactly_those_acked(rabbit: tuple[KombuTransport, Names]) -> None:
+    # Contiguous tags go as one multiple ack; one must never settle a delivery still held.
+    bus, names = rabbit
+    bus.provision(names.queue, [names.topic], [])
+    bus.publish_many(names.topic, [(f"m{n}".encode(), {}) for n in range(6)])
+    consumer = bus.consumer(names.queue, [names.topic], max_outstanding=10)
+    taken: list[Delivery] = []
+    while len(taken) < 6:
+        taken += consumer.receive(6 - len(taken), wait_s=5)
+    consumer.ack([taken[2], taken[0], taken[1]])
+    consumer.ack([taken[4]])
+    consumer.close()  # taken[3] and taken[5] were held: the broker gives back those two only
+    again = bus.consumer(names.queue, [names.topic], max_outstanding=10)
+    back: list[Delivery] = []
+    deadline = time.monotonic() + 10
+    while len(back) < 2 and time.monotonic() < deadline:
+        back += again.receive(10, wait_s=0.5)
+    assert sorted(d.body for d in back) == [taken[3].body, taken[5].body]
+    again.ack(back)
+    assert again.receive(10, wait_s=0.3) == []
+    again.close()
+
+
+def test_ack_plan_acks_below_every_other_held_tag_at_once() -> None:
+    unacked = {1, 2, 3, 4, 5, 7}
+    assert ack_plan([3, 1, 2, 5], unacked) == [(3, True), (5, False)]
+    assert unacked == {4, 7}
+    assert ack_plan([7], unacked) == [(7, False)]
+    assert ack_plan([4], unacked) == [(4, False)]
+    assert ack_plan([], unacked) == []
+
+
+def test_dead_letters_with_one_message_id_keep_ids_of_their_own(rabbit: tuple[KombuTransport, Names]) -> None:
+    # Another publisher may reuse a message id; each dead letter still has its own id.
+    bus, names = rabbit
+    bus.provision(names.queue, [names.topic], [])
+    with kombu.Connection(bus.url) as connection:
+        producer = connection.Producer()
+        for body in (b"first", b"second"):
+            producer.publish(body, exchange=exchange_name(names.topic), routing_key="", message_id="same-id")
+    consumer = bus.consumer(names.queue, [names.topic])
+    taken: list[Delivery] = []
+    while len(taken) < 2:
+        taken += consumer.receive(2, wait_s=5)
+    for delivery in taken:
+        consumer.dead_letter(delivery, "bad")
+    records = bus.dead_letters(names.queue)
+    assert len({r.transport_id for r in records}) == 2
+    first = next(r for r in records if r.body == b"first")
+    assert bus.purge_dead_letters(names.queue, ids=[first.transport_id]) == 1
+    assert [r.body for r in bus.dead_letters(names.queue)] == [b"second"]
+    with kombu.Connection(bus.url) as connection:
+        assert connection.channel().queue_declare(dlq_name(names.queue), passive=True).message_count == 1
+    consumer.close()

@@ -34,8 +34,9 @@ that died) counts one more.
 
 Connection string: any Kombu URL for RabbitMQ, e.g. ``amqp://guest:guest@localhost:5672//``.
 
-Options (query string, removed before the URL goes to Kombu, which takes the rest): ``lease_s``
-(seconds a receive leases a message; default 30) and ``connect_timeout_s`` (default 5).
+Options (query string): ``lease_s`` (seconds a receive leases a message; default 30) and
+``connect_timeout_s`` (default 5) are taken out; Kombu's own ``heartbeat``, ``ssl``,
+``login_method`` and ``insist`` go on to Kombu. Any other name is refused, naming it.
 
 Threads: Kombu's connections are not thread-safe. Each thread that publishes (or asks
 ``counts``) keeps a connection of its own (so threads wait on RabbitMQ's confirms side by
@@ -60,6 +61,7 @@ consumers and administration. ``_kombu_link`` the broker every part holds and it
 
 from __future__ import annotations
 
+import difflib
 import threading
 import time
 import uuid
@@ -68,7 +70,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import amqp.exceptions
 
-from hedwig_tasks.exceptions import PublishError
+from hedwig_tasks.exceptions import ConfigurationError, PublishError
 from hedwig_tasks.transports._kombu_admin import KombuAdmin
 from hedwig_tasks.transports._kombu_consumer import DEFAULT_PREFETCH, KombuConsumer
 from hedwig_tasks.transports._kombu_link import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_LEASE_S, Broker, mask
@@ -102,8 +104,10 @@ __all__ = [
 
 #: Most messages ``publish_many`` sends before it waits for their confirms.
 CONFIRM_WINDOW = 1000
-#: The options a URL's query may carry for the transport (the rest are Kombu's).
+#: The options a URL's query may carry for the transport.
 URL_OPTIONS = {"lease_s": seconds, "connect_timeout_s": seconds}
+#: The options a URL's query may carry for Kombu, passed on as they are.
+KOMBU_OPTIONS = ("heartbeat", "ssl", "login_method", "insist")
 
 
 class KombuTransport(Transport):
@@ -138,6 +142,12 @@ class KombuTransport(Transport):
         """A Kombu URL, with ``lease_s`` and ``connect_timeout_s`` taken out of its query."""
         parts = urlsplit(url)
         ours, kombus = read_options("kombu", parts.query, URL_OPTIONS, pass_on=True)
+        for name, _ in kombus:
+            if name not in KOMBU_OPTIONS:
+                known = [*URL_OPTIONS, *KOMBU_OPTIONS]
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigurationError(f"unknown kombu option {name!r}{hint} (known: {', '.join(sorted(known))})")
         return cls(urlunsplit(parts._replace(query=urlencode(kombus))), **ours)
 
     def __repr__(self) -> str:

@@ -311,7 +311,7 @@ def test_a_message_the_broker_refuses_is_never_reported_sent(rabbit: tuple[Kombu
     with kombu.Connection(bus.url) as connection:
         assert connection.channel().queue_declare(full, passive=True).message_count == 2
     consumer = bus.consumer(names.queue, [names.topic])
-    taken = []
+    taken: list[Delivery] = []
     while len(taken) < 2:
         taken += consumer.receive(2, wait_s=5)
     assert sorted(d.body for d in taken) == [b"m0", b"m1"]

@@ -15,13 +15,22 @@ subset of its app's topics); dead letters go to ``hedwig-Q-dlq`` with the reason
 ``x-hedwig-reason``.
 
 Publishing uses publisher confirms, so a publish to a topic never provisioned (or one the broker
-could not take) raises ``PublishError``. Publishes are ``mandatory``: one that no queue takes
-comes back, and a warning says (once per topic per process) that the topic has no subscription.
+could not take, or refused) raises ``PublishError``, and no message is reported sent that the
+broker did not confirm. ``publish`` returns once the broker confirmed its message; ``publish_many``
+sends them all (waiting every ``CONFIRM_WINDOW``) and waits for every confirm once, before it
+returns. Both write py-amqp frames on the thread's kept channel: no Kombu ``Producer`` or
+declare per publish. Publishes are ``mandatory``: one that no queue takes comes back, and a
+warning says (once per topic per process) that the topic has no subscription.
 
 Retries: a retry goes to ``hedwig-Q-T-delay-<B>s``, one delay queue per power of two ``B``
 seconds (created on first use), with the delay as the message's TTL and dead-lettering back to
 the subscription. Per-message TTLs expire only at a queue's head; bucketing by powers of two
 bounds that head-of-line wait: a message waits at most its bucket, under twice its delay.
+
+Dead letters: each gets an id of its own (``x-hedwig-dead-id``, its ``transport_id``). Listing,
+requeueing and purging them (all, the oldest ``limit``, or those ``ids`` names) take them one by
+one unacked, act on those chosen, and leave the others to go back, in order, when the
+connection closes (RabbitMQ cannot peek).
 
 Other publishers: a delivery whose own fields cannot be read (a body of another type, headers
 or an attempt count of the wrong types) is handed out with ``Delivery.fault`` saying why; a
@@ -38,13 +47,14 @@ Options (query string): ``lease_s`` (seconds a receive leases a message; default
 ``connect_timeout_s`` (default 5) are taken out; Kombu's own ``heartbeat``, ``ssl``,
 ``login_method`` and ``insist`` go on to Kombu. Any other name is refused, naming it.
 
-Threads: Kombu's connections are not thread-safe. Each thread that publishes (or asks
+Threads: py-amqp's connections are not thread-safe. Each thread that publishes (or asks
 ``counts``) keeps a connection of its own (so threads wait on RabbitMQ's confirms side by
-side), and each consumer owns one connection and channel behind a lock; ``receive`` holds the
-lock only to read what already arrived and waits for the socket without it (woken by a pipe
-when another thread settles something), so settling never waits on a receive. Broker errors
-become ``TransportError`` (or ``PublishError``); the connection is dropped and the next call
-reconnects.
+side). Each consumer owns one connection and channel: ``receive`` holds the consumer's lock only
+to read what already arrived and waits for the socket without it; acks take no part of that
+lock (frames are written one at a time under the connection's write lock, acks in the order
+they were planned), so acking never waits on a receive. Contiguous acks go as one ``multiple``
+ack. Broker errors become ``TransportError`` (or ``PublishError``); the connection is dropped
+and the next call reconnects.
 
 Counts: ``status`` (the ``status`` command) counts dead letters per subscription by reading up
 to a thousand of them (RabbitMQ takes them unacked and gives them back). ``counts`` (burst

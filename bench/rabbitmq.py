@@ -166,7 +166,8 @@ class Fixture:
 
     def drain(self, command: list[str], messages: int) -> tuple[float, float]:
         """Run ``command`` until it handled every message: (messages per second, CPU µs per message)."""
-        process = subprocess.Popen(command, env=self.env(), cwd=self.workdir, stdout=subprocess.DEVNULL)
+        log_file = (self.workdir / f"{self.tag}.log").open("wb")
+        process = subprocess.Popen(command, env=self.env(), cwd=self.workdir, stdout=log_file, stderr=log_file)
         try:
             self._wait(process, 1, 60)
             started, cpu = time.perf_counter(), _cpu_s(process.pid)
@@ -176,12 +177,14 @@ class Fixture:
         finally:
             process.terminate()
             process.wait(30)
+            log_file.close()
 
     def _wait(self, process: subprocess.Popen[bytes], count: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while self.done.stat().st_size < count:
             if process.poll() is not None:
-                raise SystemExit(f"{self.tag}: the consumer exited with {process.returncode}")
+                output = (self.workdir / f"{self.tag}.log").read_text(errors="replace")
+                raise SystemExit(f"{self.tag}: the consumer exited with {process.returncode}:\n{output}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"{self.tag}: {self.done.stat().st_size} of {count} handled in {timeout_s:.0f}s")
             time.sleep(0.001)

@@ -263,6 +263,24 @@ def test_hedwig_tasks_dead_letter_is_requeued_by_authedwig(route: Route) -> None
     _assert_settled(route, ours)
 
 
+def test_hedwig_tasks_requeue_is_handled_by_authedwig(route: Route) -> None:
+    """A dead letter with our reason fields, requeued by us, reads in authedwig as the message it was."""
+
+    def refuse(message: Message) -> None:
+        raise DeadLetter("refused")
+
+    ours = route.app("jsonschema", handled=refuse)
+    ours.provision()
+    sent = ours.publish("user-created", "1.0", {"user_id": "U_5"}, headers=HEADERS)
+    assert _drain(ours).counts == {"handled": 0, "retried": 0, "dead_lettered": 1}
+    assert ours.transport.requeue_dead_letters(route.queue) == 1
+    [requeued] = route.entries(route.queue)
+    assert any(name.startswith("hedwig_tasks_") for name in requeued)  # our own fields travel along
+    [got] = _authedwig_consume(route, "jsonschema", False)
+    assert (got.id, got.data, dict(got.headers)) == (sent.id, {"user_id": "U_5"}, HEADERS)
+    assert got.provider_metadata.stream == f"hedwig:{route.queue}"
+
+
 def test_authedwig_dead_letter_is_listed_and_requeued_by_hedwig_tasks(route: Route) -> None:
     handled: list[Message] = []
     ours = route.app("jsonschema", handled=handled.append)

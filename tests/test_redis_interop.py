@@ -24,7 +24,7 @@ import pytest
 import redis
 from conftest import SCHEMA_FILE, authedwig_settings
 from helpers import wait_for
-from kombu_server import server_url
+from redis_server import cleanup, redis_url
 from test_aws_interop import FORMS, HEADERS, VALIDATORS, _data, _version  # the same cases as on SNS/SQS
 
 from hedwig_tasks import DeadLetter, Hedwig, Message
@@ -46,13 +46,8 @@ CONSUMER_BACKEND = "hedwig.backends.redis.RedisStreamsConsumerBackend"
 AUTHEDWIG_VISIBILITY_TIMEOUT_S = 1
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    yield server_url("redis")
-
-
 class Route:
-    """A topic and a queue of their own for one test (every key holds ``tag``), provisioned by hedwig-tasks."""
+    """A topic and a queue of their own for one test, provisioned by hedwig-tasks."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -120,15 +115,13 @@ class Route:
         return [fields for _, fields in self.client.xrange(f"hedwig:{stream}")]
 
     def delete(self) -> None:
-        keys = list(self.client.scan_iter(match=f"*{self.tag}*", count=1000))
-        if keys:
-            self.client.delete(*keys)
         self.client.close()
+        cleanup(self.url, [self.queue], [self.topic])
 
 
 @pytest.fixture
-def route(redis_url: str) -> Iterator[Route]:
-    route = Route(redis_url)
+def route() -> Iterator[Route]:
+    route = Route(redis_url())
     try:
         yield route
     finally:

@@ -211,11 +211,15 @@ class Hedwig:
         *,
         retry: RetryPolicy | None = None,
         name: str | None = None,
+        time_limit_s: float | None = None,
+        rate_limit: str | None = None,
     ) -> Callable[[Callable[[Message], Any]], Handler]:
         """Register the decorated function for ``message_type`` at the majors ``pattern`` names.
 
-        Raises :class:`ConfigurationError` at declaration for an unknown type or major, a
-        duplicate registration, or a function that cannot take a message.
+        ``time_limit_s`` bounds one run (default: the worker's ``--time-limit``); ``rate_limit``
+        (``"100/s"``, ``"30/m"``, ``"500/h"``) bounds its starts per worker process. Raises
+        :class:`ConfigurationError` at declaration for an unknown type or major, a duplicate
+        registration, a function that cannot take a message, or a bad limit (naming the option).
         """
         if callable(message_type):
             raise self._bare_handler(message_type)
@@ -227,7 +231,9 @@ class Hedwig:
                 raise ConfigurationError(f"handler for {message_type!r} {major}.*: {exc}") from None
 
         def register(fn: Callable[[Message], Any]) -> Handler:
-            handler = Handler(self, fn, message_type, majors, retry=retry, name=name)
+            handler = Handler(
+                self, fn, message_type, majors, retry=retry, name=name, time_limit_s=time_limit_s, rate_limit=rate_limit
+            )
             self.registry.add(handler)
             return handler
 

@@ -28,6 +28,7 @@ from hedwig_tasks.app import TRANSPORT_ENV, Hedwig
 from hedwig_tasks.exceptions import HedwigError, TransportError
 from hedwig_tasks.health import ProbeServer, Route, health_routes
 from hedwig_tasks.metrics import Metrics
+from hedwig_tasks.pool import POOLS
 from hedwig_tasks.transports import DEFAULT_URL
 from hedwig_tasks.transports.base import SubscriptionStatus, Transport
 from hedwig_tasks.worker import (
@@ -88,6 +89,12 @@ def cmd_worker(args: argparse.Namespace, app: Hedwig) -> int:
         topics=args.subscription or None,
         burst=args.burst,
         shutdown_timeout_s=args.shutdown_timeout,
+        time_limit_s=args.time_limit,
+        pool=args.pool,
+        app_spec=args.app,
+        settings_spec=args.settings,
+        max_tasks_per_child=args.max_tasks_per_child,
+        max_memory_per_child_kb=args.max_memory_per_child,
     )
     if not app.subscribed_topics():
         raise CLIError(
@@ -121,7 +128,8 @@ def _banner(args: argparse.Namespace, app: Hedwig, topics: Sequence[str]) -> Non
         "transport": transport_text(app),
         "queue": app.queue,
         "topics": ", ".join(topics),
-        "concurrency": f"{args.concurrency} threads, prefetch {args.prefetch}",
+        "concurrency": f"{args.concurrency} {'child processes' if args.pool == 'processes' else 'threads'}, "
+        f"prefetch {args.prefetch}",
     }
     if args.log_format == "json":
         logger.info("hedwig-tasks %s worker: %s", __version__, "; ".join(f"{k} {v}" for k, v in fields.items()))
@@ -275,6 +283,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         metavar="SECONDS",
         help="how long running handlers may finish after SIGTERM (%(default)s)",
+    )
+    worker.add_argument(
+        "--pool",
+        choices=POOLS,
+        default="threads",
+        help="run handlers on threads (%(default)s) or in -c child processes (for CPU-bound handlers)",
+    )
+    worker.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="time limit of handlers that set no time_limit_s: then an async handler is cancelled, a "
+        "thread abandoned and replaced, a child process killed and replaced; the message fails",
+    )
+    worker.add_argument(
+        "--max-tasks-per-child", type=int, metavar="N", help="with --pool processes: replace a child after N messages"
+    )
+    worker.add_argument(
+        "--max-memory-per-child",
+        type=int,
+        metavar="KIB",
+        help="with --pool processes: replace a child after a message once its peak RSS passed KIB kibibytes",
     )
     worker.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on /metrics")
     worker.add_argument("--health-port", type=int, metavar="PORT", help="serve /healthz (liveness) and /readyz")

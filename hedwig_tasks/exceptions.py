@@ -11,6 +11,9 @@
     ├── HandlerNotFound (LookupError)        no handler for a received (type, major)
     ├── TransportError                       the broker failed; driver errors become this at the transport boundary
     │   └── PublishError                     a publish that could not be delivered
+    ├── TimeLimitExceeded (TimeoutError)     a handler ran past its time limit; its message is failed
+    ├── WorkerLost                           a process-pool child died while handling a message
+    ├── RemoteError                          what a handler raised in a process-pool child (type, text, traceback)
     ├── StateError                           the state store failed; driver errors become this at the store boundary
     └── HandlerControl                       raised by a handler to say what happens to its message
         ├── Retry                            retry later, after ``delay_s`` or the policy's backoff
@@ -29,12 +32,14 @@ __all__ = [
     "HedwigError",
     "Ignore",
     "PublishError",
+    "RemoteError",
     "Retry",
     "RoutingError",
     "SchemaError",
     "StateError",
     "TransportError",
     "ValidationError",
+    "WorkerLost",
 ]
 
 
@@ -79,6 +84,33 @@ class PublishError(TransportError):
 
 class StateError(HedwigError):
     """The state store (leases, keys, counters, heartbeats) failed. Driver errors are chained as ``__cause__``."""
+
+
+class TimeLimitExceeded(HedwigError, TimeoutError):
+    """A handler ran past its ``time_limit_s``: cancelled (``async``), abandoned (a thread) or
+    killed (a process-pool child). Its message fails with this error, retried by policy."""
+
+    def __init__(self, time_limit_s: float) -> None:
+        super().__init__(f"time limit exceeded ({time_limit_s:g}s)")
+        self.time_limit_s = time_limit_s
+
+
+class WorkerLost(HedwigError):
+    """The process-pool child running a handler died (a crash, a kill, memory); retried by policy."""
+
+
+class RemoteError(HedwigError):
+    """What a handler raised in a process-pool child: its type's name, its text and traceback.
+
+    The exception itself stays in the child (nothing is pickled); the child's retry policy
+    already decided the outcome, and this carries what the parent logs and signals.
+    """
+
+    def __init__(self, type_name: str, text: str, traceback_text: str = "") -> None:
+        super().__init__(f"{type_name}: {text}" if text else type_name)
+        self.type_name = type_name
+        self.text = text
+        self.traceback_text = traceback_text
 
 
 class HandlerControl(HedwigError):

@@ -1,4 +1,4 @@
-"""A handler: the decorated function, its message type and majors, and its retry policy."""
+"""A handler: the decorated function, its message type and majors, its retry policy and limits."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from hedwig_tasks.exceptions import ConfigurationError
+from hedwig_tasks.exceptions import ConfigurationError, TimeLimitExceeded
 from hedwig_tasks.message import Message, VersionLike
+from hedwig_tasks.ratelimit import RateLimit, RateLimiter
 from hedwig_tasks.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -32,10 +33,21 @@ def _check_signature(fn: Callable[..., Any], name: str) -> None:
         ) from None
 
 
+def _check_time_limit(time_limit_s: float | None, name: str) -> float | None:
+    if time_limit_s is None:
+        return None
+    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or not time_limit_s > 0:
+        raise ConfigurationError(f"handler {name}: time_limit_s={time_limit_s!r}: expected seconds, more than 0")
+    return float(time_limit_s)
+
+
 class Handler:
     """The function a ``@hedwig.handler(...)`` decorator wraps; still callable as before.
 
     ``publish`` sends a message of the handler's type, so a task and its trigger live together.
+    ``time_limit_s`` bounds one run (None: the worker's ``--time-limit``, if any);
+    ``rate_limit`` (``"100/s"``, ``"30/m"``, ``"500/h"``) bounds how often it starts in one
+    worker process.
     """
 
     def __init__(
@@ -47,9 +59,16 @@ class Handler:
         *,
         retry: RetryPolicy | None = None,
         name: str | None = None,
+        time_limit_s: float | None = None,
+        rate_limit: str | None = None,
     ) -> None:
         self.name = name or f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
         _check_signature(fn, self.name)
+        self.time_limit_s = _check_time_limit(time_limit_s, self.name)
+        option = f"handler {self.name}: rate_limit"
+        self.rate_limit = None if rate_limit is None else RateLimit.parse(rate_limit, option=option)
+        #: The worker process's limiter for this handler (None: no rate limit).
+        self.limiter = None if self.rate_limit is None else RateLimiter(self.rate_limit)
         self.app = app
         self.fn = fn
         self.message_type = message_type
@@ -61,17 +80,30 @@ class Handler:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
-    def run(self, message: Message, *, loop: asyncio.AbstractEventLoop | None = None) -> Any:
+    def run(
+        self, message: Message, *, loop: asyncio.AbstractEventLoop | None = None, time_limit_s: float | None = None
+    ) -> Any:
         """Run on one message; an ``async def`` handler runs to completion on ``loop``.
 
         Without a loop an ``async`` handler gets a fresh one (eager mode); the worker passes
-        each handler thread's own loop, so one is not built per message.
+        each handler thread's own loop, so one is not built per message. An ``async`` handler
+        still running after ``time_limit_s`` is cancelled and :class:`TimeLimitExceeded` raised
+        (a sync one cannot be stopped from inside: the worker abandons its thread).
         """
         if not self.is_async:
             return self.fn(message)
-        if loop is None:
+        if loop is None and time_limit_s is None:
             return asyncio.run(self.fn(message))
-        return loop.run_until_complete(self.fn(message))
+        if loop is None:
+            assert time_limit_s is not None
+            loop = asyncio.new_event_loop()
+            try:
+                return _run_with_limit(loop, self.fn(message), time_limit_s)
+            finally:
+                loop.close()
+        if time_limit_s is None:
+            return loop.run_until_complete(self.fn(message))
+        return _run_with_limit(loop, self.fn(message), time_limit_s)
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -101,3 +133,27 @@ class Handler:
     def __repr__(self) -> str:
         majors = ", ".join(f"{m}.*" for m in self.majors)
         return f"<Handler {self.name} for {self.message_type!r} {majors}>"
+
+
+def _run_with_limit(loop: asyncio.AbstractEventLoop, coro: Any, time_limit_s: float) -> Any:
+    """Run ``coro`` on ``loop``, cancelled after ``time_limit_s``: then TimeLimitExceeded.
+
+    A flag tells the limit's cancellation from any other (and from a TimeoutError the
+    handler raises itself, which ``asyncio.wait_for`` could not).
+    """
+    task = loop.create_task(coro)
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        task.cancel()
+
+    timer = loop.call_later(time_limit_s, expire)
+    try:
+        return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        if expired:
+            raise TimeLimitExceeded(time_limit_s) from None
+        raise
+    finally:
+        timer.cancel()

@@ -29,6 +29,10 @@ Consuming:
   ``DeadLetter``).
 * ``handler_dead_lettered(message, handler, reason, duration_s)``: it raised ``DeadLetter``: a
   decision, not a failure (``message_dead_lettered`` follows, as for every dead letter).
+* ``handler_time_limit_exceeded(message, handler, time_limit_s, abandoned)``: the handler ran past its
+  time limit; its message is failed (``handler_failed`` follows, with a ``TimeLimitExceeded``).
+  ``abandoned`` names what was given up: ``"thread <name>"`` (a sync handler's thread, replaced),
+  ``"child process <pid>"`` (killed and replaced), or ``""`` (an ``async`` handler, cancelled).
 * ``handler_retried(message, handler, error, delay_s, attempt)``: the message will come back after ``delay_s``.
 * ``message_dead_lettered(message, delivery, reason)``: sent to the dead letters; ``message`` is None if undecodable.
 """
@@ -48,6 +52,7 @@ __all__ = [
     "handler_retried",
     "handler_started",
     "handler_succeeded",
+    "handler_time_limit_exceeded",
     "heartbeat",
     "message_dead_lettered",
     "message_invalid",
@@ -77,6 +82,7 @@ handler_succeeded = _signals.signal("handler-succeeded")
 handler_failed = _signals.signal("handler-failed")
 handler_dead_lettered = _signals.signal("handler-dead-lettered")
 handler_retried = _signals.signal("handler-retried")
+handler_time_limit_exceeded = _signals.signal("handler-time-limit-exceeded")
 message_dead_lettered = _signals.signal("message-dead-lettered")
 message_unknown = _signals.signal("message-unknown")
 message_invalid = _signals.signal("message-invalid")

@@ -7,6 +7,13 @@ slot comes back only when its delivery is settled (for an ack, once the batched 
 so nothing is hoarded. Every held delivery, buffered or running, has its lease extended by
 the keeper until it is settled or ``max_lease_s`` has passed.
 
+With ``pool="processes"`` each handler thread owns a child process (:mod:`hedwig_tasks.pool`)
+and hands it the delivery's bytes; the thread keeps doing the rest. Time limits: an ``async``
+handler is cancelled; a sync one in a thread is abandoned (its message failed, its thread
+replaced, its late result discarded; see :mod:`hedwig_tasks._worker_deadlines`); a child
+process is killed and replaced. A handler's rate limit makes its thread wait for its turn
+(the message stays held and leased).
+
 Shutdown (:meth:`Worker.stop`, SIGTERM or SIGINT from the CLI): stop receiving, release the
 buffered deliveries at once, let running handlers finish within ``shutdown_timeout_s``,
 release what is still running after that, flush acks, return. A second stop request gives
@@ -21,41 +28,45 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from hedwig_tasks import signals
-from hedwig_tasks.app import Hedwig
-from hedwig_tasks.exceptions import (
-    ConfigurationError,
-    DeadLetter,
-    DecodeError,
-    HandlerControl,
-    HandlerNotFound,
-    Ignore,
-    TransportError,
+from hedwig_tasks._worker_deadlines import Deadlines
+from hedwig_tasks._worker_options import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_LEASE_S,
+    DEFAULT_PREFETCH,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    DEFAULT_WAIT_S,
+    WorkerOptions,
 )
+from hedwig_tasks._worker_report import key as _key
+from hedwig_tasks._worker_report import report
+from hedwig_tasks.app import Hedwig
+from hedwig_tasks.exceptions import ConfigurationError, DecodeError, HandlerNotFound, TimeLimitExceeded, TransportError
 from hedwig_tasks.handler import Handler
 from hedwig_tasks.instrumentation import Tracing
 from hedwig_tasks.message import Message
+from hedwig_tasks.pool.processes import Pool, child_spec
 from hedwig_tasks.retry import Outcome, decide
 from hedwig_tasks.slots import Slots
 from hedwig_tasks.transports.base import Consumer, Delivery
 
-__all__ = ["Worker", "WorkerOptions"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_MAX_LEASE_S",
+    "DEFAULT_PREFETCH",
+    "DEFAULT_SHUTDOWN_TIMEOUT_S",
+    "DEFAULT_WAIT_S",
+    "Worker",
+    "WorkerOptions",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Handler threads.
-DEFAULT_CONCURRENCY = 4
-#: Deliveries held beyond those running.
-DEFAULT_PREFETCH = 8
-#: Longest a receive blocks waiting for messages, in seconds.
-DEFAULT_WAIT_S = 1.0
-#: Longest a delivery is kept leased in all, in seconds; then it is let go to be redelivered.
-DEFAULT_MAX_LEASE_S = 3600.0
-#: How long running handlers may finish after a stop request, in seconds.
-DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+#: How long after its time limit an ``async`` handler that did not let itself be cancelled (it
+#: blocks its event loop) has its thread abandoned, in seconds.
+ASYNC_CANCEL_GRACE_S = 1.0
 #: Interval between ``heartbeat`` signals, in seconds.
 HEARTBEAT_INTERVAL_S = 1.0
 #: Longest pause between receives after a transport error, in seconds.
@@ -67,35 +78,18 @@ ACK_GATHER_S = 0.02
 BURST_RETRY_GRACE_S = 10.0
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerOptions:
-    """How a worker runs. ``topics`` limits consumption to some of the app's subscriptions."""
-
-    concurrency: int = DEFAULT_CONCURRENCY
-    prefetch: int = DEFAULT_PREFETCH
-    topics: Sequence[str] | None = None
-    burst: bool = False
-    wait_s: float = DEFAULT_WAIT_S
-    lease_s: float | None = None  #: what the lease keeper extends by; None: the transport's own lease
-    max_lease_s: float = DEFAULT_MAX_LEASE_S
-    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ConfigurationError(f"concurrency must be 1 or more, got {self.concurrency}")
-        if self.prefetch < 0:
-            raise ConfigurationError(f"prefetch must be 0 or more, got {self.prefetch}")
-        if self.lease_s is not None and self.lease_s <= 0:
-            raise ConfigurationError(f"lease_s must be more than 0, got {self.lease_s}")
-        if self.wait_s < 0 or self.shutdown_timeout_s < 0:
-            raise ConfigurationError("wait_s and shutdown_timeout_s must be 0 or more")
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Held:
+    """A delivery the worker holds, and what became of it."""
+
     delivery: Delivery
     received_at: float
     running: bool = False
+    settled: str = ""  #: "ack", "retry", "dead_letter" or "release", once asked of the transport
+    outcome: str = ""  #: the count it goes under: "handled", "retried" or "dead_lettered"
+    abandoned: bool = False  #: its handler ran past the time limit; the time keeper settled it
+    #: Set while a time limit watches the run: what the time keeper needs to settle it.
+    watch: tuple[Handler, Message, float, threading.Thread] | None = None
 
 
 class Worker:
@@ -126,7 +120,12 @@ class Worker:
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._handler_threads: set[threading.Thread] = set()  #: those not abandoned
+        self._spawned = 0
+        self.abandoned_threads = 0  #: threads abandoned at a time limit whose handler has not returned
         self._local = threading.local()
+        self._deadlines: Deadlines | None = None
+        self._pool: Pool | None = None  #: the children handler threads own, with pool="processes"
         self._last_heartbeat = 0.0
         self.last_beat = time.monotonic()  #: when the receive loop last came round
         self.ready = False  #: connected and consuming: a receive has succeeded
@@ -168,8 +167,16 @@ class Worker:
         self._stopping.set()
 
     def run(self) -> None:
-        """Consume until stopped. Raises ``TransportError`` if the first receive fails."""
-        self._consumer = self._connect()
+        """Consume until stopped. Raises ``TransportError`` if the first receive fails, and
+        ``ConfigurationError`` if process-pool children cannot load the app."""
+        if self.options.pool == "processes":
+            self._pool = Pool(child_spec(self.app, self.options), self.options)
+        try:
+            self._consumer = self._connect()
+        except BaseException:
+            if self._pool is not None:
+                self._pool.close()
+            raise
         self._start_threads()
         reason = "error"  # unless the receive loop returns its own reason
         try:
@@ -299,23 +306,41 @@ class Worker:
     # -- threads ------------------------------------------------------------------------------
 
     def _start_threads(self) -> None:
-        for index in range(self.options.concurrency):
-            self._spawn(self._handle_loop, f"hedwig-handler-{index}")
+        if self.options.pool == "threads" and self._time_limits():
+            self._deadlines = Deadlines(self._expire)
+        for _ in range(self.options.concurrency):
+            self._spawn_handler()
         self._spawn(self._ack_loop, "hedwig-acker")
         self._spawn(self._lease_loop, "hedwig-lease-keeper")
 
-    def _spawn(self, target: Any, name: str) -> None:
+    def _time_limits(self) -> bool:
+        return self.options.time_limit_s is not None or any(h.time_limit_s for h in self.app.registry)
+
+    def _spawn(self, target: Any, name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
         self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def _spawn_handler(self) -> None:
+        with self._held_lock:
+            index, self._spawned = self._spawned, self._spawned + 1
+        thread = threading.Thread(target=self._handle_loop, name=f"hedwig-handler-{index}", daemon=True)
+        with self._held_lock:
+            self._handler_threads.add(thread)
+        thread.start()
 
     def _handle_loop(self) -> None:
+        pool = self._pool
+        self._local.child = pool.take() if pool is not None else None
         try:
             self._handle_until_told()
         finally:
             loop = getattr(self._local, "loop", None)
             if loop is not None:
                 loop.close()
+            if pool is not None:
+                pool.give_back(self._local.child)
 
     def _handle_until_told(self) -> None:
         while True:
@@ -327,32 +352,33 @@ class Worker:
                 if held is None:  # released while buffered: at shutdown, or it waited past a lease
                     continue
                 held.running = True
-            self._local.outcome = ""
-            acking = self._process_safely(delivery)
+            self._process_safely(held)
+            if held.abandoned:  # the time keeper settled it and started another thread
+                return
             with self._held_lock:
                 self._held.pop(id(delivery), None)
                 withheld, self._withheld = self._withheld, 0
-                if self._local.outcome:
-                    self.counts[self._local.outcome] += 1
+                if held.outcome:
+                    self.counts[held.outcome] += 1
             # an ack in the acker's queue still holds its slot until it is sent
-            self._give_back_slots(withheld + (0 if acking else 1))
+            self._give_back_slots(withheld + (0 if held.settled == "ack" else 1))
 
-    def _process_safely(self, delivery: Delivery) -> bool:
-        """Process one delivery whatever it holds; True when its ack was queued for the acker.
+    def _process_safely(self, held: _Held) -> None:
+        """Process one delivery whatever it holds.
 
         This is the per-delivery boundary: an error nobody expected, before the delivery was
         settled, dead-letters that one delivery with the error as the reason.
         """
-        self._local.settled = ""
         try:
-            self._process(delivery)
+            self._process(held)
         except Exception as exc:
-            if self._local.settled:
+            delivery = held.delivery
+            if held.settled or held.abandoned:
                 logger.exception("unexpected error after settling delivery %s", delivery.transport_id)
             else:
                 logger.exception("unexpected error processing delivery %s; dead-lettering it", delivery.transport_id)
-                self._dead_letter(delivery, None, f"unexpected error: {type(exc).__name__}: {exc}", logged=True)
-        return bool(self._local.settled == "ack")
+                reason = f"unexpected error: {type(exc).__name__}: {exc}"
+                self._dead_letter(held, None, reason, logged=True)
 
     def _ack_loop(self) -> None:
         assert self._consumer is not None
@@ -421,10 +447,6 @@ class Worker:
             )
             self._settle("release", self._consumer.release, deliveries)
 
-    def _tally(self, outcome: str) -> None:
-        """Count this thread's delivery as ``outcome`` once it is finished (under the held lock)."""
-        self._local.outcome = outcome
-
     def _settle(self, what: str, action: Any, *args: Any) -> None:
         try:
             action(*args)
@@ -434,59 +456,110 @@ class Worker:
 
     # -- one message --------------------------------------------------------------------------
 
-    def _process(self, delivery: Delivery) -> None:
+    def _process(self, held: _Held) -> None:
         """Handle one delivery, inside its consumer span when it gets one."""
         tracing = self.app.tracing
-        if not tracing.spans(delivery):
-            self._handle(delivery, None)
+        if not tracing.spans(held.delivery):
+            self._handle(held, None)
             return
-        with tracing.processing(delivery, self.app.transport.messaging_system) as span:
-            action, error, reason = self._handle(delivery, span)
+        with tracing.processing(held.delivery, self.app.transport.messaging_system) as span:
+            action, error, reason = self._handle(held, span)
             Tracing.outcome(span, action, error, reason)
 
-    def _handle(self, delivery: Delivery, span: Any) -> tuple[str, BaseException | None, str]:
+    def _handle(self, held: _Held, span: Any) -> tuple[str, BaseException | None, str]:
         """Decode, dispatch and settle one delivery; returns (action, error, reason) for its span."""
         assert self._consumer is not None
-        app = self.app
+        app, delivery = self.app, held.delivery
         signals.send(signals.message_received, app, delivery=delivery)
         pre = app.hooks.pre_process
         if pre and not self._call_hook("pre-process", pre, delivery=delivery):
-            self._local.settled = "retry"
+            held.settled = "retry"
             self._settle("retry", self._consumer.retry_later, delivery, app.retry.backoff(delivery.attempt))
             return "retry", None, "pre-process hook raised"
         if delivery.fault:
             reason = f"unreadable delivery: {delivery.fault}"
             signals.send(signals.message_invalid, app, delivery=delivery, error=DecodeError(delivery.fault))
-            self._dead_letter(delivery, None, reason)
+            self._dead_letter(held, None, reason)
             return "dead_letter", None, reason
         try:
             message = app.decode(delivery)
         except DecodeError as exc:
             signals.send(signals.message_invalid, app, delivery=delivery, error=exc)
-            self._dead_letter(delivery, None, f"invalid message: {exc}")
+            self._dead_letter(held, None, f"invalid message: {exc}")
             return "dead_letter", exc, f"invalid message: {exc}"
         Tracing.describe(span, message)
         try:
             handler = app.handler_for(message)
         except HandlerNotFound as exc:
             signals.send(signals.message_unknown, app, message=message)
-            self._dead_letter(delivery, message, str(exc))
+            self._dead_letter(held, message, str(exc))
             return "dead_letter", None, str(exc)
-        return self._run(handler, message, delivery)
+        return self._run(held, handler, message)
 
-    def _run(self, handler: Handler, message: Message, delivery: Delivery) -> tuple[str, BaseException | None, str]:
+    def _run(self, held: _Held, handler: Handler, message: Message) -> tuple[str, BaseException | None, str]:
+        if handler.limiter is not None and not self._await_turn(held, handler):
+            return "release", None, "the worker stopped while the message waited for its rate limit"
         signals.send(signals.handler_started, self.app, message=message, handler=handler)
+        limit = handler.time_limit_s or self.options.time_limit_s
+        child, pool = self._local.child, self._pool
+        if pool is None:
+            error, duration_s, outcome = self._run_here(held, handler, message, limit)
+        else:
+            error, duration_s, outcome = pool.run(child, held.delivery, handler, limit)
+            if not self._still_held(held):  # released at shutdown, its child killed: nothing to settle
+                outcome = None
+        if isinstance(error, TimeLimitExceeded) and not held.abandoned:
+            what = "" if child is None or not child.dead else f"child process {child.pid}"
+            self._timed_out(handler, message, error.time_limit_s, what)
+        if outcome is None:  # abandoned at its time limit (settled by the time keeper) or released
+            return "abandoned", error, "time limit exceeded"
+        report(self.app, handler, message, error, duration_s, outcome)
+        self._carry_out(outcome, held, message, handler)
+        if pool is not None:
+            self._local.child = pool.renew(child)
+        return outcome.action, error, outcome.reason
+
+    def _await_turn(self, held: _Held, handler: Handler) -> bool:
+        """Wait for the handler's rate limit to let it start (no polling; the message stays leased);
+        False, and the message released, if the worker stops meanwhile."""
+        assert handler.limiter is not None and self._consumer is not None
+        wait_s = handler.limiter.acquire(time.monotonic())
+        if wait_s <= 0 or not self._stopping.wait(wait_s):
+            return True
+        if self._still_held(held, pop=True):
+            held.settled = "release"
+            self._settle("release", self._consumer.release, [held.delivery])
+        return False
+
+    def _still_held(self, held: _Held, *, pop: bool = False) -> bool:
+        with self._held_lock:
+            ours = self._held.get(id(held.delivery)) is held
+            if ours and pop:
+                del self._held[id(held.delivery)]
+            return ours
+
+    def _run_here(
+        self, held: _Held, handler: Handler, message: Message, limit: float | None
+    ) -> tuple[Exception | None, float, Outcome | None]:
+        """Run the handler on this thread; no outcome if it was abandoned at its time limit."""
+        deadlines = self._deadlines if limit is not None else None
+        if deadlines is not None:
+            assert limit is not None
+            held.watch = (handler, message, limit, threading.current_thread())
+            grace_s = ASYNC_CANCEL_GRACE_S if handler.is_async else 0.0
+            deadlines.watch(held, time.monotonic() + limit + grace_s)
         started = time.perf_counter()
         error: Exception | None = None
         try:
-            handler.run(message, loop=self._event_loop() if handler.is_async else None)
+            handler.run(message, loop=self._event_loop() if handler.is_async else None, time_limit_s=limit)
         except Exception as exc:
             error = exc
         duration_s = time.perf_counter() - started
-        outcome = decide(handler.retry_policy, error, delivery.attempt)
-        self._report(handler, message, error, duration_s, outcome)
-        self._carry_out(outcome, delivery, message, handler)
-        return outcome.action, error, outcome.reason
+        if deadlines is not None and not deadlines.done(held):
+            held.abandoned = True
+            self._discard_late(message, duration_s)
+            return error, duration_s, None
+        return error, duration_s, decide(handler.retry_policy, error, held.delivery.attempt)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
@@ -494,58 +567,88 @@ class Worker:
             loop = self._local.loop = asyncio.new_event_loop()
         return loop
 
-    def _report(
-        self, handler: Handler, message: Message, error: Exception | None, duration_s: float, outcome: Outcome
-    ) -> None:
-        """Signal and log how the handler's run ended: one log line per message, a traceback
-        only for an error nobody raised on purpose."""
-        if error is None or isinstance(error, Ignore):
-            self._tally("handled")
-            signals.send(signals.handler_succeeded, self.app, message=message, handler=handler, duration_s=duration_s)
-            if logger.isEnabledFor(logging.INFO):  # the line and its fields cost more than the handler often
-                tag, fields = _describe(message, error, duration_s, outcome)
-                logger.info("handled %s%s", tag, " (ignored)" if error else "", extra=fields)
-            return
-        tag, fields = _describe(message, error, duration_s, outcome)
-        if isinstance(error, DeadLetter):  # the handler's decision, not a failure
-            signals.send(
-                signals.handler_dead_lettered,
-                self.app,
-                message=message,
-                handler=handler,
-                reason=outcome.reason,
-                duration_s=duration_s,
-            )
-            logger.warning("dead-lettered %s: %s", tag, outcome.reason, extra=fields)
-            return
-        signals.send(
-            signals.handler_failed, self.app, message=message, handler=handler, error=error, duration_s=duration_s
-        )
-        if outcome.action == "retry":
-            fields["retry_in_s"] = round(outcome.delay_s, 3)
-            logger.warning("failed %s: %s; retrying in %.1fs", tag, outcome.reason, outcome.delay_s, extra=fields)
-        elif isinstance(error, HandlerControl):  # Retry past the policy's retries: asked for, no traceback
-            logger.error("failed %s: %s; dead-lettered", tag, outcome.reason, extra=fields)
-        else:
-            logger.error("failed %s: %s; dead-lettered", tag, outcome.reason, exc_info=error, extra=fields)
+    # -- time limits ----------------------------------------------------------------------------
 
-    def _carry_out(self, outcome: Outcome, delivery: Delivery, message: Message, handler: Handler) -> None:
+    def _expire(self, held: _Held) -> None:
+        """A run on a thread passed its time limit (called on the time keeper's thread): fail its
+        message by policy, stop extending its lease, and start a thread in place of the stuck one."""
+        assert held.watch is not None
+        handler, message, limit, thread = held.watch
+        held.abandoned = True
+        with self._held_lock:
+            ours = self._held.pop(id(held.delivery), None) is held
+            self._handler_threads.discard(thread)
+            self.abandoned_threads += 1
+        if not self._stopping.is_set():
+            self._spawn_handler()
+        self._timed_out(handler, message, limit, f"thread {thread.name}")
+        if not ours:  # released at shutdown meanwhile
+            return
+        error = TimeLimitExceeded(limit)
+        outcome = decide(handler.retry_policy, error, held.delivery.attempt)
+        report(self.app, handler, message, error, limit, outcome)
+        self._carry_out(outcome, held, message, handler)
+        with self._held_lock:
+            withheld, self._withheld = self._withheld, 0
+            if held.outcome:
+                self.counts[held.outcome] += 1
+        self._give_back_slots(withheld + 1)
+
+    def _timed_out(self, handler: Handler, message: Message, limit: float, abandoned: str) -> None:
+        what = {"": "cancelled it"}.get(abandoned, f"abandoned {abandoned} and started another")
+        logger.warning(
+            "time limit of %gs exceeded by %s on %s %s id=%s attempt=%d: %s (%d abandoned thread(s) still running)",
+            limit,
+            handler.name,
+            message.type,
+            message.version,
+            message.id,
+            message.attempt,
+            what,
+            self.abandoned_threads,
+            extra={"message_id": message.id, "message_type": message.type, "outcome": "time_limit_exceeded"},
+        )
+        signals.send(
+            signals.handler_time_limit_exceeded,
+            self.app,
+            message=message,
+            handler=handler,
+            time_limit_s=limit,
+            abandoned=abandoned,
+        )
+
+    def _discard_late(self, message: Message, duration_s: float) -> None:
+        with self._held_lock:
+            self.abandoned_threads -= 1
+        logger.warning(
+            "abandoned thread %s returned after %.1fs from %s id=%s; what it returned is discarded",
+            threading.current_thread().name,
+            duration_s,
+            message.type,
+            message.id,
+            extra={"message_id": message.id},
+        )
+
+    # -- settling -------------------------------------------------------------------------------
+
+    def _carry_out(self, outcome: Outcome, held: _Held, message: Message, handler: Handler) -> None:
         assert self._consumer is not None
+        delivery = held.delivery
         if outcome.action == "ack":
             post = self.app.hooks.post_process
             if post:
                 self._call_hook("post-process", post, delivery=delivery, message=message)
-            self._local.settled = "ack"
+            held.settled, held.outcome = "ack", "handled"
             self._acks.put(delivery)
         elif outcome.action == "retry":
             delay_s = outcome.delay_s if self._max_delay_s is None else min(outcome.delay_s, self._max_delay_s)
-            self._local.settled = "retry"
+            held.settled = "retry"
             self._settle("retry", self._consumer.retry_later, delivery, delay_s)
             with self._held_lock:
                 now = time.monotonic()
                 self._forget_past_retries(now)  # bounded however long the worker runs
                 self._retries_due[_key(delivery)] = now + delay_s
-            self._tally("retried")
+            held.outcome = "retried"
             signals.send(
                 signals.handler_retried,
                 self.app,
@@ -556,11 +659,12 @@ class Worker:
                 attempt=delivery.attempt,
             )
         else:
-            self._dead_letter(delivery, message, outcome.reason, logged=True)
+            self._dead_letter(held, message, outcome.reason, logged=True)
 
-    def _dead_letter(self, delivery: Delivery, message: Message | None, reason: str, *, logged: bool = False) -> None:
+    def _dead_letter(self, held: _Held, message: Message | None, reason: str, *, logged: bool = False) -> None:
         """Send a delivery to the dead letters; ``logged``: its log line was already written."""
         assert self._consumer is not None
+        delivery = held.delivery
         if not logged:
             what = f"id={message.id}" if message else f"transport id={delivery.transport_id}"
             fields = {
@@ -571,9 +675,9 @@ class Worker:
                 "outcome": "dead_letter",
             }
             logger.error("dead-lettering %s from %s: %s", what, delivery.subscription, reason, extra=fields)
-        self._local.settled = "dead_letter"
+        held.settled = "dead_letter"
         self._settle("dead letter", self._consumer.dead_letter, delivery, reason)
-        self._tally("dead_lettered")
+        held.outcome = "dead_lettered"
         signals.send(signals.message_dead_lettered, self.app, message=message, delivery=delivery, reason=reason)
 
     # -- shutdown -----------------------------------------------------------------------------
@@ -583,18 +687,22 @@ class Worker:
         signals.send(signals.worker_shutting_down, self.app, worker=self, reason=reason)
         self._stopping.set()
         self._release(running=False)
-        for _ in range(self.options.concurrency):
+        with self._held_lock:
+            handlers = list(self._handler_threads)  # abandoned threads are not waited for
+        for _ in handlers:
             self._buffer.put(None)
         deadline = time.monotonic() + self.options.shutdown_timeout_s
-        handlers = [t for t in self._threads if t.name.startswith("hedwig-handler")]
         for thread in handlers:
             while thread.is_alive() and time.monotonic() < deadline and not self._abort.is_set():
                 thread.join(0.1)
         self._release(running=True)
+        if self._pool is not None:
+            self._pool.terminate_all()  # children still running what was just released
+        if self._deadlines is not None:
+            self._deadlines.stop()
         self._acks.put(None)
         for thread in self._threads:
-            if not thread.name.startswith("hedwig-handler"):
-                thread.join(5.0)
+            thread.join(5.0)
         self._consumer.close()
         signals.send(signals.worker_shutdown, self.app, worker=self)
         logger.info(
@@ -613,24 +721,3 @@ class Worker:
             state = "running" if running else "buffered"
             logger.info("releasing %d %s message(s)", len(deliveries), state)
             self._settle("release", self._consumer.release, deliveries)
-
-
-def _describe(
-    message: Message, error: Exception | None, duration_s: float, outcome: Outcome
-) -> tuple[str, dict[str, Any]]:
-    """The words and the structured fields of a log line about one handled message."""
-    tag = f"{message.type} {message.version} id={message.id} attempt={message.attempt} in {duration_s * 1000:.1f}ms"
-    fields = {
-        "message_id": message.id,
-        "message_type": message.type,
-        "message_version": str(message.version),
-        "attempt": message.attempt,
-        "duration_ms": round(duration_s * 1000, 3),
-        "outcome": "ignored" if isinstance(error, Ignore) else outcome.action,
-    }
-    return tag, fields
-
-
-def _key(delivery: Delivery) -> str:
-    """What names a message across its deliveries: its Hedwig id, else the broker's id."""
-    return delivery.attributes.get("hedwig_id") or delivery.transport_id

@@ -66,6 +66,10 @@ APP_NAME_ENV = "HEDWIG_CONTRACT_APP"
 TOPIC_ENV = "HEDWIG_CONTRACT_TOPIC"
 RESULTS_ENV = "HEDWIG_CONTRACT_RESULTS"
 SLOW_ENV = "HEDWIG_CONTRACT_SLOW_S"
+#: The handler's ``rate_limit`` (unset: none).
+RATE_ENV = "HEDWIG_CONTRACT_RATE"
+#: How long ``hang-*`` messages take, in seconds: far past any time limit a test sets.
+HANG_S = 60.0
 #: First retry delay of the app's policy, in seconds (doubling, no jitter; three attempts).
 RETRY_BACKOFF_S = 0.3
 #: The delay ``later-*`` messages ask for, in seconds: past SQS's 15-minute limit and Pub/Sub's
@@ -131,7 +135,8 @@ def build_app() -> Hedwig:
     """The contract's worker app, from the environment (the transport from ``HEDWIG_TRANSPORT_URL``).
 
     ``user_id`` prefixes choose what the handler does: ``slow`` sleeps ``$HEDWIG_CONTRACT_SLOW_S``
-    seconds, ``fail`` raises, ``later`` asks to be retried in :data:`LATER_S` seconds.
+    seconds, ``hang`` sleeps :data:`HANG_S` (a hung call), ``fail`` raises, ``later`` asks to be
+    retried in :data:`LATER_S` seconds. ``$HEDWIG_CONTRACT_RATE`` sets the handler's rate limit.
     """
     env = os.environ
     app = Hedwig(
@@ -143,12 +148,14 @@ def build_app() -> Hedwig:
     recorder = _Recorder(env[RESULTS_ENV], app.name)
     slow_s = float(env.get(SLOW_ENV, "0.5"))
 
-    @app.handler("user-created", "1.*")
+    @app.handler("user-created", "1.*", rate_limit=env.get(RATE_ENV) or None)
     def user_created(message: Message) -> None:
         recorder.message("start", message)
         user_id = message.data["user_id"]
         if user_id.startswith("slow"):
             time.sleep(slow_s)
+        if user_id.startswith("hang"):
+            time.sleep(HANG_S)
         if user_id.startswith("fail"):
             raise ValueError(f"cannot create {user_id}")
         if user_id.startswith("later"):
@@ -247,11 +254,18 @@ class Fleet:
     # processes
 
     def env(
-        self, role: str, *, lease_s: float | None = None, slow_s: float = 0.5, url: str | None = None
+        self,
+        role: str,
+        *,
+        lease_s: float | None = None,
+        slow_s: float = 0.5,
+        url: str | None = None,
+        rate: str | None = None,
     ) -> dict[str, str]:
         """A process's environment; ``url`` replaces the broker's URL and lease (a proxy's, say)."""
         self.queues.add(self.name(role))
         return {
+            RATE_ENV: rate or "",
             **os.environ,
             **self.broker.env,
             "HEDWIG_TRANSPORT_URL": url or self.broker.with_lease(lease_s or self.lease_s),
@@ -262,11 +276,17 @@ class Fleet:
         }
 
     def worker(
-        self, *args: str, role: str = "app", slow_s: float = 0.5, lease_s: float | None = None, url: str | None = None
+        self,
+        *args: str,
+        role: str = "app",
+        slow_s: float = 0.5,
+        lease_s: float | None = None,
+        url: str | None = None,
+        rate: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``hedwig_tasks worker`` for ``role``'s app; its output goes to a log in the work dir."""
         command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", APP_SPEC, "-l", "WARNING", *args]
-        env = self.env(role, lease_s=lease_s, slow_s=slow_s, url=url)
+        env = self.env(role, lease_s=lease_s, slow_s=slow_s, url=url, rate=rate)
         log = self.workdir / f"worker-{len(self.processes)}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -594,6 +614,54 @@ class WorkerContract:
         thief.ack(taken)
         thief.close()
         return taken
+
+    # -- time limits, the process pool, rate limits ------------------------------------------
+
+    def test_a_hung_handler_frees_its_slot_at_the_time_limit(self, fleet: Fleet) -> None:
+        fleet.provision()
+        worker = fleet.worker("-c", "1", "--prefetch", "1", "--time-limit", "1")
+        fleet.publish(["hang-1"])
+        fleet.wait(lambda: fleet.events("start"), "hang-1 started")
+        fleet.publish(["fine"])  # behind the hung call on the worker's one thread
+        fleet.wait(lambda: "fine" in fleet.handled(), "the next message ran")
+        fleet.wait(lambda: fleet.events("dead"), "hang-1 failed at each attempt, then dead-lettered")
+        assert fleet.stop(worker, timeout_s=20) == 0, fleet.logs()  # abandoned threads are not waited for
+        hung = sorted(e["t"] for e in fleet.events("start") if e["user_id"] == "hang-1")
+        [fine] = [e["t"] for e in fleet.events("start") if e["user_id"] == "fine"]
+        assert fine >= hung[0] + 0.9 and fine < hung[0] + HANG_S / 2, (hung, fine)
+        assert "hang-1" not in fleet.handled()  # what an abandoned call returns is discarded
+        [dead] = fleet.events("dead")
+        assert dead["reason"] == "gave up after 3 attempts: TimeLimitExceeded: time limit exceeded (1s)"
+        assert "abandoned thread hedwig-handler-0 and started another" in fleet.logs()
+
+    def test_a_process_pool_child_killed_mid_message_loses_nothing(self, fleet: Fleet) -> None:
+        fleet.provision()
+        user_ids = fleet.publish([f"slow-{n}" for n in range(6)])
+        worker = fleet.worker("--pool", "processes", "-c", "2", slow_s=1.0)
+        fleet.wait(lambda: fleet.events("start"), "a child started a message")
+        victim = fleet.events("start")[0]
+        assert victim["pid"] != worker.pid
+        os.kill(victim["pid"], signal.SIGKILL)
+        fleet.wait(lambda: fleet.handled() >= set(user_ids), "every message handled")
+        assert fleet.stop(worker) == 0, fleet.logs()
+        self.assert_each_handled(fleet, user_ids)
+        again = [e for e in fleet.events("end") if e["id"] == victim["id"]]
+        assert again and again[0]["attempt"] >= 2 and again[0]["pid"] != victim["pid"], again  # retried by policy
+
+    def test_a_rate_limit_spaces_the_starts_within_ten_percent(self, fleet: Fleet) -> None:
+        fleet.provision()
+        user_ids = fleet.publish([f"U{n}" for n in range(200)])
+        worker = fleet.worker("-c", "4", "--prefetch", "8", rate="20/s")
+        fleet.wait(lambda: fleet.handled() >= set(user_ids), "every message handled")
+        assert fleet.stop(worker) == 0, fleet.logs()
+        self.assert_each_handled(fleet, user_ids)
+        firsts: dict[str, float] = {}
+        for event in fleet.events("start"):
+            firsts.setdefault(event["user_id"], event["t"])
+        times = sorted(firsts.values())
+        rate = (len(times) - 1) / (times[-1] - times[0])
+        assert 18.0 <= rate <= 22.0, rate
+        assert max(e["held"] for e in fleet.events("heartbeat")) <= 12  # within the prefetch bound
 
     # -- the command line ---------------------------------------------------------------------
 

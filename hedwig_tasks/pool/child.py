@@ -1,0 +1,144 @@
+"""A process-pool child: ``python -m hedwig_tasks.pool.child --in FD --out FD [--app SPEC] ...``.
+
+The child builds its own app from the same ``-A``/``--settings`` spec as the worker (so its
+publishes go through its own transport), says it is ready, then runs one task per frame
+until its input ends: decode and validate the delivery with its app, run the handler, ask the
+handler's retry policy, and answer with the outcome as JSON. It ignores SIGINT and SIGTERM:
+the worker decides when it stops (by closing its input, once the running message is done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from hedwig_tasks.app import Hedwig
+from hedwig_tasks.exceptions import (
+    DeadLetter,
+    DecodeError,
+    HandlerControl,
+    HandlerNotFound,
+    Ignore,
+    Retry,
+    TimeLimitExceeded,
+)
+from hedwig_tasks.pool.framing import read_frame, write_frame
+from hedwig_tasks.pool.processes import TRANSPORT_ENV
+from hedwig_tasks.retry import decide
+from hedwig_tasks.transports.base import Delivery
+
+__all__ = ["error_kind", "main", "run_task"]
+
+logger = logging.getLogger(__name__)
+
+
+def error_kind(error: BaseException) -> str:
+    """How the parent rebuilds an error: ``ignore``, ``dead_letter``, ``retry``, ``time_limit`` or ``error``."""
+    if isinstance(error, Ignore):
+        return "ignore"
+    if isinstance(error, DeadLetter):
+        return "dead_letter"
+    if isinstance(error, Retry):
+        return "retry"
+    if isinstance(error, TimeLimitExceeded):
+        return "time_limit"
+    return "control" if isinstance(error, HandlerControl) else "error"
+
+
+def _describe_error(error: BaseException) -> dict[str, Any]:
+    kind = error_kind(error)
+    described: dict[str, Any] = {"kind": kind, "type": type(error).__qualname__, "text": str(error)}
+    if kind == "error":
+        described["traceback"] = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    if isinstance(error, Retry):
+        described["delay_s"] = error.delay_s
+    if isinstance(error, TimeLimitExceeded):
+        described["time_limit_s"] = error.time_limit_s
+    return described
+
+
+def run_task(app: Hedwig, header: dict[str, Any], body: bytes, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    """Decode, run and decide one task; the reply (``action``, ``delay_s``, ``reason``, ``error``...)."""
+    delivery = Delivery(body, header["attrs"], header["attempt"], None, header["sub"], header.get("id", ""))
+    try:
+        message = app.decode(delivery)
+        handler = app.handler_for(message)
+    except (DecodeError, HandlerNotFound) as exc:  # the worker read it; a different app here would not
+        return {"action": "dead_letter", "delay_s": 0.0, "reason": f"child process: {exc}", "duration_s": 0.0}
+    error: Exception | None = None
+    started = time.perf_counter()
+    try:
+        handler.run(message, loop=loop if handler.is_async else None, time_limit_s=header.get("limit"))
+    except Exception as exc:
+        error = exc
+    duration_s = time.perf_counter() - started
+    outcome = decide(handler.retry_policy, error, delivery.attempt)
+    reply: dict[str, Any] = {
+        "action": outcome.action,
+        "delay_s": outcome.delay_s,
+        "reason": outcome.reason,
+        "duration_s": duration_s,
+    }
+    if error is not None:
+        reply["error"] = _describe_error(error)
+    return reply
+
+
+def serve(app: Hedwig, fd_in: int, fd_out: int) -> None:
+    """Answer tasks until the input ends."""
+    loop = asyncio.new_event_loop()
+    try:
+        while (frame := read_frame(fd_in)) is not None:
+            reply = run_task(app, *frame, loop)
+            reply["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            write_frame(fd_out, reply)
+    finally:
+        loop.close()
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hedwig_tasks.pool.child")
+    parser.add_argument("--in", dest="fd_in", type=int, required=True)
+    parser.add_argument("--out", dest="fd_out", type=int, required=True)
+    parser.add_argument("--app")
+    parser.add_argument("--settings")
+    parser.add_argument("--loglevel", default="WARNING")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    args = _parse(argv)
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
+    from hedwig_tasks._cli_app import CLIError, find_app  # the CLI's own way of finding the app
+
+    try:
+        app = find_app(args.app, args.settings)
+        transport = os.environ.get(TRANSPORT_ENV)
+        if transport:  # the worker's own URL, --transport included
+            app._transport_spec, app._transport = transport, None
+    except (CLIError, Exception) as exc:  # any failure to build the app is the worker's start-up error
+        write_frame(args.fd_out, {"error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    write_frame(args.fd_out, {"ready": os.getpid()})
+    try:
+        serve(app, args.fd_in, args.fd_out)
+    except BrokenPipeError:  # the worker is gone
+        return 0
+    finally:
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import os
 import threading
@@ -15,10 +16,12 @@ from hedwig_tasks import signals
 from hedwig_tasks.exceptions import ConfigurationError, HandlerNotFound, PublishError, RoutingError
 from hedwig_tasks.handler import Handler
 from hedwig_tasks.instrumentation import Tracing
-from hedwig_tasks.message import Message, VersionLike
+from hedwig_tasks.message import Message, Version, VersionLike
+from hedwig_tasks.periodic import Schedule
 from hedwig_tasks.registry import Registry, parse_majors
 from hedwig_tasks.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from hedwig_tasks.routing import DEFAULT_TOPIC, Route, Router
+from hedwig_tasks.state.base import StateStore
 from hedwig_tasks.transports import DEFAULT_URL, from_url
 from hedwig_tasks.transports.base import Delivery, Transport
 from hedwig_tasks.validators.base import Validator, from_transport, to_transport
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: The environment variable read (at first use, never at import) when no transport is given.
 TRANSPORT_ENV = "HEDWIG_TRANSPORT_URL"
+#: The environment variable read (at first use) when no state store is given.
+STATE_ENV = "HEDWIG_STATE_URL"
 
 DefaultHeaders = Callable[[Message], Mapping[str, str]] | Mapping[str, str] | None
 
@@ -89,6 +94,8 @@ class Hedwig:
     topics to consume when they are not simply those of the handlers. ``strict_minor``
     dead-letters a received message whose minor version is newer than the schema knows
     (by default it is accepted and validated against its major's schema, as Hedwig does).
+    ``state`` is the state store of periodic tasks (a URL or a :class:`StateStore`); by default
+    ``$HEDWIG_STATE_URL`` at first use, else an SQLite file beside the SQLite bus.
     Nothing connects until used.
     """
 
@@ -110,6 +117,7 @@ class Hedwig:
         hooks: Hooks | None = None,
         tracing: bool = True,
         strict_minor: bool = False,
+        state: str | StateStore | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name: expected the service's name, got {name!r}")
@@ -129,6 +137,9 @@ class Hedwig:
         self._transport_spec = transport
         self._transport: Transport | None = transport if isinstance(transport, Transport) else None
         self._lock = threading.Lock()
+        self._state_spec = state
+        self._state: StateStore | None = state if isinstance(state, StateStore) else None
+        self.schedules: dict[str, Schedule] = {}
         self._check_routes()
 
     def _check_routes(self) -> None:
@@ -162,6 +173,33 @@ class Hedwig:
                 self._transport = None
         if transport is not None:
             transport.close()
+        self._close_state()
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> StateStore:
+        """The state store (leases, cursors of periodic tasks), built from its URL on first use."""
+        if self._state is None:
+            from hedwig_tasks.state import default_url
+            from hedwig_tasks.state import from_url as state_from_url
+
+            with self._lock:
+                if self._state is None:
+                    transport_url = None if isinstance(self._transport_spec, Transport) else self._transport_spec
+                    spec = self._state_spec or os.environ.get(STATE_ENV)
+                    self._state = state_from_url(
+                        str(spec or default_url(transport_url or os.environ.get(TRANSPORT_ENV)))
+                    )
+        return self._state
+
+    def _close_state(self) -> None:
+        with self._lock:
+            state = self._state
+            if not isinstance(self._state_spec, StateStore):
+                self._state = None
+        if state is not None:
+            state.close()
 
     def subscribed_topics(self) -> list[str]:
         """The topics this app consumes: ``subscriptions`` if given, else its handlers' topics.
@@ -253,6 +291,61 @@ class Hedwig:
     def handler_for(self, message: Message) -> Handler:
         """The handler for a message; :class:`HandlerNotFound` if none takes it."""
         return self.registry.lookup(message.type, message.major_version)
+
+    # -- periodic tasks -----------------------------------------------------------------------
+
+    def periodic(
+        self,
+        message_type: str,
+        version: VersionLike,
+        *,
+        cron: str | None = None,
+        every: dt.timedelta | float | None = None,
+        data: Mapping[str, Any] | None = None,
+        tz: str | dt.tzinfo | None = None,
+        catch_up: bool = False,
+        name: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Callable[[Any], Any]:
+        """Publish ``message_type`` ``version`` with ``data`` on a schedule (``hedwig-tasks beat``).
+
+        Decorates a function (registered as the handler of that type's major, as
+        ``@app.handler`` would) or a :class:`Handler` (left as it is). See :meth:`add_periodic`.
+        """
+        schedule = self.add_periodic(
+            message_type,
+            version,
+            cron=cron,
+            every=every,
+            data=data,
+            tz=tz,
+            catch_up=catch_up,
+            name=name,
+            headers=headers,
+        )
+
+        def register(target: Any) -> Any:
+            if isinstance(target, Handler):
+                return target
+            return self.handler(message_type, f"{Version.parse(schedule.version).major}.*")(target)
+
+        return register
+
+    def add_periodic(self, message_type: str, version: VersionLike, **options: Any) -> Schedule:
+        """Register a schedule (without a handler here: another service may consume it).
+
+        Options as :meth:`Schedule.build <hedwig_tasks.periodic.Schedule.build>`: ``cron`` or
+        ``every``, ``data``, ``tz``, ``catch_up``, ``name`` (default the message type; unique per
+        app, it names the schedule's state) and ``headers``. Raises :class:`ConfigurationError`
+        for a bad schedule, a duplicate name, or data the schema refuses (``ValidationError``).
+        """
+        schedule = Schedule.build(message_type, str(Version.parse(version)), **options)
+        if schedule.name in self.schedules:
+            raise ConfigurationError(f"a periodic schedule named {schedule.name!r} exists: give this one name=...")
+        message = self.message(message_type, schedule.version, dict(schedule.data), schedule.headers)
+        self.validator.encode(message, container=self.container)  # the schema's verdict now, not at the first tick
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     # -- publishing ---------------------------------------------------------------------------
 

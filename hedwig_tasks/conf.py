@@ -248,6 +248,7 @@ def build_app(s: HedwigSettings) -> Hedwig:
         publisher or queue,
         schema=_validator(s),
         transport=_transport(s),
+        state=s["HEDWIG_STATE_URL"],
         routing=s["HEDWIG_MESSAGE_ROUTING"],
         default_topic=None,
         queue=queue,

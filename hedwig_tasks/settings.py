@@ -46,6 +46,7 @@ SUPPORTED: dict[str, Any] = {
     "HEDWIG_VISIBILITY_TIMEOUT_S": None,
     "HEDWIG_MAX_DELIVERY_ATTEMPTS": None,
     "HEDWIG_TRANSPORT_URL": None,
+    "HEDWIG_STATE_URL": None,
     "AWS_REGION": None,
     "AWS_ACCOUNT_ID": None,
     "AWS_ACCESS_KEY": None,

@@ -7,6 +7,7 @@ the design."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -16,8 +17,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import amqp.exceptions
+import amqp.transport
 import kombu
 import kombu.exceptions
+import kombu.transport.pyamqp
+from kombu.utils.url import parse_url
 
 from hedwig_tasks.exceptions import ConfigurationError, TransportError
 from hedwig_tasks.transports._boundary import boundary
@@ -31,6 +35,8 @@ logger = logging.getLogger("hedwig_tasks.transports.kombu")  # one logger for th
 DEFAULT_LEASE_S = 30.0
 #: How long connecting may take, in seconds.
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
+#: Most bytes one read of the socket takes (several frames: deliveries arrive back to back).
+READ_CHUNK = 8192
 #: URL schemes the transport speaks.
 SCHEMES = ("amqp", "amqps", "pyamqp")
 
@@ -129,7 +135,7 @@ class Link:
     def channel(self) -> Any:
         """The channel, connecting first if need be."""
         if self.connection is None:
-            connection = kombu.Connection(self.broker.url, connect_timeout=self.broker.connect_timeout_s)
+            connection = _connection(self.broker.url, self.broker.connect_timeout_s)
             try:
                 connection.ensure_connection(max_retries=0)
                 raw = connection.connection  # py-amqp's
@@ -222,6 +228,83 @@ class Link:
         finally:
             _close(channel)
         return found
+
+
+def _connection(url: str, connect_timeout_s: float) -> kombu.Connection:
+    """A Kombu connection to ``url``, reading in chunks unless it is TLS or lists several brokers."""
+    if ";" in url:  # failover: Kombu picks the broker
+        return kombu.Connection(url, connect_timeout=connect_timeout_s)
+    params: dict[str, Any] = {**parse_url(url), "connect_timeout": connect_timeout_s}
+    if params["transport"] in ("amqp", "pyamqp"):  # TLS (amqps) keeps py-amqp's own reader
+        params["transport"] = _KombuTransport
+    return kombu.Connection(**params)
+
+
+class _ChunkedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
+    """py-amqp's TCP transport, reading the socket a chunk at a time.
+
+    py-amqp reads each frame's header, payload and end byte with a ``recv`` of its own: nine
+    system calls per message, each letting other threads take the GIL. This reads whatever has
+    arrived (up to ``READ_CHUNK`` bytes) and keeps the rest for the next frames, as py-amqp
+    keeps a partial frame; and sets no socket timeout to read a frame already in hand.
+    """
+
+    _read_buffer: bytes  # what arrived and was not read yet; py-amqp's, from the start of a frame
+
+    def _read(self, n: int, initial: bool = False, _errnos: tuple[int, ...] = (errno.EAGAIN, errno.EINTR)) -> bytes:
+        buffered = self._read_buffer
+        try:
+            while len(buffered) < n:
+                try:
+                    chunk = self.sock.recv(max(n - len(buffered), READ_CHUNK))
+                except OSError as exc:
+                    if exc.errno not in _errnos:
+                        raise
+                    if initial and self.raise_on_initial_eintr:
+                        raise TimeoutError from exc
+                    continue
+                if not chunk:
+                    raise OSError("Server unexpectedly closed connection")
+                buffered += chunk
+        except BaseException:
+            self._read_buffer = buffered
+            raise
+        result, self._read_buffer = buffered[:n], buffered[n:]
+        return result
+
+    @contextlib.contextmanager
+    def having_timeout(self, timeout: float | None) -> Iterator[Any]:
+        buffered = self._read_buffer
+        if timeout is not None and len(buffered) >= 7:
+            size = int.from_bytes(buffered[3:7], "big")
+            if len(buffered) >= size + 8:  # a whole frame: reading it touches no socket
+                yield self.sock
+                return
+        with super().having_timeout(timeout) as sock:
+            yield sock
+
+
+class _AMQPConnection(kombu.transport.pyamqp.Connection):  # type: ignore[misc]
+    def Transport(
+        self,
+        host: str,
+        connect_timeout: float | None,
+        ssl: Any = False,
+        read_timeout: float | None = None,
+        write_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if ssl:
+            return super().Transport(host, connect_timeout, ssl, read_timeout, write_timeout, **kwargs)
+        return _ChunkedTCPTransport(
+            host, connect_timeout=connect_timeout, read_timeout=read_timeout, write_timeout=write_timeout, **kwargs
+        )
+
+
+class _KombuTransport(kombu.transport.pyamqp.Transport):  # type: ignore[misc]
+    """Kombu's py-amqp transport with connections that read in chunks."""
+
+    Connection = _AMQPConnection
 
 
 def _locked(write: Callable[..., Any], lock: threading.Lock) -> Callable[..., Any]:

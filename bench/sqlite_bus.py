@@ -16,7 +16,8 @@ round; each figure is the median over rounds, with its spread (lowest and highes
     one transaction per batch).
 
   The worker CPU per message is the CPU time of the worker processes over the drain (from
-  ``/proc``, start-up excluded).
+  ``/proc``, start-up excluded); ``cores`` is that CPU time over the drain's wall time, which
+  shows when two workers did not get two cores (the machine was busy with other work).
 * ``latency``: one worker as above, idle for ``--idle-s`` seconds (its CPU share measured from
   ``/proc/<pid>/stat``), then ``_hedwig_app.py publish --rate R`` publishes ``--latency-n``
   messages at R a second, each stamped with the time its ``publish()`` call started; the worker's
@@ -29,7 +30,7 @@ Every run checks that each message was handled exactly once and nothing is left 
 
 Usage::
 
-    python bench/sqlite_bus.py [--n 10000] [--rounds 3] [-c 4] [--prefetch 12]
+    python bench/sqlite_bus.py [--n 20000] [--rounds 5] [-c 4] [--prefetch 12]
                                [--rate 100] [--latency-n 500] [--idle-s 5] [--celery]
 
 A table goes to stderr; the last line on stdout is one JSON object whose ``ratio`` holds
@@ -60,9 +61,9 @@ sys.path.insert(0, str(APPS_DIR))
 from _end_to_end import BenchError, Process, versus_celery  # noqa: E402
 
 #: Messages per drain run.
-DEFAULT_N = 10_000
+DEFAULT_N = 20_000
 #: Rounds of every comparison.
-DEFAULT_ROUNDS = 3
+DEFAULT_ROUNDS = 5
 #: The worker's handler threads and messages held beyond them (16 held in all).
 DEFAULT_CONCURRENCY = 4
 DEFAULT_PREFETCH = 12
@@ -186,20 +187,21 @@ def _timed_drain(bus: Bus, consumers: list[Process], deadline: float, *, stop: b
     argv = [sys.executable, bus.app, "load", str(bus.n), "--go", str(go)]
     loader = Process(argv, env=bus.env, cwd=bus.work, name="loader")
     bus.wait_ready([bus.ready_file(p.name) for p in consumers], deadline)
-    before = sum(cpu_s(p.popen.pid) for p in consumers)
+    before = sum(cpu_s(p.popen.pid) for p in consumers) if stop else 0.0
     go.touch()
     loader.wait(deadline)
     bus.wait_empty(deadline)
     if stop:  # workers run until told; CPU read before SIGTERM, so shutdown is not counted
         used = sum(cpu_s(p.popen.pid) for p in consumers) - before
         bus.stop(deadline)
-    else:  # the plain loop exits by itself; its CPU comes from wait4
+    else:  # the plain loop exits by itself, saying how much CPU its drain took
         for process in consumers:
             process.wait(deadline)
-        used = sum(p.cpu_s for p in consumers) - before
+        used = sum(p.output()["cpu_s"] for p in consumers)
     tallies = bus.tallies([p.name for p in consumers])
     seconds = max(t["last_at"] for t in tallies) - loader.output()["loaded_at"]
-    return {"msgs_per_s": bus.n / seconds, "cpu_us_per_msg": used / bus.n * 1e6}
+    # cores: how much CPU the consumers got over the drain (two workers on two free cores: near 2)
+    return {"msgs_per_s": bus.n / seconds, "cpu_us_per_msg": used / bus.n * 1e6, "cores": used / seconds}
 
 
 # -- latency --------------------------------------------------------------------------------------
@@ -270,6 +272,7 @@ def report(
         "worker": f"-c {args.concurrency} --prefetch {args.prefetch}",
         "drain_msgs_per_s": {name: spread([r["msgs_per_s"] for r in runs]) for name, runs in drains.items()},
         "consumer_cpu_us_per_msg": {name: spread([r["cpu_us_per_msg"] for r in runs]) for name, runs in drains.items()},
+        "consumer_cores": {name: spread([r["cores"] for r in runs], 2) for name, runs in drains.items()},
     }
     delays_ms = sorted(d * 1000 for run in latencies for d in run["latencies_s"])
     out["latency"] = {
@@ -293,7 +296,7 @@ def print_summary(out: dict[str, Any]) -> None:
         cpu = out["consumer_cpu_us_per_msg"][name]
         print(
             f"{name:14} drain {figures['median']:>9.1f} msgs/s ({figures['min']:.1f}-{figures['max']:.1f}), "
-            f"consumer CPU {cpu['median']:.1f} us/msg",
+            f"consumer CPU {cpu['median']:.1f} us/msg on {out['consumer_cores'][name]['median']:.2f} cores",
             file=sys.stderr,
         )
     lat = out["latency"]

@@ -5,7 +5,8 @@ programmer would with nothing but :mod:`sqlite3`: WAL mode and ``synchronous=NOR
 runs; claim a batch of up to ``--batch`` rows in one ``BEGIN IMMEDIATE`` transaction (one
 ``UPDATE ... RETURNING`` that pushes their visibility out by a lease), decode each body and count
 its ``n`` (the handler's work), then delete each message in one transaction per batch. It polls
-every millisecond while the table is empty, and exits once it has counted ``BENCH_N``.
+every millisecond while the table is empty, and exits once it has counted ``BENCH_N``, printing
+the CPU time the drain took (from the first claimed row to the last delete) as JSON.
 
     python _plain_loop.py BUS_FILE --batch 16 --ready FILE
 """
@@ -35,7 +36,9 @@ RETURNING id, body
 _DELETE = "DELETE FROM messages WHERE id = ?"
 
 
-def drain(connection: sqlite3.Connection, subscription: str, batch: int, tally: Tally, expected: int) -> None:
+def drain(connection: sqlite3.Connection, subscription: str, batch: int, tally: Tally, expected: int) -> float:
+    """Consume until ``expected`` are counted; the CPU seconds from the first claimed row on."""
+    started = 0.0
     while tally.handled < expected:
         now = time.time()
         connection.execute("BEGIN IMMEDIATE")
@@ -44,11 +47,13 @@ def drain(connection: sqlite3.Connection, subscription: str, batch: int, tally: 
         if not rows:
             time.sleep(POLL_S)
             continue
+        started = started or time.process_time()
         for _, body in rows:
             tally.hit(json.loads(body)["n"])
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany(_DELETE, [(row_id,) for row_id, _ in rows])
         connection.execute("COMMIT")
+    return time.process_time() - started
 
 
 def main() -> None:
@@ -63,8 +68,9 @@ def main() -> None:
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = NORMAL")
         args.ready.touch()
-        drain(connection, args.subscription, args.batch, tally, int(os.environ["BENCH_N"]))
+        cpu_s = drain(connection, args.subscription, args.batch, tally, int(os.environ["BENCH_N"]))
     tally.write()
+    print(json.dumps({"cpu_s": cpu_s}))
 
 
 if __name__ == "__main__":

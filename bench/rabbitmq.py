@@ -26,6 +26,10 @@ messages to a durable queue nobody consumes, persistent, with publisher confirms
 * ``dramatiq``: ``RabbitmqBroker(confirm_delivery=True)`` with its default middleware, and
   ``actor.send()`` per message (returns once RabbitMQ confirmed that message); Dramatiq has no
   batch send.
+* ``floor`` (not a contender, the floor under any client): py-amqp's bare ``basic_publish`` of
+  a persistent message on a confirm channel, waiting for each confirm. ``publish`` reports
+  hedwig-tasks's rate over it as ``ratio_to_floor``: one confirmed message at a time, the time
+  goes to RabbitMQ's confirm (it writes a persistent message to disk first).
 
 Usage::
 
@@ -263,6 +267,33 @@ def publish_dramatiq(workdir: Path, messages: int, batch: int) -> float:
         _cleanup([queue, f"{queue}.DQ", f"{queue}.XQ"], [])
 
 
+def publish_floor(workdir: Path, messages: int, batch: int) -> float:
+    """The least any client does: py-amqp's ``basic_publish`` and a wait for its confirm, per message."""
+    import amqp
+
+    queue = f"bench-floor-{uuid.uuid4().hex[:8]}"
+    parts = urlsplit(URL)
+    connection = amqp.Connection(
+        f"{parts.hostname}:{parts.port or 5672}",
+        userid=parts.username or "guest",
+        password=parts.password or "guest",
+        confirm_publish=True,
+    )
+    connection.connect()
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True, auto_delete=False)
+        body = json.dumps(_data(0)).encode()
+        channel.basic_publish(amqp.Message(body, delivery_mode=2), routing_key=queue)
+        started = time.perf_counter()
+        for _ in range(messages):
+            channel.basic_publish(amqp.Message(body, delivery_mode=2), routing_key=queue)
+        return messages / (time.perf_counter() - started)
+    finally:
+        connection.close()
+        _cleanup([queue], [])
+
+
 def _cleanup(queues: list[str], exchanges: list[str]) -> None:
     with kombu.Connection(URL) as connection:
         channel = connection.channel()
@@ -330,11 +361,15 @@ def main() -> None:
                     "hedwig": lambda: publish_hedwig(workdir, n, batch),
                     "hedwig_many": lambda: publish_hedwig_many(workdir, n, batch),
                     "dramatiq": lambda: publish_dramatiq(workdir, n, batch),
+                    "floor": lambda: publish_floor(workdir, n, batch),
                 },
                 args.rounds,
                 "publish",
             )
-            comparisons.append(comparison("publish", published["hedwig"], published["dramatiq"], 1.5, "dramatiq"))
+            row = comparison("publish", published["hedwig"], published["dramatiq"], 1.5, "dramatiq")
+            row["floor_per_s"] = round(statistics.median(published["floor"]), 1)
+            row["ratio_to_floor"] = round(row["hedwig_per_s"] / row["floor_per_s"], 3)
+            comparisons.append(row)
             many = comparison("publish_many", published["hedwig_many"], published["dramatiq"], 1.5, "dramatiq")
             comparisons.append({**many, "batch": batch})
     run = {"messages": n, "rounds": args.rounds, "concurrency": CONCURRENCY, "held": HELD}

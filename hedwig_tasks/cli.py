@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from hedwig_tasks._cli_app import EXIT_CONFIG, EXIT_UNAVAILABLE, CLIError, find_app, masked_url
+from hedwig_tasks._cli_beat import add_beat_command
 from hedwig_tasks._cli_dlq import add_dlq_commands
 from hedwig_tasks._version import __version__
 from hedwig_tasks.app import TRANSPORT_ENV, Hedwig
@@ -334,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     add_dlq_commands(commands, _common)
+    add_beat_command(commands, _common)
     return parser
 
 

@@ -22,8 +22,6 @@ up waiting at once.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -32,6 +30,7 @@ from typing import Any
 
 from hedwig_tasks import signals
 from hedwig_tasks._worker_deadlines import Deadlines
+from hedwig_tasks._worker_limits import Limits, _Held
 from hedwig_tasks._worker_options import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_LEASE_S,
@@ -48,7 +47,7 @@ from hedwig_tasks.handler import Handler
 from hedwig_tasks.instrumentation import Tracing
 from hedwig_tasks.message import Message
 from hedwig_tasks.pool.processes import Pool, child_spec
-from hedwig_tasks.retry import Outcome, decide
+from hedwig_tasks.retry import Outcome
 from hedwig_tasks.slots import Slots
 from hedwig_tasks.transports.base import Consumer, Delivery
 
@@ -64,9 +63,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: How long after its time limit an ``async`` handler that did not let itself be cancelled (it
-#: blocks its event loop) has its thread abandoned, in seconds.
-ASYNC_CANCEL_GRACE_S = 1.0
 #: Interval between ``heartbeat`` signals, in seconds.
 HEARTBEAT_INTERVAL_S = 1.0
 #: Longest pause between receives after a transport error, in seconds.
@@ -78,21 +74,7 @@ ACK_GATHER_S = 0.02
 BURST_RETRY_GRACE_S = 10.0
 
 
-@dataclasses.dataclass(eq=False)
-class _Held:
-    """A delivery the worker holds, and what became of it."""
-
-    delivery: Delivery
-    received_at: float
-    running: bool = False
-    settled: str = ""  #: "ack", "retry", "dead_letter" or "release", once asked of the transport
-    outcome: str = ""  #: the count it goes under: "handled", "retried" or "dead_lettered"
-    abandoned: bool = False  #: its handler ran past the time limit; the time keeper settled it
-    #: Set while a time limit watches the run: what the time keeper needs to settle it.
-    watch: tuple[Handler, Message, float, threading.Thread] | None = None
-
-
-class Worker:
+class Worker(Limits):
     """Consumes an app's subscriptions until stopped (or, in burst mode, until they are empty)."""
 
     def __init__(self, app: Hedwig, options: WorkerOptions | None = None) -> None:
@@ -509,7 +491,7 @@ class Worker:
             if not self._still_held(held):  # released at shutdown, its child killed: nothing to settle
                 outcome = None
         if isinstance(error, TimeLimitExceeded) and not held.abandoned:
-            what = "" if child is None or not child.dead else f"child process {child.pid}"
+            what = "" if child is None or not child.lost else f"child process {child.pid}"
             self._timed_out(handler, message, error.time_limit_s, what)
         if outcome is None:  # abandoned at its time limit (settled by the time keeper) or released
             return "abandoned", error, "time limit exceeded"
@@ -518,116 +500,6 @@ class Worker:
         if pool is not None:
             self._local.child = pool.renew(child)
         return outcome.action, error, outcome.reason
-
-    def _await_turn(self, held: _Held, handler: Handler) -> bool:
-        """Wait for the handler's rate limit to let it start (no polling; the message stays leased);
-        False, and the message released, if the worker stops meanwhile."""
-        assert handler.limiter is not None and self._consumer is not None
-        wait_s = handler.limiter.acquire(time.monotonic())
-        if wait_s <= 0 or not self._stopping.wait(wait_s):
-            return True
-        if self._still_held(held, pop=True):
-            held.settled = "release"
-            self._settle("release", self._consumer.release, [held.delivery])
-        return False
-
-    def _still_held(self, held: _Held, *, pop: bool = False) -> bool:
-        with self._held_lock:
-            ours = self._held.get(id(held.delivery)) is held
-            if ours and pop:
-                del self._held[id(held.delivery)]
-            return ours
-
-    def _run_here(
-        self, held: _Held, handler: Handler, message: Message, limit: float | None
-    ) -> tuple[Exception | None, float, Outcome | None]:
-        """Run the handler on this thread; no outcome if it was abandoned at its time limit."""
-        deadlines = self._deadlines if limit is not None else None
-        if deadlines is not None:
-            assert limit is not None
-            held.watch = (handler, message, limit, threading.current_thread())
-            grace_s = ASYNC_CANCEL_GRACE_S if handler.is_async else 0.0
-            deadlines.watch(held, time.monotonic() + limit + grace_s)
-        started = time.perf_counter()
-        error: Exception | None = None
-        try:
-            handler.run(message, loop=self._event_loop() if handler.is_async else None, time_limit_s=limit)
-        except Exception as exc:
-            error = exc
-        duration_s = time.perf_counter() - started
-        if deadlines is not None and not deadlines.done(held):
-            held.abandoned = True
-            self._discard_late(message, duration_s)
-            return error, duration_s, None
-        return error, duration_s, decide(handler.retry_policy, error, held.delivery.attempt)
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
-        if loop is None:
-            loop = self._local.loop = asyncio.new_event_loop()
-        return loop
-
-    # -- time limits ----------------------------------------------------------------------------
-
-    def _expire(self, held: _Held) -> None:
-        """A run on a thread passed its time limit (called on the time keeper's thread): fail its
-        message by policy, stop extending its lease, and start a thread in place of the stuck one."""
-        assert held.watch is not None
-        handler, message, limit, thread = held.watch
-        held.abandoned = True
-        with self._held_lock:
-            ours = self._held.pop(id(held.delivery), None) is held
-            self._handler_threads.discard(thread)
-            self.abandoned_threads += 1
-        if not self._stopping.is_set():
-            self._spawn_handler()
-        self._timed_out(handler, message, limit, f"thread {thread.name}")
-        if not ours:  # released at shutdown meanwhile
-            return
-        error = TimeLimitExceeded(limit)
-        outcome = decide(handler.retry_policy, error, held.delivery.attempt)
-        report(self.app, handler, message, error, limit, outcome)
-        self._carry_out(outcome, held, message, handler)
-        with self._held_lock:
-            withheld, self._withheld = self._withheld, 0
-            if held.outcome:
-                self.counts[held.outcome] += 1
-        self._give_back_slots(withheld + 1)
-
-    def _timed_out(self, handler: Handler, message: Message, limit: float, abandoned: str) -> None:
-        what = {"": "cancelled it"}.get(abandoned, f"abandoned {abandoned} and started another")
-        logger.warning(
-            "time limit of %gs exceeded by %s on %s %s id=%s attempt=%d: %s (%d abandoned thread(s) still running)",
-            limit,
-            handler.name,
-            message.type,
-            message.version,
-            message.id,
-            message.attempt,
-            what,
-            self.abandoned_threads,
-            extra={"message_id": message.id, "message_type": message.type, "outcome": "time_limit_exceeded"},
-        )
-        signals.send(
-            signals.handler_time_limit_exceeded,
-            self.app,
-            message=message,
-            handler=handler,
-            time_limit_s=limit,
-            abandoned=abandoned,
-        )
-
-    def _discard_late(self, message: Message, duration_s: float) -> None:
-        with self._held_lock:
-            self.abandoned_threads -= 1
-        logger.warning(
-            "abandoned thread %s returned after %.1fs from %s id=%s; what it returned is discarded",
-            threading.current_thread().name,
-            duration_s,
-            message.type,
-            message.id,
-            extra={"message_id": message.id},
-        )
 
     # -- settling -------------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from typing import Any
 __all__ = ["read_frame", "wait_readable", "write_frame"]
 
 _LENGTHS = struct.Struct(">II")
+#: What one read asks for, in bytes: a whole frame, usually.
+_READ_SIZE = 65536
 
 
 def write_frame(fd: int, header: dict[str, Any], body: bytes = b"") -> None:
@@ -28,17 +30,23 @@ def write_frame(fd: int, header: dict[str, Any], body: bytes = b"") -> None:
 
 
 def read_frame(fd: int) -> tuple[dict[str, Any], bytes] | None:
-    """The next frame from ``fd`` (blocking): its header and body; None at end of file."""
-    lengths = _read_exact(fd, _LENGTHS.size)
-    if lengths is None:
+    """The next frame from ``fd`` (blocking): its header and body; None at end of file.
+
+    One read takes the whole of a small frame: each side sends one frame and waits for the
+    answer, so a read never finds the start of the next one.
+    """
+    data = _read_at_least(fd, b"", _LENGTHS.size)
+    if data is None:
         return None
-    head_size, body_size = _LENGTHS.unpack(lengths)
-    head = _read_exact(fd, head_size)
-    body = _read_exact(fd, body_size) if body_size else b""
-    if head is None or body is None:
+    head_size, body_size = _LENGTHS.unpack_from(data)
+    end = _LENGTHS.size + head_size + body_size
+    data = _read_at_least(fd, data, end)
+    if data is None:
         return None
-    header: dict[str, Any] = json.loads(head)
-    return header, body
+    if len(data) > end:
+        raise ValueError(f"a frame of {end} bytes came with {len(data) - end} more: one frame at a time")
+    header: dict[str, Any] = json.loads(data[_LENGTHS.size : _LENGTHS.size + head_size])
+    return header, data[_LENGTHS.size + head_size :]
 
 
 def wait_readable(fd: int, timeout_s: float | None) -> bool:
@@ -50,17 +58,11 @@ def wait_readable(fd: int, timeout_s: float | None) -> bool:
     return bool(poller.poll(max(0.0, timeout_s) * 1000))
 
 
-def _read_exact(fd: int, size: int) -> bytes | None:
-    """``size`` bytes from ``fd``; None if it ends first."""
-    chunk = os.read(fd, size)
-    if len(chunk) == size:
-        return chunk
-    parts = [chunk]
-    got = len(chunk)
-    while got < size:
+def _read_at_least(fd: int, data: bytes, size: int) -> bytes | None:
+    """``data`` and what ``fd`` has next, up to ``size`` bytes at least; None if it ends first."""
+    while len(data) < size:
+        chunk = os.read(fd, max(_READ_SIZE, size - len(data)))
         if not chunk:
             return None
-        chunk = os.read(fd, size - got)
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
+        data += chunk
+    return data

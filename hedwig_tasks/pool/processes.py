@@ -77,6 +77,7 @@ class Child:
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
         self.tasks = 0  #: tasks it has answered
+        self.lost = False  #: it died or was killed during a task; a new child takes its place
         self.rss_kb = 0  #: its peak resident memory, as it last reported, in KiB
         task_r, self._task_w = os.pipe()
         self._reply_r, reply_w = os.pipe()
@@ -111,7 +112,7 @@ class Child:
             "sub": delivery.subscription,
             "attempt": delivery.attempt,
             "id": delivery.transport_id,
-            "attrs": dict(delivery.attributes),
+            "attrs": delivery.attributes if isinstance(delivery.attributes, dict) else dict(delivery.attributes),
         }
         if time_limit_s is not None:
             header["limit"] = time_limit_s
@@ -119,7 +120,11 @@ class Child:
             write_frame(self._task_w, header, delivery.body)
         except OSError:
             raise self._lost() from None
+        return self._reply(time_limit_s, kill_after_s)
+
+    def _reply(self, time_limit_s: float | None, kill_after_s: float | None) -> dict[str, Any]:
         if kill_after_s is not None and not wait_readable(self._reply_r, kill_after_s):
+            self.lost = True
             self.terminate()
             self.process.wait()
             raise TimeLimitExceeded(time_limit_s or kill_after_s or 0.0)
@@ -131,12 +136,8 @@ class Child:
         self.rss_kb = int(reply.get("rss_kb", 0))
         return reply
 
-    @property
-    def dead(self) -> bool:
-        """It exited, or was killed; a new child takes its place."""
-        return self.process.poll() is not None
-
     def _lost(self) -> WorkerLost:
+        self.lost = True
         code = self.process.wait()
         cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         return WorkerLost(f"child process {self.pid} died ({cause})")
@@ -276,7 +277,7 @@ class Pool:
         if not why:
             return child
         logger.info("replacing child process %d: %s", child.pid, why)
-        if child.dead:
+        if child.lost:
             child.kill()  # reaps it and closes its pipes
         else:
             child.stop()
@@ -287,7 +288,7 @@ class Pool:
         return new
 
     def _worn_out(self, child: Child) -> str:
-        if child.dead:
+        if child.lost:
             return "it died" if child.process.returncode != -signal.SIGKILL else "it was killed"
         if self.max_tasks is not None and child.tasks >= self.max_tasks:
             return f"it ran {child.tasks} messages (--max-tasks-per-child)"

@@ -10,8 +10,12 @@ here keeps the dependency list as it is. ``hedwig-tasks worker --metrics-port PO
 * ``hedwig_handler_dead_lettered_total``: messages whose handler raised ``DeadLetter``, by
   ``type`` and ``major``. A deliberate dead letter is not a failure: it is counted here and in
   ``hedwig_dead_lettered_total``, never in ``hedwig_failed_total``;
+* ``hedwig_time_limit_exceeded_total``: handler runs stopped at their time limit (cancelled,
+  their thread abandoned, or their child process killed), by ``type`` and ``major``;
 * ``hedwig_handler_duration_seconds``: a histogram by ``type`` and ``major``;
 * ``hedwig_running``, ``hedwig_buffered``: gauges of what the worker holds;
+* ``hedwig_abandoned_threads``: a gauge of handler threads abandoned at a time limit whose call
+  has not returned yet (each still holds its stack and whatever it was waiting on);
 * ``hedwig_subscription_depth``, ``hedwig_subscription_dead_letters``: gauges by
   ``subscription`` where the transport reports them, read at most every ``depth_every_s``.
 """
@@ -44,6 +48,7 @@ _COUNTERS = {
     "hedwig_retried_total": "Messages scheduled for a retry.",
     "hedwig_dead_lettered_total": "Messages sent to the dead letters.",
     "hedwig_handler_dead_lettered_total": "Messages whose handler raised DeadLetter (a decision, not a failure).",
+    "hedwig_time_limit_exceeded_total": "Handler runs stopped at their time limit.",
 }
 
 Labels = tuple[str, str]
@@ -106,6 +111,7 @@ class Metrics:
             (signals.handler_dead_lettered, self._on_done("hedwig_handler_dead_lettered_total")),
             (signals.handler_retried, self._count("hedwig_retried_total")),
             (signals.message_dead_lettered, self._count("hedwig_dead_lettered_total")),
+            (signals.handler_time_limit_exceeded, self._count("hedwig_time_limit_exceeded_total")),
         ):
             signal.connect(receiver, sender=self.app, weak=False)
             self._receivers.append((signal, receiver))
@@ -177,6 +183,9 @@ class Metrics:
         yield "# HELP hedwig_buffered Messages received and waiting for a handler thread."
         yield "# TYPE hedwig_buffered gauge"
         yield f"hedwig_buffered {self.worker.buffered}"
+        yield "# HELP hedwig_abandoned_threads Handler threads abandoned at a time limit, still running."
+        yield "# TYPE hedwig_abandoned_threads gauge"
+        yield f"hedwig_abandoned_threads {self.worker.abandoned_threads}"
         rows = self._subscription_rows()
         for field, name in (
             ("depth", "hedwig_subscription_depth"),

@@ -20,6 +20,7 @@ import redis
 from helpers import wait_for
 from redis_server import cleanup, redis_url
 
+from hedwig_tasks.exceptions import PublishError
 from hedwig_tasks.testing import worker_contract
 from hedwig_tasks.testing.contract import Names
 from hedwig_tasks.testing.worker_contract import Fleet
@@ -181,5 +182,39 @@ def test_redis_restart_mid_run_is_reconnected_to_and_loses_nothing(tmp_path: Pat
         fleet.wait(lambda: fleet.status().depth == fleet.status().in_flight == 0, "nothing left")
     finally:
         fleet.close()
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on this machine")
+def test_a_publisher_gets_over_a_redis_restart_on_its_kept_connection(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = _redis_server(port, tmp_path)
+    bus = RedisTransport(f"redis://:s3cret@127.0.0.1:{port}/0", connect_timeout_s=0.5)
+    try:
+        redis.Redis(port=port).config_set("requirepass", "s3cret")
+        bus.provision("q", ["t"], [])
+        first = [bus.publish("t", b"{}", {"n": "1"}), *bus.publish_many("t", [(b"{}", {"n": "2"})])]
+        server.terminate()  # SIGTERM: Redis flushes its append-only file and stops
+        server.wait(10)
+        with pytest.raises(PublishError, match=f"127.0.0.1:{port}") as raised:
+            bus.publish("t", b"{}", {"n": "lost"})
+        assert "s3cret" not in str(raised.value)
+        server = _redis_server(port, tmp_path)
+        redis.Redis(port=port).config_set("requirepass", "s3cret")
+        later = [bus.publish("t", b"{}", {"n": "3"}), *bus.publish_many("t", [(b"{}", {"n": "4"})])]
+        server.terminate()
+        server.wait(10)
+        server = _redis_server(port, tmp_path)  # a restart between two publishes: no error at all
+        redis.Redis(port=port).config_set("requirepass", "s3cret")
+        later.append(bus.publish("t", b"{}", {"n": "5"}))
+        entries = redis.Redis(port=port, password="s3cret").xrange("hedwig:t")
+        assert [(e.decode(), f[b"n"]) for e, f in entries] == [
+            (entry_id, str(n).encode()) for entry_id, n in zip([*first, *later], [1, 2, 3, 4, 5], strict=True)
+        ]
+    finally:
+        bus.close()
         server.terminate()
         server.wait(10)

@@ -4,6 +4,7 @@ Redis shows (layout, trimming, options)."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -221,3 +222,49 @@ def test_an_outage_is_a_transport_error_naming_the_server_without_its_password()
     assert f"127.0.0.1:{port}" in str(raised.value) and "s3cret" not in str(raised.value)
     with pytest.raises(TransportError):
         bus.consumer("q", ["t"]).receive(1, wait_s=0.1)
+
+
+def test_a_refused_publish_leaves_the_publishing_connection_in_step(bus: RedisTransport, names: Names) -> None:
+    bus.provision(names.queue, [names.topic], [])
+    raw = bus.link.client
+    raw.set(f"hedwig:{names.other_topic}", "not a stream")  # exists, so only the XADD fails
+    with pytest.raises(PublishError, match="WRONGTYPE"):
+        bus.publish(names.other_topic, b"{}", {})
+    with pytest.raises(PublishError, match="WRONGTYPE"):
+        bus.publish_many(names.other_topic, [(b"{}", {})] * 3)
+    first = bus.publish(names.topic, b'{"n": 1}', {"k": "1"})
+    many = bus.publish_many(names.topic, [(b'{"n": %d}' % n, {"k": str(n)}) for n in (2, 3)])
+    found = raw.xrange(f"hedwig:{names.topic}")
+    assert [entry_id.decode() for entry_id, _ in found] == [first, *many]
+    assert [fields[b"k"] for _, fields in found] == [b"1", b"2", b"3"]
+
+
+def test_each_thread_publishes_on_a_connection_of_its_own_kept_until_close(url: str, names: Names) -> None:
+    named = f"hedwig-tasks-test-{names.queue}"
+    bus = from_url(f"{url}?client_name={named}")
+    assert isinstance(bus, RedisTransport)
+    bus.provision(names.queue, [names.topic], [])
+    raw = redis.Redis.from_url(url)  # a client of the test's own, unnamed
+    ids: list[str] = []
+    published, finish = threading.Semaphore(0), threading.Event()
+
+    def publish(n: int) -> None:
+        ids.extend(bus.publish(names.topic, b"{}", {"n": str(n)}) for _ in range(2))
+        published.release()
+        finish.wait(10)  # alive (its connection kept) until the count below
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(3)]
+    for thread in threads:  # one after another: a pool would hand each the same connection
+        thread.start()
+        assert published.acquire(timeout=10)
+    ours = [c for c in raw.client_list() if c["name"] == named]
+    finish.set()
+    for thread in threads:
+        thread.join()
+    assert sorted(ids) == sorted(entry_id.decode() for entry_id, _ in raw.xrange(f"hedwig:{names.topic}"))
+    assert [c["cmd"] for c in ours].count("xadd") == 3  # one per thread (kept while it lives)
+    bus.close()
+    wait_for(lambda: not [c for c in raw.client_list() if c["name"] == named], timeout_s=5)
+    assert bus.publish(names.topic, b"{}", {}) in {e.decode() for e, _ in raw.xrange(f"hedwig:{names.topic}")}
+    bus.close()
+    raw.close()

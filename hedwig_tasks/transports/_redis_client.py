@@ -131,6 +131,10 @@ class RedisLink:
         with boundary(f"{doing} on {mask(self.url)}", DRIVER_ERRORS, error=error):
             yield
 
+    def failure(self, doing: str, exc: BaseException, error: type[TransportError] = TransportError) -> TransportError:
+        """What :meth:`errors` raises for the driver's ``exc``, for a hot path that catches it itself."""
+        return error(f"{doing} on {mask(self.url)} failed: {exc}")
+
     def close(self) -> None:
         """Drop this process's connections; the next call connects again."""
         with self._lock:

@@ -67,9 +67,10 @@ e.g. ``redis://localhost:6379/0?lease_s=60``. The password never appears in a re
 
 Options (query string): ``lease_s`` (seconds a receive leases an entry; default 30),
 ``block_s`` (longest single ``XREADGROUP`` block; default 1), ``trim_every_s`` (default 30),
-``socket_timeout_s`` (default 10), ``connect_timeout_s`` (default 5), and for ``rediss://``
-redis-py's ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` and
-``ssl_check_hostname``. An unknown option raises ``ConfigurationError``.
+``socket_timeout_s`` (default 10), ``connect_timeout_s`` (default 5), ``client_name`` (what
+``CLIENT LIST`` shows for every connection), and for ``rediss://`` redis-py's ``ssl_cert_reqs``,
+``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` and ``ssl_check_hostname``. An unknown option
+raises ``ConfigurationError``.
 
 Modules: this one holds the transport (construction, publishing); ``_redis_client`` the
 connection, scripts and error boundary; ``_redis_consumer`` the consumer; ``_redis_admin``
@@ -93,10 +94,12 @@ from hedwig_tasks.transports._redis_client import (
     DEFAULT_LEASE_S,
     DEFAULT_SOCKET_TIMEOUT_S,
     DEFAULT_TRIM_EVERY_S,
+    DRIVER_ERRORS,
     RedisLink,
     mask,
 )
 from hedwig_tasks.transports._redis_consumer import RedisConsumer
+from hedwig_tasks.transports._redis_publish import Publisher
 from hedwig_tasks.transports._redis_trim import Trimmer
 from hedwig_tasks.transports._redis_wire import entry_fields, stream_key
 from hedwig_tasks.transports._url import Option, read_options, seconds, text
@@ -121,7 +124,8 @@ _URL_OPTIONS: dict[str, Option] = {
 }
 #: redis-py's own options a URL may carry (TLS), passed on to it.
 _DRIVER_OPTIONS: dict[str, Option] = {
-    name: text for name in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+    name: text
+    for name in ("client_name", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 }
 
 
@@ -161,6 +165,7 @@ class RedisTransport(Transport):
         self.url, self.lease_s = url, lease_s
         self._admin = RedisAdmin(self.link)
         self._trimmer = Trimmer(self.link)
+        self._publisher = Publisher(self.link)
         self._lock = threading.Lock()
         self._topics: set[str] = set()  # topics whose stream was seen to exist
         self._consumers: list[RedisConsumer] = []
@@ -206,6 +211,7 @@ class RedisTransport(Transport):
             consumers, self._consumers = self._consumers, []
         for consumer in consumers:
             consumer.close()
+        self._publisher.close()
         self.link.close()
 
     # -- publishing ---------------------------------------------------------------------------
@@ -213,10 +219,14 @@ class RedisTransport(Transport):
     def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
         """One ``XADD`` (the first to a topic in this process checks that it exists). Raises ``PublishError``."""
         fields = entry_fields(topic, body, attributes)
-        self._check_topic(topic)
-        with self.link.errors(f"publish to {topic!r}", PublishError):
-            entry_id: bytes = self.link.client.xadd(stream_key(topic), fields)
-        self._trimmer.maybe([stream_key(topic)], empty_ok=[stream_key(topic)])
+        if topic not in self._topics:
+            self._check_topic(topic)
+        key = stream_key(topic)
+        try:
+            entry_id = self._publisher.xadd(key, fields)
+        except DRIVER_ERRORS as exc:  # the boundary, inline: this is the hot path
+            raise self.link.failure(f"publish to {topic!r}", exc, PublishError) from exc
+        self._trimmer.maybe([key], empty_ok=[key])
         return entry_id.decode()
 
     def publish_many(
@@ -226,16 +236,13 @@ class RedisTransport(Transport):
         *,
         owner: str | None = None,
     ) -> list[str]:
-        """Every ``XADD`` in one pipelined round trip; ids in order. Raises ``PublishError``."""
+        """Every ``XADD`` written at once, one round trip; ids in order. Raises ``PublishError``."""
         entries = [entry_fields(topic, body, attributes) for body, attributes in messages]
         if not entries:
             return []
         self._check_topic(topic)
         with self.link.errors(f"publish to {topic!r}", PublishError):
-            pipe = self.link.client.pipeline(transaction=False)
-            for fields in entries:
-                pipe.xadd(stream_key(topic), fields)
-            ids = pipe.execute()
+            ids = self._publisher.xadd_many(stream_key(topic), entries)
         self._trimmer.maybe([stream_key(topic)], empty_ok=[stream_key(topic)])
         return [entry_id.decode() for entry_id in ids]
 

@@ -121,6 +121,7 @@ def test_time_limit_exceeded_is_a_timeout_error_and_the_limits_are_checked() -> 
     assert isinstance(TimeLimitExceeded(1.5), TimeoutError)
     assert str(TimeLimitExceeded(1.5)) == "time limit exceeded (1.5s)"
     app = Hedwig("svc", schema=SCHEMA_FILE, transport="memory://")
+    bad: Any
     for bad in (0, -1, "5", True):
         with pytest.raises(ConfigurationError, match="time_limit_s"):
             app.handler("user-created", "1.*", time_limit_s=bad)(lambda message: None)

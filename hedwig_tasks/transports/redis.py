@@ -73,9 +73,11 @@ Options (query string): ``lease_s`` (seconds a receive leases an entry; default 
 raises ``ConfigurationError``.
 
 Modules: this one holds the transport (construction, publishing); ``_redis_client`` the
-connection, scripts and error boundary; ``_redis_consumer`` the consumer; ``_redis_admin``
-provisioning, counts and dead letters; ``_redis_trim`` trimming; ``_redis_scripts`` the Lua
-scripts; ``_redis_wire`` names and fields.
+connection, scripts and error boundary; ``_redis_publish`` the publishers' kept connections (one
+per thread: ``XADD`` packed and its reply read without redis-py's client layer, which costs
+twice the command itself); ``_redis_consumer`` the consumer; ``_redis_admin`` provisioning,
+counts and dead letters; ``_redis_trim`` trimming; ``_redis_scripts`` the Lua scripts;
+``_redis_wire`` names and fields.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def store_class(scheme: str, *, url: str | None = None) -> type[StateStore]:
         close = difflib.get_close_matches(scheme, STORE_ALIASES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         known = ", ".join(sorted(STORE_ALIASES))
-        raise ConfigurationError(f"unknown state store {scheme!r} in {url or scheme!r} (known: {known}){hint}")
+        raise ConfigurationError(f"unknown state store {scheme!r} (known: {known}){hint}; the URL: {url or scheme!r}")
     target, extra = STORE_ALIASES[scheme]
     module_name, _, class_name = target.partition(":")
     try:
@@ -83,8 +83,11 @@ def default_url(transport_url: str | None) -> str:
     """The state store beside a transport: the SQLite bus's folder, else ``DEFAULT_URL``."""
     if not transport_url:
         return DEFAULT_URL
+    from hedwig_tasks.state.sqlite import SQLiteStore  # the bus and its store share the scheme
+
     parts = urlsplit(transport_url)
-    if parts.scheme != "sqlite" or not parts.path[1:] or parts.path[1:] == ":memory:":
+    in_memory = parts.path[1:] == ":memory:"
+    if parts.scheme not in SQLiteStore.schemes or not parts.path[1:] or in_memory:
         return DEFAULT_URL
     folder = posixpath.dirname(parts.path[1:])
     return f"sqlite:///{posixpath.join(folder, 'state.db')}"

@@ -108,7 +108,8 @@ class SQLiteStore(StateStore):
         """``sqlite:///relative.db`` or ``sqlite:////absolute.db``, with ``table`` and ``busy_timeout_s``."""
         parts = urlsplit(url)
         path = unquote(parts.path[1:])
-        if parts.scheme != "sqlite" or parts.netloc or not path or path == ":memory:":
+        in_memory = path == ":memory:"
+        if parts.scheme not in cls.schemes or parts.netloc or not path or in_memory:
             raise ConfigurationError(
                 "expected a state store file as sqlite:///relative/state.db or "
                 f"sqlite:////absolute/state.db, got {url!r}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -383,3 +384,26 @@ def test_dead_letters_with_one_message_id_keep_ids_of_their_own(rabbit: tuple[Ko
     with kombu.Connection(bus.url) as connection:
         assert connection.channel().queue_declare(dlq_name(names.queue), passive=True).message_count == 1
     consumer.close()
+
+
+def test_an_ack_never_waits_for_a_receive_reading(rabbit: tuple[KombuTransport, Names]) -> None:
+    bus, names = rabbit
+    bus.provision(names.queue, [names.topic], [])
+    bus.publish_many(names.topic, [(b"a", {}), (b"b", {})])
+    consumer = bus.consumer(names.queue, [names.topic])
+    taken: list[Delivery] = []
+    while len(taken) < 2:
+        taken += consumer.receive(2, wait_s=5)
+    acked = threading.Event()
+
+    def ack() -> None:
+        consumer.ack(taken)
+        acked.set()
+
+    with consumer._lock:  # what a receive holds while it reads what arrived
+        threading.Thread(target=ack, daemon=True).start()
+        assert acked.wait(5), "the ack waited for the receive's lock"
+    consumer.close()
+    again = bus.consumer(names.queue, [names.topic])
+    assert again.receive(2, wait_s=0.5) == []  # settled for good
+    again.close()

@@ -483,22 +483,23 @@ class Worker(Limits):
             return "release", None, "the worker stopped while the message waited for its rate limit"
         signals.send(signals.handler_started, self.app, message=message, handler=handler)
         limit = handler.time_limit_s or self.options.time_limit_s
-        child, pool = self._local.child, self._pool
+        pool, child = self._pool, None
         if pool is None:
             error, duration_s, outcome = self._run_here(held, handler, message, limit)
         else:
+            child = self._local.child
             error, duration_s, outcome = pool.run(child, held.delivery, handler, limit)
             if not self._still_held(held):  # released at shutdown, its child killed: nothing to settle
                 outcome = None
-        if isinstance(error, TimeLimitExceeded) and not held.abandoned:
+        if error is not None and isinstance(error, TimeLimitExceeded) and not held.abandoned:
             what = "" if child is None or not child.lost else f"child process {child.pid}"
             self._timed_out(handler, message, error.time_limit_s, what)
         if outcome is None:  # abandoned at its time limit (settled by the time keeper) or released
             return "abandoned", error, "time limit exceeded"
         report(self.app, handler, message, error, duration_s, outcome)
         self._carry_out(outcome, held, message, handler)
-        if pool is not None:
-            self._local.child = pool.renew(child)
+        if child is not None:
+            self._local.child = pool.renew(child)  # type: ignore[union-attr]  # a child means a pool
         return outcome.action, error, outcome.reason
 
     # -- settling -------------------------------------------------------------------------------

@@ -519,3 +519,20 @@ def test_a_writer_gives_up_after_busy_timeout_s(tmp_path: Path) -> None:
         assert bus.status("q", ["t"])[0].depth == 0  # reads go on beside a writer (WAL)
         other.execute("ROLLBACK")
     bus.close()
+
+
+def test_a_publish_wakes_only_the_consumers_of_its_topic(tmp_path: Path) -> None:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    of_a, of_many = bus.wake.listen(["a"]), bus.wake.listen([f"t{n}" for n in range(6)])
+    assert of_a is not None and of_many is not None
+    assert of_a.wait(5) and of_many.wait(5)  # each starts with a wake-up of its own (see Listener)
+    bus.wake.notify("b")
+    assert not of_a.wait(0.05)  # not its topic
+    assert of_many.wait(5)  # takes more topics than its name lists: woken by every one
+    bus.wake.notify("a")
+    assert of_a.wait(5)
+    bus.wake.notify()  # a release or requeue: any topic
+    assert of_a.wait(5) and of_many.wait(5)
+    of_a.close()
+    of_many.close()
+    bus.close()

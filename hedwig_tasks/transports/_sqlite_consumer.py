@@ -31,11 +31,12 @@ class SQLiteConsumer(Consumer):
     a receipt whose lease ran out and was claimed again settles nothing.
     """
 
-    def __init__(self, bus: BusFile, wake: WakeChannel, queue: str, subscriptions: list[str]) -> None:
+    def __init__(self, bus: BusFile, wake: WakeChannel, queue: str, topics: list[str]) -> None:
         self._bus = bus
         self._wake = wake
         self._queue = queue
-        self._subscriptions = subscriptions
+        self._topics = topics
+        self._subscriptions = [f"{queue}:{topic}" for topic in topics]
         self._turn = itertools.count()  # rotates which subscription is claimed from first
         # The last claim found messages, so the next goes straight to the write transaction;
         # after an empty one, a read first keeps idle polls off the write lock publishers need.
@@ -74,7 +75,7 @@ class SQLiteConsumer(Consumer):
             return listener
         with self._listener_lock:
             if self._listener is None or self._listener.pid != os.getpid():
-                self._listener = self._wake.listen()
+                self._listener = self._wake.listen(self._topics)
             return self._listener
 
     def _in_turn(self) -> list[str]:

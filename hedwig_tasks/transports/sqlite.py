@@ -147,7 +147,7 @@ class SQLiteTransport(Transport):
             self._require_topic(connection, topic)
             stored = connection.executemany(sql.FAN_OUT, rows).rowcount
         if stored:
-            self.wake.notify()
+            self.wake.notify(topic)
         elif rows:
             self._warn_unsubscribed(topic)
         return [row[0] for row in rows]
@@ -174,7 +174,7 @@ class SQLiteTransport(Transport):
     # -- administration ---------------------------------------------------------------------
 
     def consumer(self, queue: str, topics: Sequence[str], *, max_outstanding: int | None = None) -> SQLiteConsumer:
-        return SQLiteConsumer(self.bus, self.wake, queue, [_subscription(queue, t) for t in topics])
+        return SQLiteConsumer(self.bus, self.wake, queue, list(topics))
 
     def provision(
         self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str], *, dry_run: bool = False

@@ -140,15 +140,17 @@ class Link:
                 connection.ensure_connection(max_retries=0)
                 raw = connection.connection  # py-amqp's
                 raw.frame_writer = _locked(raw.frame_writer, self.write_lock)
-                self._channel = connection.channel()
-                self._channel.events["basic_return"].add(on_return)
-                self._confirms = Confirms(self._channel)
+                channel = connection.channel()
+                channel.events["basic_return"].add(on_return)
+                confirms = Confirms(channel)
             except BaseException:
                 with contextlib.suppress(Exception):
                     connection.release()
                 raise
             self.connection = connection
             self.generation += 1
+            # Last, so that ``current`` never pairs the new channel with the old generation.
+            self._channel, self._confirms = channel, confirms
         return self._channel
 
     @property

@@ -36,6 +36,15 @@ _GCP_BACKENDS = {
     "hedwig.backends.gcp.GooglePubSubPublisherBackend",
     "hedwig.backends.gcp.GooglePubSubAsyncPublisherBackend",
 }
+_REDIS_BACKENDS = {
+    "hedwig.backends.redis.RedisStreamsConsumerBackend",
+    "hedwig.backends.redis.RedisStreamsPublisherBackend",
+}
+_FAMILIES = {
+    **dict.fromkeys(_AWS_BACKENDS, "aws"),
+    **dict.fromkeys(_GCP_BACKENDS, "gcp"),
+    **dict.fromkeys(_REDIS_BACKENDS, "redis"),
+}
 _JSON_VALIDATORS = {
     "hedwig.validators.jsonschema.JSONSchemaValidator",
     "hedwig_tasks.validators.jsonschema.JSONSchemaValidator",
@@ -197,17 +206,14 @@ def _backend_family(s: HedwigSettings) -> str | None:
         path = s[setting]
         if path is None:
             continue
-        if path in _AWS_BACKENDS:
-            families.add("aws")
-        elif path in _GCP_BACKENDS:
-            families.add("gcp")
-        else:
+        if path not in _FAMILIES:
             raise ConfigurationError(
-                f"{setting}: {path!r} is not supported; use one of Hedwig's AWS or Google backends "
-                "or set HEDWIG_TRANSPORT_URL"
+                f"{setting}: {path!r} is not supported; use one of Hedwig's AWS, Google or Redis Streams "
+                "backends or set HEDWIG_TRANSPORT_URL"
             )
+        families.add(_FAMILIES[path])
     if len(families) > 1:
-        raise ConfigurationError("HEDWIG_CONSUMER_BACKEND and HEDWIG_PUBLISHER_BACKEND name different clouds")
+        raise ConfigurationError("HEDWIG_CONSUMER_BACKEND and HEDWIG_PUBLISHER_BACKEND name different backends")
     return families.pop() if families else None
 
 

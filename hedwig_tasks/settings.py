@@ -1,8 +1,8 @@
 """Which Hedwig settings exist, and how one source of them is read and checked.
 
 This module holds the vocabulary: every supported ``HEDWIG_*`` / ``AWS_*`` / ``GOOGLE_*`` name
-with its default (:data:`SUPPORTED`), the Hedwig names whose feature hedwig-tasks does not have
-(:data:`UNSUPPORTED`), and :class:`HedwigSettings`, the checked values of one source. Every
+and ``REDIS_URL`` with its default (:data:`SUPPORTED`), the Hedwig names whose feature
+hedwig-tasks does not have (:data:`UNSUPPORTED`), and :class:`HedwigSettings`, the checked values of one source. Every
 ``HEDWIG_*`` name is checked: a misspelt one, or one whose feature hedwig-tasks does not have,
 fails at start-up naming it. ``AWS_*`` and ``GOOGLE_*`` names that Hedwig does not define are
 left alone, since other libraries use those prefixes.
@@ -19,6 +19,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 from hedwig_tasks.exceptions import ConfigurationError
 
@@ -60,6 +61,7 @@ SUPPORTED: dict[str, Any] = {
     "GOOGLE_APPLICATION_CREDENTIALS": None,
     "GOOGLE_PUBSUB_MAX_LEASE_DURATION_S": 3600.0,
     "PUBSUB_EMULATOR_HOST": None,
+    "REDIS_URL": None,
 }
 
 #: Hedwig settings whose feature hedwig-tasks does not have, with what to do instead.
@@ -67,10 +69,11 @@ UNSUPPORTED: dict[str, str] = {
     "HEDWIG_HEARTBEAT_INACTIVITY_RESET_S": "the heartbeat hook gets the live error count; reset it in the hook",
     "HEDWIG_PUBLISHER_GCP_BATCH_SETTINGS": "set the batching options on the gcp:// transport URL",
     "GOOGLE_PUBSUB_READ_TIMEOUT_S": "requeue uses the transport's own timeouts",
-    "REDIS_URL": "Hedwig's Redis Streams backend is not supported; use a redis:// transport URL (Kombu)",
 }
 
 _SECRET = ("SECRET", "TOKEN", "ACCESS_KEY", "CREDENTIALS")
+#: Settings that are URLs: a password in one is hidden in a repr.
+_URLS = ("REDIS_URL", "HEDWIG_TRANSPORT_URL", "HEDWIG_STATE_URL")
 
 
 def import_string(value: Any, setting: str) -> Any:
@@ -104,6 +107,20 @@ def _check_publisher(values: Mapping[str, Any]) -> None:
         )
 
 
+def _shown(name: str, value: Any) -> Any:
+    """``value`` as a repr may show it: secrets hidden, and the password of a URL."""
+    if value and any(secret in name for secret in _SECRET):
+        return "***"
+    if name in _URLS and isinstance(value, str):
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            return "***"
+        if password:
+            return value.replace(f":{password}@", ":***@", 1)
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class HedwigSettings:
     """The Hedwig settings found in one source (a module, Django settings, Flask config, object)."""
@@ -131,8 +148,7 @@ class HedwigSettings:
         return self.values.get(name, SUPPORTED[name])
 
     def __repr__(self) -> str:
-        shown = {k: ("***" if any(s in k for s in _SECRET) and v else v) for k, v in self.values.items()}
-        return f"HedwigSettings({shown!r})"
+        return f"HedwigSettings({ {name: _shown(name, value) for name, value in self.values.items()}!r})"
 
     def callable_setting(self, name: str) -> Callable[..., Any] | None:
         value = import_string(self[name], name)

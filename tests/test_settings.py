@@ -18,6 +18,7 @@ from conftest import SCHEMA_FILE
 from hedwig_tasks import ConfigurationError, Hedwig, SchemaError, Version, conf
 from hedwig_tasks.models import Message
 from hedwig_tasks.settings import HedwigSettings
+from hedwig_tasks.transports.redis import RedisTransport
 from hedwig_tasks.worker import Worker, WorkerOptions
 
 TESTS = Path(__file__).parent
@@ -89,14 +90,22 @@ def test_hedwig_sync_runs_the_callback_inline() -> None:
     [
         ({"HEDWIG_QUEUEE": "x"}, "unknown setting HEDWIG_QUEUEE; did you mean HEDWIG_QUEUE?"),
         ({"HEDWIG_PUBLISHER_GCP_BATCH_SETTINGS": ()}, "HEDWIG_PUBLISHER_GCP_BATCH_SETTINGS is not supported"),
-        ({"REDIS_URL": "redis://"}, "REDIS_URL is not supported"),
         (
             {"HEDWIG_CALLBACKS": {("send_email", "1.*"): "apps.nowhere.send_email"}},
             r"HEDWIG_CALLBACKS\[\('send_email', '1.\*'\)\]: cannot import 'apps.nowhere.send_email'",
         ),
         ({"HEDWIG_MESSAGE_ROUTING": {}}, "no route for message type 'send_email' major 1"),
         ({"HEDWIG_MESSAGE_ROUTING": {("sms", "1.*"): "sms"}}, "routing names 'sms'"),
-        ({"HEDWIG_CONSUMER_BACKEND": "hedwig.backends.redis.RedisStreamsConsumerBackend"}, "HEDWIG_CONSUMER_BACKEND"),
+        ({"HEDWIG_CONSUMER_BACKEND": "hedwig.backends.redis.RedisStreamsBackend"}, "HEDWIG_CONSUMER_BACKEND"),
+        ({"HEDWIG_CONSUMER_BACKEND": "hedwig.backends.redis.RedisStreamsConsumerBackend"}, "REDIS_URL must be set"),
+        (
+            {
+                "REDIS_URL": "redis://127.0.0.1:6379/9",
+                "HEDWIG_CONSUMER_BACKEND": "hedwig.backends.redis.RedisStreamsConsumerBackend",
+                "HEDWIG_PUBLISHER_BACKEND": "hedwig.backends.aws.AWSSNSPublisherBackend",
+            },
+            "name different backends",
+        ),
         ({"HEDWIG_DATA_VALIDATOR_CLASS": "hedwig.validators.protobuf.ProtobufJSONValidator"}, "is not supported"),
         ({"HEDWIG_QUEUE": None, "HEDWIG_PUBLISHER": None}, "HEDWIG_QUEUE"),
         ({"HEDWIG_MAX_DELIVERY_ATTEMPTS": 0}, "HEDWIG_MAX_DELIVERY_ATTEMPTS"),
@@ -143,6 +152,37 @@ def test_secrets_stay_out_of_reprs() -> None:
     settings = HedwigSettings.read({"AWS_SECRET_KEY": "hunter2", "AWS_ACCESS_KEY": "AKIA1", "AWS_REGION": "us-east-1"})
     assert "hunter2" not in repr(settings) and "AKIA1" not in repr(settings)
     assert "us-east-1" in repr(settings)
+    urls = HedwigSettings.read({"REDIS_URL": "redis://:hunter2@cache:6379/0", "HEDWIG_STATE_URL": "redis://u:pw@h/1"})
+    assert "hunter2" not in repr(urls) and ":pw@" not in repr(urls)
+    assert "redis://:***@cache:6379/0" in repr(urls) and "redis://u:***@h/1" in repr(urls)
+
+
+def test_the_hedwig_librarys_redis_settings_choose_the_redis_transport() -> None:
+    conf.settings.configure_with_object(
+        {
+            **QUICK_START,
+            "REDIS_URL": "redis://:hunter2@127.0.0.1:6379/9",
+            "HEDWIG_CONSUMER_BACKEND": "hedwig.backends.redis.RedisStreamsConsumerBackend",
+            "HEDWIG_PUBLISHER_BACKEND": "hedwig.backends.redis.RedisStreamsPublisherBackend",
+            "HEDWIG_VISIBILITY_TIMEOUT_S": 45,
+            "HEDWIG_MAX_DELIVERY_ATTEMPTS": 4,
+        }
+    )
+    app = conf.default_app()  # builds without connecting
+    transport = app.transport
+    assert isinstance(transport, RedisTransport)
+    assert (transport.url, transport.lease_s) == ("redis://:hunter2@127.0.0.1:6379/9", 45.0)
+    assert "hunter2" not in repr(transport)
+    assert app.retry.max_retries == 3
+
+
+def test_a_redis_url_for_something_else_is_left_alone(tmp_path: Path) -> None:
+    """A Django project's REDIS_URL (its cache, say) neither fails nor picks the transport."""
+    url = f"sqlite:///{tmp_path}/bus.db"
+    conf.settings.configure_with_object(
+        {**QUICK_START, "REDIS_URL": "redis://cache:6379/0", "HEDWIG_TRANSPORT_URL": url}
+    )
+    assert conf.default_app().transport.scheme == "sqlite"
 
 
 def test_other_libraries_aws_settings_are_left_alone() -> None:

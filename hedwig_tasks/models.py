@@ -9,6 +9,8 @@ imports neither the settings nor the app.
 
 from __future__ import annotations
 
+import datetime as dt
+
 from hedwig_tasks import message
 from hedwig_tasks.app import Hedwig
 from hedwig_tasks.conf import default_app
@@ -20,11 +22,21 @@ __all__ = ["Message", "Metadata", "Version"]
 class Message(message.Message):
     """A Hedwig message that can publish itself, as ``hedwig.models.Message`` does."""
 
-    def publish(self, app: Hedwig | None = None) -> message.Message:
+    def publish(
+        self,
+        app: Hedwig | None = None,
+        *,
+        delay_s: float | None = None,
+        eta: dt.datetime | float | None = None,
+        expires_s: float | None = None,
+        expires_at: dt.datetime | float | None = None,
+    ) -> message.Message:
         """Publish through ``app``, or, as in Hedwig, through the app built from settings.
 
-        Returns the message as sent (with the app's publisher and default headers). Raises
-        ``ValidationError``, ``RoutingError``, ``PublishError`` or, with no app and no settings,
-        ``ConfigurationError``.
+        Returns the message as sent (with the app's publisher and default headers). Timing
+        options as :meth:`Hedwig.publish <hedwig_tasks.app.Hedwig.publish>`. Raises
+        ``ValidationError``, ``RoutingError``, ``PublishError`` or, with no app and no settings
+        (or a bad timing option), ``ConfigurationError``.
         """
-        return (app or default_app()).publish_message(self)
+        target = app or default_app()
+        return target.publish_message(self, delay_s=delay_s, eta=eta, expires_s=expires_s, expires_at=expires_at)

@@ -59,6 +59,9 @@ class Capabilities:
     #: ``status`` counts depth, in flight and dead letters exactly and at once (False: some are
     #: None or lag, as Pub/Sub's API reports no counts and RabbitMQ none of what is unacked)
     status_counts: bool = True
+    #: ``publish(..., delay_s=)`` is kept by the broker, whatever the delay (False: the app
+    #: refuses a delayed publish, naming the transport)
+    delayed_publish: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +180,21 @@ class Transport(abc.ABC):
         )
 
     @abc.abstractmethod
-    def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
+    def publish(
+        self,
+        topic: str,
+        body: bytes,
+        attributes: Mapping[str, str],
+        *,
+        owner: str | None = None,
+        delay_s: float = 0,
+    ) -> str:
         """Send one message to ``topic``; returns the broker's id. Raises ``PublishError``.
 
-        ``owner`` is the account or project that owns the topic when it is not ours.
+        ``owner`` is the account or project that owns the topic when it is not ours. With
+        ``delay_s`` the message is received no earlier than that many seconds from now, the
+        broker holding it meanwhile (only where :attr:`Capabilities.delayed_publish`; the app
+        asks no other transport for a delay).
         """
 
     def publish_many(
@@ -189,8 +203,11 @@ class Transport(abc.ABC):
         messages: Sequence[tuple[bytes, Mapping[str, str]]],
         *,
         owner: str | None = None,
+        delay_s: float = 0,
     ) -> list[str]:
         """Send many messages to one topic, batched where the broker allows; ids in order."""
+        if delay_s > 0:
+            return [self.publish(topic, body, attrs, owner=owner, delay_s=delay_s) for body, attrs in messages]
         return [self.publish(topic, body, attributes, owner=owner) for body, attributes in messages]
 
     @abc.abstractmethod

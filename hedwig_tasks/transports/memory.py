@@ -1,10 +1,11 @@
 """In-process transport, for unit tests and eager runs.
 
 Features: fan-out to every subscribed queue, leases with visibility deadlines, attempt counts,
-delayed retries, dead letters with reasons (listed, requeued and purged by id). Nothing
-survives the process. As on every transport, publishing never provisions: a topic that does
-not exist raises ``PublishError``, and a message to a topic no queue subscribes to is kept
-nowhere (with a warning, once per topic).
+delayed publishes and retries (a visibility time on the stored message), dead letters with
+reasons (listed, requeued and purged by id). Nothing survives the process. As on every
+transport, publishing never provisions: a topic that does not exist raises ``PublishError``,
+and a message to a topic no queue subscribes to is kept nowhere (with a warning, once per
+topic).
 
 Connection string: ``memory://`` builds a new, empty, private bus for each URL;
 ``memory://NAME`` (``memory://shop``) is the process's bus of that name, shared by every app
@@ -112,7 +113,7 @@ class MemoryTransport(Transport):
     """A whole bus in dicts: private to this transport, or the process's bus named ``name``."""
 
     scheme = "memory"
-    capabilities = Capabilities(local=True)
+    capabilities = Capabilities(local=True, delayed_publish=True)
     messaging_system = "memory"
 
     def __init__(
@@ -124,7 +125,7 @@ class MemoryTransport(Transport):
         capabilities: Capabilities | None = None,
     ) -> None:
         if capabilities is not None:  # another transport's limits; local, since this bus is
-            self.capabilities = dataclasses.replace(capabilities, local=True)
+            self.capabilities = dataclasses.replace(capabilities, local=True, delayed_publish=True)
         self.name = name
         self.lease_s = lease_s
         self.clock = clock
@@ -140,8 +141,17 @@ class MemoryTransport(Transport):
     def __repr__(self) -> str:
         return f"<MemoryTransport {self.name!r}>" if self.name else "<MemoryTransport>"
 
-    def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
+    def publish(
+        self,
+        topic: str,
+        body: bytes,
+        attributes: Mapping[str, str],
+        *,
+        owner: str | None = None,
+        delay_s: float = 0,
+    ) -> str:
         bus = self._bus
+        visible_at = self.clock() + delay_s if delay_s > 0 else 0.0
         with bus.cond:
             if topic not in bus.topics:
                 raise PublishError(
@@ -151,7 +161,7 @@ class MemoryTransport(Transport):
             message_id = str(next(bus.ids))
             queues = bus.subscriptions.get(topic, ())
             for queue in queues:
-                stored = _Stored(message_id, topic, bytes(body), dict(attributes))
+                stored = _Stored(message_id, topic, bytes(body), dict(attributes), visible_at)
                 bus.queues[_subscription(queue, topic)][message_id] = stored
             bus.cond.notify_all()
             if not queues and topic not in bus.warned:

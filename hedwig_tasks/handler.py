@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 from hedwig_tasks.exceptions import ConfigurationError, TimeLimitExceeded
 from hedwig_tasks.message import Message, VersionLike
-from hedwig_tasks.ratelimit import RateLimit, RateLimiter
+from hedwig_tasks.ratelimit import RATE_SCOPES, FleetRateLimiter, Limiter, RateLimit, RateLimiter
 from hedwig_tasks.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from hedwig_tasks.app import Hedwig
 
-__all__ = ["Handler"]
+__all__ = ["DEFAULT_IDEMPOTENCY_TTL_S", "Handler"]
+
+#: How long an idempotent handler's success is remembered (a duplicate within it is dropped), in seconds.
+DEFAULT_IDEMPOTENCY_TTL_S = 7 * 24 * 3600.0
 
 
 def _check_signature(fn: Callable[..., Any], name: str) -> None:
@@ -41,13 +44,43 @@ def _check_time_limit(time_limit_s: float | None, name: str) -> float | None:
     return float(time_limit_s)
 
 
+def _check_idempotency(
+    idempotent: bool, key: Callable[[Message], str] | None, ttl_s: float, name: str
+) -> Callable[[Message], str] | None:
+    """The function naming a message's idempotency key (the message id by default); None: not idempotent."""
+    if key is not None and not callable(key):
+        raise ConfigurationError(f"handler {name}: idempotency_key={key!r}: expected a function of the message")
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0:
+        raise ConfigurationError(f"handler {name}: idempotency_ttl_s={ttl_s!r}: expected seconds, more than 0")
+    if not idempotent and key is None:
+        return None
+    return key or _message_id
+
+
+def _message_id(message: Message) -> str:
+    return message.id
+
+
+def _limiter(app: Hedwig, name: str, rate: RateLimit | None, scope: str) -> Limiter | None:
+    if scope not in RATE_SCOPES:
+        raise ConfigurationError(f"handler {name}: rate_scope={scope!r}: expected one of {', '.join(RATE_SCOPES)}")
+    if rate is None:
+        return None
+    if scope == "fleet":
+        return FleetRateLimiter(rate, lambda: app.state, f"rate/{app.name}/{name}")
+    return RateLimiter(rate)
+
+
 class Handler:
     """The function a ``@hedwig.handler(...)`` decorator wraps; still callable as before.
 
     ``publish`` sends a message of the handler's type, so a task and its trigger live together.
     ``time_limit_s`` bounds one run (None: the worker's ``--time-limit``, if any);
     ``rate_limit`` (``"100/s"``, ``"30/m"``, ``"500/h"``) bounds how often it starts in one
-    worker process.
+    worker process, or across every worker of the app with ``rate_scope="fleet"`` (one token
+    bucket in the app's state store). ``idempotent`` runs it once per message id (or per
+    ``idempotency_key(message)``, which implies it) while its success is remembered in the state
+    store, ``idempotency_ttl_s``.
     """
 
     def __init__(
@@ -61,14 +94,22 @@ class Handler:
         name: str | None = None,
         time_limit_s: float | None = None,
         rate_limit: str | None = None,
+        rate_scope: str = "process",
+        idempotent: bool = False,
+        idempotency_key: Callable[[Message], str] | None = None,
+        idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S,
     ) -> None:
         self.name = name or f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
         _check_signature(fn, self.name)
         self.time_limit_s = _check_time_limit(time_limit_s, self.name)
         option = f"handler {self.name}: rate_limit"
         self.rate_limit = None if rate_limit is None else RateLimit.parse(rate_limit, option=option)
-        #: The worker process's limiter for this handler (None: no rate limit).
-        self.limiter = None if self.rate_limit is None else RateLimiter(self.rate_limit)
+        self.rate_scope = rate_scope
+        #: The limiter of this handler's starts (None: no rate limit): the process's or the fleet's.
+        self.limiter = _limiter(app, self.name, self.rate_limit, rate_scope)
+        #: What names a message for idempotency (None: the handler is not idempotent).
+        self.idempotency_key = _check_idempotency(idempotent, idempotency_key, idempotency_ttl_s, self.name)
+        self.idempotency_ttl_s = float(idempotency_ttl_s)
         self.app = app
         self.fn = fn
         self.message_type = message_type

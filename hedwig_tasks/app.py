@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hedwig_tasks import signals
+from hedwig_tasks._publish_timing import EXPIRES_AT_ATTRIBUTE, timing
 from hedwig_tasks.exceptions import ConfigurationError, HandlerNotFound, PublishError, RoutingError
 from hedwig_tasks.handler import DEFAULT_IDEMPOTENCY_TTL_S, Handler
 from hedwig_tasks.instrumentation import Tracing
@@ -96,7 +97,9 @@ class Hedwig:
     (by default it is accepted and validated against its major's schema, as Hedwig does).
     ``state`` is the state store of periodic tasks (a URL or a :class:`StateStore`); by default
     ``$HEDWIG_STATE_URL`` at first use, else an SQLite file beside the SQLite bus.
-    Nothing connects until used.
+    ``expired`` says what a worker does with a message received after its expiry
+    (``publish(..., expires_s=)``): ``"ignore"`` acknowledges it, ``"dead-letter"`` dead-letters
+    it; either way its handler does not run. Nothing connects until used.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class Hedwig:
         tracing: bool = True,
         strict_minor: bool = False,
         state: str | StateStore | None = None,
+        expired: str = "ignore",
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name: expected the service's name, got {name!r}")
@@ -134,6 +138,10 @@ class Hedwig:
         self.subscriptions = list(subscriptions) if subscriptions is not None else None
         self.hooks = hooks or Hooks()
         self.tracing = Tracing(enabled=tracing)
+        if expired not in ("ignore", "dead-letter"):
+            raise ConfigurationError(f"expired={expired!r}: expected 'ignore' or 'dead-letter'")
+        #: What a worker does with a message received after its expiry: "ignore" (acknowledge) or "dead-letter".
+        self.expired = expired
         self._transport_spec = transport
         self._transport: Transport | None = transport if isinstance(transport, Transport) else None
         self._lock = threading.Lock()
@@ -383,16 +391,42 @@ class Hedwig:
         return message
 
     def publish(
-        self, message_type: str, version: VersionLike, data: Any, headers: Mapping[str, str] | None = None
+        self,
+        message_type: str,
+        version: VersionLike,
+        data: Any,
+        headers: Mapping[str, str] | None = None,
+        *,
+        delay_s: float | None = None,
+        eta: dt.datetime | float | None = None,
+        expires_s: float | None = None,
+        expires_at: dt.datetime | float | None = None,
     ) -> Message:
         """Validate, encode, route and send one message; returns it (``.id`` is the Hedwig id).
 
-        Raises ``ValidationError`` (naming the field), ``RoutingError`` or ``PublishError``.
+        Timing options, keyword-only: ``delay_s`` (seconds) or ``eta`` (an aware datetime or
+        epoch seconds) holds the message with the broker until then; ``expires_s`` or
+        ``expires_at`` makes a worker that receives it later skip it (see ``Hedwig(expired=...)``).
+        Raises ``ValidationError`` (naming the field), ``RoutingError``, ``PublishError``, or
+        ``ConfigurationError`` for a bad timing option or a transport that cannot delay.
         """
-        return self.publish_message(self.message(message_type, version, data, headers))
+        message = self.message(message_type, version, data, headers)
+        return self.publish_message(message, delay_s=delay_s, eta=eta, expires_s=expires_s, expires_at=expires_at)
 
-    def publish_message(self, message: Message) -> Message:
-        """Send a ready :class:`Message` (from :meth:`message` or ``Message.new``); returns it as sent."""
+    def publish_message(
+        self,
+        message: Message,
+        *,
+        delay_s: float | None = None,
+        eta: dt.datetime | float | None = None,
+        expires_s: float | None = None,
+        expires_at: dt.datetime | float | None = None,
+    ) -> Message:
+        """Send a ready :class:`Message` (from :meth:`message` or ``Message.new``); returns it as sent.
+
+        Timing options as :meth:`publish`.
+        """
+        when = timing(delay_s=delay_s, eta=eta, expires_s=expires_s, expires_at=expires_at)
         message = self._complete(message)
         route = self.router.route(message.type, message.major_version)
         with self.tracing.publishing(message, route.topic, self.transport.messaging_system) as trace_headers:
@@ -400,27 +434,35 @@ class Hedwig:
                 message = message.with_headers(trace_headers)
             # eager runs take the strictest path (text only), so encoding errors surface in tests
             body, attributes = self.encode(message, text_only=True if self.eager else None)
+            if when.expires_at_ms is not None:
+                attributes[EXPIRES_AT_ATTRIBUTE] = str(when.expires_at_ms)
             signals.send(signals.before_publish, self, message=message, topic=route.topic)
-            transport_id = self._send(message, body, attributes, route)
+            transport_id = self._send(message, body, attributes, route, when.delay_s)
         signals.send(signals.after_publish, self, message=message, topic=route.topic, transport_id=transport_id)
         return message
 
-    def _send(self, message: Message, body: bytes, attributes: dict[str, str], route: Route) -> str:
+    def _send(self, message: Message, body: bytes, attributes: dict[str, str], route: Route, delay_s: float) -> str:
         if publish_interceptor is not None:
             intercepted = publish_interceptor(self, message, route.topic, body, attributes)
             if intercepted is not None:
                 return intercepted
-        if self.eager:
+        if self.eager:  # run at once, as Celery's eager mode does, whatever the delay
             self._run_eagerly(Delivery(body, attributes, attempt=1, receipt=None, subscription="eager"))
             return "eager"
-        limit = self.transport.capabilities.max_attributes
+        transport = self.transport
+        limit = transport.capabilities.max_attributes
         if limit is not None and len(attributes) > limit:
             raise PublishError(
                 f"publish {message.type} {message.version} id={message.id} to {route.topic!r}: "
-                f"{len(attributes)} attributes, and {type(self.transport).__name__} carries at most {limit}; "
+                f"{len(attributes)} attributes, and {type(transport).__name__} carries at most {limit}; "
                 "send fewer headers or publish the container form (container=True)"
             )
-        transport_id = self.transport.publish(route.topic, body, attributes, owner=route.owner)
+        if delay_s > 0:
+            if not transport.capabilities.delayed_publish:
+                raise ConfigurationError(f"the {transport.scheme} transport does not support delayed publish yet")
+            transport_id = transport.publish(route.topic, body, attributes, owner=route.owner, delay_s=delay_s)
+        else:
+            transport_id = transport.publish(route.topic, body, attributes, owner=route.owner)
         logger.debug("published %s %s id=%s to %s", message.type, message.version, message.id, route.topic)
         return transport_id
 

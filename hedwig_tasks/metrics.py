@@ -12,6 +12,8 @@ here keeps the dependency list as it is. ``hedwig-tasks worker --metrics-port PO
   ``hedwig_dead_lettered_total``, never in ``hedwig_failed_total``;
 * ``hedwig_time_limit_exceeded_total``: handler runs stopped at their time limit (cancelled,
   their thread abandoned, or their child process killed), by ``type`` and ``major``;
+* ``hedwig_expired_total``: messages received after their expiry and not run (ignored or
+  dead-lettered, as ``Hedwig(expired=...)`` says), by ``type`` and ``major``;
 * ``hedwig_handler_duration_seconds``: a histogram by ``type`` and ``major``;
 * ``hedwig_running``, ``hedwig_buffered``: gauges of what the worker holds;
 * ``hedwig_abandoned_threads``: a gauge of handler threads abandoned at a time limit whose call
@@ -49,6 +51,7 @@ _COUNTERS = {
     "hedwig_dead_lettered_total": "Messages sent to the dead letters.",
     "hedwig_handler_dead_lettered_total": "Messages whose handler raised DeadLetter (a decision, not a failure).",
     "hedwig_time_limit_exceeded_total": "Handler runs stopped at their time limit.",
+    "hedwig_expired_total": "Messages received after their expiry, not run.",
 }
 
 Labels = tuple[str, str]
@@ -112,6 +115,7 @@ class Metrics:
             (signals.handler_retried, self._count("hedwig_retried_total")),
             (signals.message_dead_lettered, self._count("hedwig_dead_lettered_total")),
             (signals.handler_time_limit_exceeded, self._count("hedwig_time_limit_exceeded_total")),
+            (signals.message_expired, self._count("hedwig_expired_total")),
         ):
             signal.connect(receiver, sender=self.app, weak=False)
             self._receivers.append((signal, receiver))

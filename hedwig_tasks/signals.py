@@ -35,6 +35,9 @@ Consuming:
   ``"child process <pid>"`` (killed and replaced), or ``""`` (an ``async`` handler, cancelled).
 * ``handler_retried(message, handler, error, delay_s, attempt)``: the message will come back after ``delay_s``.
 * ``message_dead_lettered(message, delivery, reason)``: sent to the dead letters; ``message`` is None if undecodable.
+* ``message_expired(message, delivery, expired_at_ms)``: received after its expiry (``publish(...,
+  expires_s=)``); its handler is not run and it is acknowledged or, with
+  ``Hedwig(expired="dead-letter")``, dead-lettered (``message_dead_lettered`` follows).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ __all__ = [
     "handler_time_limit_exceeded",
     "heartbeat",
     "message_dead_lettered",
+    "message_expired",
     "message_invalid",
     "message_received",
     "message_unknown",
@@ -84,6 +88,7 @@ handler_dead_lettered = _signals.signal("handler-dead-lettered")
 handler_retried = _signals.signal("handler-retried")
 handler_time_limit_exceeded = _signals.signal("handler-time-limit-exceeded")
 message_dead_lettered = _signals.signal("message-dead-lettered")
+message_expired = _signals.signal("message-expired")
 message_unknown = _signals.signal("message-unknown")
 message_invalid = _signals.signal("message-invalid")
 

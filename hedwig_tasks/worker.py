@@ -30,6 +30,7 @@ from typing import Any
 
 from hedwig_tasks import signals
 from hedwig_tasks._worker_deadlines import Deadlines
+from hedwig_tasks._worker_expiry import EXPIRES_AT_ATTRIBUTE, settle_if_expired
 from hedwig_tasks._worker_limits import Limits, _Held
 from hedwig_tasks._worker_options import (
     DEFAULT_CONCURRENCY,
@@ -470,6 +471,10 @@ class Worker(Limits):
             self._dead_letter(held, None, f"invalid message: {exc}")
             return "dead_letter", exc, f"invalid message: {exc}"
         Tracing.describe(span, message)
+        if EXPIRES_AT_ATTRIBUTE in delivery.attributes:
+            expired = settle_if_expired(self, held, message)
+            if expired is not None:
+                return expired[0], None, expired[1]
         try:
             handler = app.handler_for(message)
         except HandlerNotFound as exc:

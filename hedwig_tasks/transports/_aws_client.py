@@ -341,10 +341,12 @@ class AWSClient:
         with aws_errors(doing):
             self.sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=visibility_s)
 
-    def send(self, url: str, body: str, attributes: Mapping[str, str], *, doing: str) -> None:
-        """SendMessage of one message; a failure raises, saying ``doing``."""
+    def send(self, url: str, body: str, attributes: Mapping[str, str], *, doing: str, delay_s: int = 0) -> None:
+        """SendMessage of one message, hidden for ``delay_s`` (900 at most); a failure raises, saying ``doing``."""
         with aws_errors(doing):
-            self.sqs.send_message(QueueUrl=url, MessageBody=body, MessageAttributes=sqs_attributes(attributes))
+            self.sqs.send_message(
+                QueueUrl=url, MessageBody=body, MessageAttributes=sqs_attributes(attributes), DelaySeconds=delay_s
+            )
 
     def send_batch(self, url: str, messages: Sequence[tuple[str, Mapping[str, str]]], *, doing: str) -> dict[str, Any]:
         """SendMessageBatch of (body, attributes), ten at most, entry ids their indexes; returns

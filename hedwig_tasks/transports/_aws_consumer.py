@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hedwig_tasks.exceptions import TransportError
@@ -23,7 +23,15 @@ from hedwig_tasks.transports._aws_client import (
     queue_name,
     whole_seconds,
 )
-from hedwig_tasks.transports._aws_wire import BATCH, read_message, with_dead_letter
+from hedwig_tasks.transports._aws_wire import (
+    BATCH,
+    MAX_DELAY_S,
+    NOT_BEFORE_ATTRIBUTE,
+    Read,
+    read_message,
+    whole,
+    with_dead_letter,
+)
 from hedwig_tasks.transports.base import Consumer, Delivery
 
 __all__ = ["SQSConsumer"]
@@ -63,8 +71,18 @@ class SQSConsumer(Consumer):
     ``release`` that came after it.
     """
 
-    def __init__(self, client: AWSClient, queue: str, *, lease_s: float) -> None:
+    def __init__(
+        self,
+        client: AWSClient,
+        queue: str,
+        *,
+        lease_s: float,
+        clock: Callable[[], float] = time.time,
+        max_hold_s: int = MAX_VISIBILITY_S - 60,
+    ) -> None:
         self._client = client
+        self._clock = clock  # epoch seconds: when a delayed publish is due
+        self._max_hold_s = max(1, max_hold_s)  # longest an early message is hidden at one go
         self._name = queue_name(queue)
         self._dlq_name = queue_name(queue, dlq=True)
         self._lease_s = whole_seconds(lease_s)
@@ -140,7 +158,8 @@ class SQSConsumer(Consumer):
         error: TransportError | None = None
         try:
             messages = self._client.receive(url, size, wait, self._lease_s)
-            deliveries = [self._delivery(m) for m in messages]
+            reads = [(m, read_message(m)) for m in messages]
+            deliveries = [self._delivery(m, read) for m, read in reads if not self._defer(url, m, read)]
         except TransportError as exc:
             error = exc
         except Exception as exc:  # a bug here must not leave a receive waiting forever
@@ -155,20 +174,49 @@ class SQSConsumer(Consumer):
         if closed and deliveries:
             self.release(deliveries)
 
-    def _delivery(self, message: dict[str, Any]) -> Delivery:
+    def _defer(self, url: str, message: dict[str, Any], read: Read) -> bool:
+        """Hold a delayed publish received early with SQS, never in memory; False: it is due.
+
+        More than SQS's longest ``DelaySeconds`` (15 min) early, on its first receive: hidden by
+        visibility until 15 min before it is due (12 h at most at a time). Otherwise, or on a
+        later receive (each counts toward the redrive policy): sent again with ``DelaySeconds``
+        as the rest of the delay (15 min at most), and this copy deleted; the copy that arrives
+        on time is a first receive, so ``attempt`` says 1.
+        """
+        due_ms = whole(read.attributes.get(NOT_BEFORE_ATTRIBUTE))
+        if due_ms is None or read.fault:
+            return False  # no delay, or an unreadable one: the delivery carries it as a fault
+        remaining_s = due_ms / 1000 - self._clock()
+        if remaining_s <= 0:
+            return False
+        handle, message_id = str(message["ReceiptHandle"]), str(message["MessageId"])
+        doing = f"hold delayed SQS message {message_id} in {self._name}"
+        if read.attempt <= 1 and remaining_s > MAX_DELAY_S:
+            hide_s = min(whole_seconds(remaining_s - MAX_DELAY_S), self._max_hold_s)
+            self._client.set_visibility(url, handle, hide_s, doing=doing)
+        else:
+            delay_s = min(whole_seconds(remaining_s), MAX_DELAY_S, self._max_hold_s)
+            self._client.send(url, read.body, read.attributes, doing=doing, delay_s=delay_s)
+            self._client.delete(url, [(message_id, handle)])
+        logger.debug("SQS message %s is due in %.0fs: held with SQS", message_id, remaining_s)
+        return True
+
+    def _delivery(self, message: dict[str, Any], read: Read) -> Delivery:
         """One received message as a Delivery; a field that cannot be read makes a fault, never
         an error (a message without a receipt handle or id is the broker's failure, and raises)."""
         receipt = _Receipt(str(message["ReceiptHandle"]), str(message["MessageId"]), time.monotonic())
-        read = read_message(message)
-        if read.fault:
-            logger.warning("SQS message %s cannot be read: %s", receipt.message_id, read.fault)
+        fault = read.fault
+        if NOT_BEFORE_ATTRIBUTE in read.attributes and whole(read.attributes[NOT_BEFORE_ATTRIBUTE]) is None:
+            fault = "; ".join(filter(None, [fault, f"{NOT_BEFORE_ATTRIBUTE} is not a time in epoch ms"]))
+        if fault:
+            logger.warning("SQS message %s cannot be read: %s", receipt.message_id, fault)
         with self._settle_lock:
             previous = self._latest.get(receipt.message_id)
             if previous is not None:
                 previous.superseded = True
             self._latest[receipt.message_id] = receipt
         body = read.body.encode("utf-8", "surrogatepass")
-        return Delivery(body, read.attributes, read.attempt, receipt, self._name, receipt.message_id, read.fault)
+        return Delivery(body, read.attributes, read.attempt, receipt, self._name, receipt.message_id, fault)
 
     # -- settling -----------------------------------------------------------------------------
 

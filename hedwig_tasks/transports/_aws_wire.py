@@ -21,6 +21,8 @@ from hedwig_tasks.exceptions import PublishError
 
 __all__ = [
     "BATCH",
+    "MAX_DELAY_S",
+    "NOT_BEFORE_ATTRIBUTE",
     "DEAD_LETTER_ATTRIBUTE",
     "MAX_ATTRIBUTES",
     "MAX_MESSAGE_BYTES",
@@ -44,6 +46,10 @@ MAX_MESSAGE_BYTES = 262144
 MAX_ATTRIBUTES = 10
 #: The attribute a dead letter's reason (and any attributes it displaced) rides in.
 DEAD_LETTER_ATTRIBUTE = "hedwig_dead_letter"
+#: The attribute a delayed publish rides with: epoch ms before which no consumer gets it.
+NOT_BEFORE_ATTRIBUTE = "hedwig_not_before"
+#: Longest ``DelaySeconds`` SQS takes on a send, in seconds.
+MAX_DELAY_S = 900
 
 # Characters SQS accepts in bodies and attribute values (raw SNS delivery drops anything else).
 _BAD_CHARS_RE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")

@@ -3,7 +3,9 @@
 Features: fan-out by SNS to raw-delivery SQS subscriptions; publishing one message or batches
 (``PublishBatch``, ten a call, split by size too), with the size and attribute limits checked
 before sending; long-polled receives of up to ten a call, with parallel pollers when more are
-wanted; acks batched into ``DeleteMessageBatch``; leases kept with
+wanted; delayed publishes (a ``hedwig_not_before`` attribute; the consumer holds an early
+message with SQS, by visibility and by sending it again with ``DelaySeconds``, never in
+memory); acks batched into ``DeleteMessageBatch``; leases kept with
 ``ChangeMessageVisibilityBatch``; delayed retries as message visibility (up to 12 hours, never
 held in memory); dead letters sent with their reason to the ``-DLQ`` queue, and a redrive policy
 as a safety net for workers that die on a message; provisioning, status, dead-letter listing
@@ -44,6 +46,8 @@ writing a message's fields.
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,6 +62,7 @@ from hedwig_tasks.transports._aws_wire import (
     DEAD_LETTER_ATTRIBUTE,
     MAX_ATTRIBUTES,
     MAX_MESSAGE_BYTES,
+    NOT_BEFORE_ATTRIBUTE,
     outgoing,
     sized_batches,
 )
@@ -124,6 +129,7 @@ class AWSTransport(Transport):
         max_receive_batch=BATCH * MAX_POLLERS,
         max_attributes=MAX_ATTRIBUTES,
         per_topic_consumption=False,  # one SQS queue per app carries every topic it subscribes to
+        delayed_publish=True,
     )
 
     def __init__(
@@ -216,8 +222,20 @@ class AWSTransport(Transport):
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
-        """SNS Publish to ``hedwig-<topic>``. Raises ``PublishError`` (limits are checked first)."""
+    def publish(
+        self,
+        topic: str,
+        body: bytes,
+        attributes: Mapping[str, str],
+        *,
+        owner: str | None = None,
+        delay_s: float = 0,
+    ) -> str:
+        """SNS Publish to ``hedwig-<topic>``. Raises ``PublishError`` (limits are checked first).
+
+        A delay rides in ``hedwig_not_before`` (SNS has none): see :func:`not_before`.
+        """
+        attributes = not_before(attributes, delay_s)
         text = outgoing(topic, body, attributes)
         arn = self.topic_arn(topic, owner)
         with _naming_a_missing_topic(topic, arn):
@@ -229,12 +247,14 @@ class AWSTransport(Transport):
         messages: Sequence[tuple[bytes, Mapping[str, str]]],
         *,
         owner: str | None = None,
+        delay_s: float = 0,
     ) -> list[str]:
         """SNS PublishBatch, ten (and 256 KiB) a call; every message is checked before any is sent.
 
         Raises ``PublishError`` naming how many were sent before the failure.
         """
-        entries = [(i, outgoing(topic, body, attrs), attrs) for i, (body, attrs) in enumerate(messages)]
+        delayed = [(body, not_before(attrs, delay_s)) for body, attrs in messages]
+        entries = [(i, outgoing(topic, body, attrs), attrs) for i, (body, attrs) in enumerate(delayed)]
         arn = self.topic_arn(topic, owner) if entries else ""
         ids: dict[int, str] = {}
         for batch in sized_batches(entries):
@@ -328,6 +348,18 @@ class AWSTransport(Transport):
     def close(self) -> None:
         """Drop the clients; the next call makes new ones."""
         self.client.close()
+
+
+def not_before(attributes: Mapping[str, str], delay_s: float) -> Mapping[str, str]:
+    """The attributes, plus ``hedwig_not_before`` (epoch ms) when there is a delay.
+
+    SNS has no delay of its own: the consumer holds an early message with SQS (by visibility,
+    then by sending it again with ``DelaySeconds``) until that time. The attribute takes one of
+    the ten SQS carries.
+    """
+    if delay_s <= 0:
+        return attributes
+    return {**attributes, NOT_BEFORE_ATTRIBUTE: str(math.ceil((time.time() + delay_s) * 1000))}
 
 
 @contextlib.contextmanager

@@ -237,6 +237,36 @@ class TransportContract:
         received = self.receive(consumer, 25)
         assert sorted((d.body, dict(d.attributes)) for d in received) == sorted(batch)
 
+    # -- delayed publishes -------------------------------------------------------------------
+
+    #: Delay of the delayed-publish test, in seconds.
+    publish_delay_s: ClassVar[float] = 2.0
+
+    def test_delayed_publish_arrives_not_before(self, transport: Transport, names: Names, clock: ContractClock) -> None:
+        """``delay_s`` on publish and publish_many: each arrives once, as a first attempt, not before."""
+        self.skip_without(transport, "delayed_publish")
+        consumer = self.subscribed(transport, names.queue, names.topic)
+        delay_s, due = self.publish_delay_s, clock() + self.publish_delay_s
+        transport.publish(names.topic, b"later-1", {"n": "1"}, delay_s=delay_s)
+        transport.publish_many(names.topic, [(b"later-2", {"n": "2"}), (b"later-3", {"n": "3"})], delay_s=delay_s)
+        transport.publish(names.topic, b"now", {"n": "0"})
+        arrived: dict[bytes, tuple[float, Delivery]] = {}
+        deadline = time.monotonic() + delay_s + self.deliver_timeout_s
+        while len(arrived) < 4 and time.monotonic() < deadline:
+            if isinstance(clock, ManualClock) and b"now" in arrived:
+                self.assert_nothing(consumer)  # held however long a receive waits, until time moves
+                clock.advance(delay_s)
+            for delivery in consumer.receive(10, wait_s=0.5):
+                arrived.setdefault(delivery.body, (clock(), delivery))
+                consumer.ack([delivery])
+        assert sorted(arrived) == [b"later-1", b"later-2", b"later-3", b"now"]
+        for body in (b"later-1", b"later-2", b"later-3"):
+            when, delivery = arrived[body]
+            assert when >= due - 0.01, f"{body!r} came {due - when:.3f}s early"
+            assert delivery.attempt == 1
+        if not self.at_least_once:
+            self.assert_nothing(consumer)
+
     # -- receiving --------------------------------------------------------------------------
 
     def test_body_and_attributes_round_trip(self, transport: Transport, names: Names) -> None:

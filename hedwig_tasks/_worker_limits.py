@@ -1,4 +1,4 @@
-"""The worker's limits on a handler's run: its rate limit and, on a thread, its time limit.
+"""The worker's limits on a handler's run: its rate limit (per process or fleet) and, on a thread, its time limit.
 
 A mixin of :class:`~hedwig_tasks.worker.Worker` (kept apart so each module holds one concern):
 waiting for a rate limit's turn, running a handler on its thread under a time limit, and what
@@ -17,15 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 from hedwig_tasks import signals
 from hedwig_tasks._worker_report import report
-from hedwig_tasks.exceptions import TimeLimitExceeded
+from hedwig_tasks.exceptions import StateError, TimeLimitExceeded
 from hedwig_tasks.handler import Handler
 from hedwig_tasks.message import Message
+from hedwig_tasks.ratelimit import FleetRateLimiter
 from hedwig_tasks.retry import Outcome, decide
 from hedwig_tasks.transports.base import Delivery
 
 if TYPE_CHECKING:
     from hedwig_tasks._worker_deadlines import Deadlines
     from hedwig_tasks._worker_options import WorkerOptions
+    from hedwig_tasks._worker_state import Outage
     from hedwig_tasks.app import Hedwig
     from hedwig_tasks.transports.base import Consumer
 
@@ -36,6 +38,8 @@ logger = logging.getLogger("hedwig_tasks.worker")
 #: How long after its time limit an ``async`` handler that did not let itself be cancelled (it
 #: blocks its event loop) has its thread abandoned, in seconds.
 ASYNC_CANCEL_GRACE_S = 1.0
+#: How long a fleet rate limit waits before asking a state store that failed again, in seconds.
+STORE_RETRY_S = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,6 +54,9 @@ class _Held:
     abandoned: bool = False  #: its handler ran past the time limit; the time keeper settled it
     #: Set while a time limit watches the run: what the time keeper needs to settle it.
     watch: tuple[Handler, Message, float, threading.Thread] | None = None
+    message: Message | None = None  #: once decoded and about to run
+    started_at: float = 0.0  #: when its handler started (monotonic), for the heartbeat row
+    claim: tuple[str, str] | None = None  #: an idempotent handler's key and owner while it holds it
 
 
 class Limits:
@@ -67,6 +74,7 @@ class Limits:
     _withheld: int
     _deadlines: Deadlines | None
     _local: threading.local
+    _state_outage: Outage
 
     if TYPE_CHECKING:
 
@@ -76,15 +84,37 @@ class Limits:
         def _carry_out(self, outcome: Outcome, held: _Held, message: Message, handler: Handler) -> None: ...
 
     def _await_turn(self, held: _Held, handler: Handler) -> bool:
-        """Wait for the handler's rate limit to let it start (no polling; the message stays leased);
-        False, and the message released, if the worker stops meanwhile."""
-        assert handler.limiter is not None and self._consumer is not None
-        wait_s = handler.limiter.acquire(time.monotonic())
-        if wait_s <= 0 or not self._stopping.wait(wait_s):
-            return True
+        """Wait for the handler's rate limit to let it start (the message stays leased); False, and
+        the message released, if the worker stops meanwhile."""
+        limiter = handler.limiter
+        assert limiter is not None and self._consumer is not None
+        if not limiter.reserves:
+            assert isinstance(limiter, FleetRateLimiter)
+            if self._await_fleet_turn(limiter):
+                return True
+        else:
+            wait_s = limiter.acquire(time.monotonic())
+            if wait_s <= 0 or not self._stopping.wait(wait_s):
+                return True
         if self._still_held(held, pop=True):
             held.settled = "release"
             self._settle("release", self._consumer.release, [held.delivery])
+        return False
+
+    def _await_fleet_turn(self, limiter: FleetRateLimiter) -> bool:
+        """Take a start from the fleet's bucket, waiting out each answer (one thread of this process
+        asks at a time); a store error waits a second and asks again. False if the worker stops."""
+        with limiter.turn:
+            while not self._stopping.is_set():
+                try:
+                    wait_s = limiter.acquire(0.0)
+                    self._state_outage.answered()
+                except StateError as exc:
+                    self._state_outage.failed("fleet rate limit", exc, f"{limiter.bucket} waits")
+                    wait_s = STORE_RETRY_S
+                if wait_s <= 0:
+                    return True
+                self._stopping.wait(wait_s)
         return False
 
     def _still_held(self, held: _Held, *, pop: bool = False) -> bool:

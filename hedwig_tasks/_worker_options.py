@@ -20,6 +20,8 @@ DEFAULT_WAIT_S = 1.0
 DEFAULT_MAX_LEASE_S = 3600.0
 #: How long running handlers may finish after a stop request, in seconds.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+#: Interval between writes of the worker's heartbeat row in the state store, in seconds.
+DEFAULT_HEARTBEAT_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,8 @@ class WorkerOptions:
     the imported modules) or from Hedwig settings in ``settings_spec``. A child is replaced
     after ``max_tasks_per_child`` messages, or once its peak memory (RSS) has passed
     ``max_memory_per_child_kb`` KiB after a message. ``time_limit_s`` is the limit of
-    handlers that set none (None: no limit).
+    handlers that set none (None: no limit). ``heartbeat_s``: how often the worker's row in the
+    state store is written, for ``hedwig-tasks inspect`` (None: no row).
     """
 
     concurrency: int = DEFAULT_CONCURRENCY
@@ -49,6 +52,7 @@ class WorkerOptions:
     settings_spec: str | None = None
     max_tasks_per_child: int | None = None
     max_memory_per_child_kb: int | None = None
+    heartbeat_s: float | None = DEFAULT_HEARTBEAT_S
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -59,6 +63,8 @@ class WorkerOptions:
             raise ConfigurationError(f"lease_s must be more than 0, got {self.lease_s}")
         if self.wait_s < 0 or self.shutdown_timeout_s < 0:
             raise ConfigurationError("wait_s and shutdown_timeout_s must be 0 or more")
+        if self.heartbeat_s is not None and not self.heartbeat_s > 0:
+            raise ConfigurationError(f"heartbeat_s must be more than 0, got {self.heartbeat_s}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ConfigurationError(f"time_limit_s must be more than 0, got {self.time_limit_s}")
         if self.pool not in POOLS:

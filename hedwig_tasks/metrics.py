@@ -10,6 +10,8 @@ here keeps the dependency list as it is. ``hedwig-tasks worker --metrics-port PO
 * ``hedwig_handler_dead_lettered_total``: messages whose handler raised ``DeadLetter``, by
   ``type`` and ``major``. A deliberate dead letter is not a failure: it is counted here and in
   ``hedwig_dead_lettered_total``, never in ``hedwig_failed_total``;
+* ``hedwig_duplicates_total``: messages of idempotent handlers acknowledged without running,
+  already handled (``message_duplicate``), by ``type`` and ``major``;
 * ``hedwig_time_limit_exceeded_total``: handler runs stopped at their time limit (cancelled,
   their thread abandoned, or their child process killed), by ``type`` and ``major``;
 * ``hedwig_expired_total``: messages received after their expiry and not run (ignored or
@@ -51,6 +53,7 @@ _COUNTERS = {
     "hedwig_dead_lettered_total": "Messages sent to the dead letters.",
     "hedwig_handler_dead_lettered_total": "Messages whose handler raised DeadLetter (a decision, not a failure).",
     "hedwig_time_limit_exceeded_total": "Handler runs stopped at their time limit.",
+    "hedwig_duplicates_total": "Messages of idempotent handlers already handled, acknowledged without running.",
     "hedwig_expired_total": "Messages received after their expiry, not run.",
 }
 
@@ -115,6 +118,7 @@ class Metrics:
             (signals.handler_retried, self._count("hedwig_retried_total")),
             (signals.message_dead_lettered, self._count("hedwig_dead_lettered_total")),
             (signals.handler_time_limit_exceeded, self._count("hedwig_time_limit_exceeded_total")),
+            (signals.message_duplicate, self._count("hedwig_duplicates_total")),
             (signals.message_expired, self._count("hedwig_expired_total")),
         ):
             signal.connect(receiver, sender=self.app, weak=False)

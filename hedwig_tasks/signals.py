@@ -34,6 +34,8 @@ Consuming:
   ``abandoned`` names what was given up: ``"thread <name>"`` (a sync handler's thread, replaced),
   ``"child process <pid>"`` (killed and replaced), or ``""`` (an ``async`` handler, cancelled).
 * ``handler_retried(message, handler, error, delay_s, attempt)``: the message will come back after ``delay_s``.
+* ``message_duplicate(message, handler, key)``: an idempotent handler's message already handled
+  (its ``key`` in the state store says so); acknowledged without running the handler.
 * ``message_dead_lettered(message, delivery, reason)``: sent to the dead letters; ``message`` is None if undecodable.
 * ``message_expired(message, delivery, expired_at_ms)``: received after its expiry (``publish(...,
   expires_s=)``); its handler is not run and it is acknowledged or, with
@@ -88,6 +90,7 @@ handler_dead_lettered = _signals.signal("handler-dead-lettered")
 handler_retried = _signals.signal("handler-retried")
 handler_time_limit_exceeded = _signals.signal("handler-time-limit-exceeded")
 message_dead_lettered = _signals.signal("message-dead-lettered")
+message_duplicate = _signals.signal("message-duplicate")
 message_expired = _signals.signal("message-expired")
 message_unknown = _signals.signal("message-unknown")
 message_invalid = _signals.signal("message-invalid")

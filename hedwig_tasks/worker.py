@@ -31,6 +31,8 @@ from typing import Any
 from hedwig_tasks import signals
 from hedwig_tasks._worker_deadlines import Deadlines
 from hedwig_tasks._worker_expiry import EXPIRES_AT_ATTRIBUTE, settle_if_expired
+from hedwig_tasks._worker_heartbeat import Heartbeats
+from hedwig_tasks._worker_idempotency import Idempotency
 from hedwig_tasks._worker_limits import Limits, _Held
 from hedwig_tasks._worker_options import (
     DEFAULT_CONCURRENCY,
@@ -42,6 +44,7 @@ from hedwig_tasks._worker_options import (
 )
 from hedwig_tasks._worker_report import key as _key
 from hedwig_tasks._worker_report import report
+from hedwig_tasks._worker_state import Outage, worker_id
 from hedwig_tasks.app import Hedwig
 from hedwig_tasks.exceptions import ConfigurationError, DecodeError, HandlerNotFound, TimeLimitExceeded, TransportError
 from hedwig_tasks.handler import Handler
@@ -75,7 +78,7 @@ ACK_GATHER_S = 0.02
 BURST_RETRY_GRACE_S = 10.0
 
 
-class Worker(Limits):
+class Worker(Limits, Idempotency, Heartbeats):
     """Consumes an app's subscriptions until stopped (or, in burst mode, until they are empty)."""
 
     def __init__(self, app: Hedwig, options: WorkerOptions | None = None) -> None:
@@ -90,6 +93,8 @@ class Worker(Limits):
             )
         self.error_count = 0
         self.counts: dict[str, int] = {"handled": 0, "retried": 0, "dead_lettered": 0}
+        self.duplicates = 0  #: messages of idempotent handlers acknowledged without running
+        self.worker_id, self.started_at, self._state_outage = worker_id(), time.time(), Outage()
         self._consumer: Consumer | None = None
         self._held: dict[int, _Held] = {}
         self._held_lock = threading.Lock()
@@ -295,6 +300,7 @@ class Worker(Limits):
             self._spawn_handler()
         self._spawn(self._ack_loop, "hedwig-acker")
         self._spawn(self._lease_loop, "hedwig-lease-keeper")
+        self._start_heartbeats()
 
     def _time_limits(self) -> bool:
         return self.options.time_limit_s is not None or any(h.time_limit_s for h in self.app.registry)
@@ -408,6 +414,7 @@ class Worker(Limits):
                 keep = [h.delivery for h in self._held.values() if now - h.received_at < self.options.max_lease_s]
             if keep:
                 self._settle("extend lease", self._consumer.extend_lease, keep, self.lease_s)
+            self._renew_claims()
 
     def _release_stale(self) -> None:
         """Give back buffered deliveries that waited over a lease for a handler thread.
@@ -486,6 +493,9 @@ class Worker(Limits):
     def _run(self, held: _Held, handler: Handler, message: Message) -> tuple[str, BaseException | None, str]:
         if handler.limiter is not None and not self._await_turn(held, handler):
             return "release", None, "the worker stopped while the message waited for its rate limit"
+        if handler.idempotency_key is not None and not self._claim(held, handler, message):
+            return held.settled, None, "duplicate" if held.settled == "ack" else "running elsewhere"
+        held.message, held.started_at = message, time.monotonic()
         signals.send(signals.handler_started, self.app, message=message, handler=handler)
         limit = handler.time_limit_s or self.options.time_limit_s
         pool, child = self._pool, None
@@ -502,6 +512,8 @@ class Worker(Limits):
         if outcome is None:  # abandoned at its time limit (settled by the time keeper) or released
             return "abandoned", error, "time limit exceeded"
         report(self.app, handler, message, error, duration_s, outcome)
+        if held.claim is not None:  # recorded before the ack goes out, or released for a retry
+            self._end_claim(held, outcome.action == "ack", handler.idempotency_ttl_s)
         self._carry_out(outcome, held, message, handler)
         if child is not None:
             self._local.child = pool.renew(child)  # type: ignore[union-attr]  # a child means a pool

@@ -39,6 +39,6 @@ def test_every_error_has_one_root() -> None:
 def test_signal_catalogue() -> None:
     documented = signals.__doc__ or ""
     names = [n for n in signals.__all__ if n != "send"]
-    assert len(names) == 17
+    assert len(names) == 18
     for name in names:
         assert f"``{name}(" in documented, f"{name} is not documented with its keyword arguments"

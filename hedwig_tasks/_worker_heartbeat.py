@@ -1,0 +1,131 @@
+"""The live-worker registry: each worker's heartbeat row in the state store, read by ``inspect``.
+
+A mixin of :class:`~hedwig_tasks.worker.Worker`. A thread writes the row
+``heartbeat("workers/<app>", <worker id>, {...}, ttl_s=3 * interval)`` when the worker starts and
+every ``heartbeat_s`` (default 5 s) after; a clean stop removes it (``forget``), and the row of a
+worker that died expires within three intervals. A store error skips that beat (logged once).
+The row holds no secrets: the transport's URL has its password and secret options masked.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from hedwig_tasks._version import __version__
+from hedwig_tasks._worker_report import key as _key
+from hedwig_tasks.exceptions import StateError
+
+if TYPE_CHECKING:
+    from hedwig_tasks._worker_limits import _Held
+    from hedwig_tasks._worker_options import WorkerOptions
+    from hedwig_tasks._worker_state import Outage
+    from hedwig_tasks.app import Hedwig
+
+__all__ = ["HEARTBEAT_TTL_BEATS", "Heartbeats", "group", "transport_text"]
+
+#: A row lives this many heartbeat intervals unless written again.
+HEARTBEAT_TTL_BEATS = 3
+
+
+def group(app_name: str) -> str:
+    """The heartbeat group of an app's workers."""
+    return f"workers/{app_name}"
+
+
+def transport_text(app: Hedwig) -> str:
+    """The app's transport as a URL without secrets (a transport object: its repr)."""
+    from hedwig_tasks._cli_app import masked_url
+    from hedwig_tasks.app import TRANSPORT_ENV
+    from hedwig_tasks.transports import DEFAULT_URL
+    from hedwig_tasks.transports.base import Transport
+
+    spec = app._transport_spec
+    if isinstance(spec, Transport):
+        return repr(spec)
+    return masked_url(str(spec or os.environ.get(TRANSPORT_ENV) or DEFAULT_URL))
+
+
+class Heartbeats:
+    """Writes this worker's heartbeat row; mixed into the worker, whose state it reads."""
+
+    app: Hedwig
+    options: WorkerOptions
+    topics: Sequence[str]
+    worker_id: str
+    counts: dict[str, int]
+    duplicates: int
+    started_at: float
+    _state_outage: Outage
+    _stopping: threading.Event
+    _held: dict[int, _Held]
+    _held_lock: threading.Lock
+
+    if TYPE_CHECKING:
+
+        def _spawn(self, target: Any, name: str) -> threading.Thread: ...
+
+    def _start_heartbeats(self) -> None:
+        """Start the heartbeat thread, unless switched off or on an in-process bus nobody else can see."""
+        from hedwig_tasks.transports.memory import MemoryTransport
+
+        if self.options.heartbeat_s is not None and not isinstance(self.app.transport, MemoryTransport):
+            self._spawn(self._heartbeat_loop, "hedwig-heartbeat")
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.options.heartbeat_s
+        assert interval is not None
+        fixed = self._fixed_fields()
+        while True:
+            self._write_row(fixed, interval)
+            if self._stopping.wait(interval):
+                break
+        try:
+            self.app.state.forget(group(self.app.name), self.worker_id)
+        except StateError:
+            pass  # the row expires on its own
+
+    def _write_row(self, fixed: dict[str, Any], interval: float) -> None:
+        try:
+            row = {**fixed, **self._live_fields()}
+            self.app.state.heartbeat(group(self.app.name), self.worker_id, row, ttl_s=HEARTBEAT_TTL_BEATS * interval)
+            self._state_outage.answered()
+        except StateError as exc:
+            self._state_outage.failed("heartbeat", exc, "this worker's heartbeat row is not written")
+
+    def _fixed_fields(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "app": self.app.name,
+            "queue": self.app.queue,
+            "version": __version__,
+            "transport": transport_text(self.app),
+            "topics": list(self.topics),
+            "concurrency": self.options.concurrency,
+            "prefetch": self.options.prefetch,
+            "pool": self.options.pool,
+            "started": self.started_at,
+        }
+
+    def _live_fields(self) -> dict[str, Any]:
+        """What changes between beats: what is held and running, and the counts."""
+        wall, mono = time.time(), time.monotonic()
+        with self._held_lock:
+            held = list(self._held.values())
+            counts = dict(self.counts, duplicates=self.duplicates)
+        running = [
+            {
+                "id": h.message.id if h.message else _key(h.delivery),
+                "type": f"{h.message.type} {h.message.version}" if h.message else "",
+                "since": round(wall - (mono - h.started_at), 3),
+            }
+            for h in held
+            if h.running and h.started_at
+        ]
+        failed = counts["retried"] + counts["dead_lettered"]
+        return {"held": len(held), "running": running, **counts, "failed": failed}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +17,11 @@ from helpers import wait_for
 from hedwig_tasks import Hedwig, Message
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.settings import HedwigSettings
-from hedwig_tasks.testing.contract import ContractClock, Names, RealClock, TransportContract
+from hedwig_tasks.testing.contract import ContractClock, ManualClock, Names, RealClock, TransportContract
 from hedwig_tasks.transports import from_url
+from hedwig_tasks.transports._aws_consumer import SQSConsumer
 from hedwig_tasks.transports.aws import DEAD_LETTER_ATTRIBUTE, MAX_MESSAGE_BYTES, AWSTransport
-from hedwig_tasks.transports.base import Transport
+from hedwig_tasks.transports.base import Delivery, Transport
 from hedwig_tasks.worker import Worker, WorkerOptions
 
 SCHEMA = Path(__file__).parent / "schemas" / "schema.json"
@@ -495,3 +497,55 @@ def _count_calls(client: Any) -> dict[str, int]:
 
     client.meta.events.register("before-call.*.*", count)
     return counts
+
+
+class _Holds(logging.Handler):
+    """Collects the consumer's lines about holding a delayed message with SQS."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "is due in" in record.getMessage():
+            self.lines.append(record.getMessage())
+
+
+def test_a_twenty_minute_delay_arrives_once_not_before(aws: AWSTransport) -> None:
+    """Past SQS's 15-minute DelaySeconds: the consumer's clock is injected and moved by hand, and
+    each hold with SQS is cut to a second, so 20 minutes pass in a few. The message is hidden by
+    visibility on its first receive, sent again with a delay after that, never handed out early,
+    and arrives once, as a first attempt."""
+    names = Names.fresh()
+    aws.provision(names.queue, [names.topic], [])
+    aws.publish(names.topic, b"later", {"hedwig_id": "x"}, delay_s=1200)
+    clock = ManualClock()  # started after the publish, so due (by it) is not before the message's time
+    due = clock() + 1200
+    consumer = SQSConsumer(aws.client, names.queue, lease_s=2, clock=clock, max_hold_s=1)
+    holds, aws_logger = _Holds(), logging.getLogger("hedwig_tasks.transports.aws")
+    aws_logger.addHandler(holds)
+    previous_level = aws_logger.level
+    aws_logger.setLevel(logging.DEBUG)
+    try:
+        for step_s in (0, 400, 399, 400):  # 1200, 800, 401 and 1 seconds early
+            clock.advance(step_s)
+            seen = len(holds.lines)
+            deadline = time.monotonic() + 15
+            while len(holds.lines) == seen and time.monotonic() < deadline:
+                assert consumer.receive(10, wait_s=1) == [], f"handed out {due - clock():.0f}s early"
+            assert len(holds.lines) > seen, "the early message was not seen again"
+        assert "hidden for 1s" in holds.lines[0]
+        assert any("sent again with a delay of 1s" in line for line in holds.lines[1:])
+        clock.advance(due - clock())
+        deadline = time.monotonic() + 15
+        found: list[Delivery] = []
+        while not found and time.monotonic() < deadline:
+            found = consumer.receive(10, wait_s=1)
+        (delivery,) = found
+        assert (delivery.body, delivery.attempt) == (b"later", 1)
+        consumer.ack([delivery])
+        assert consumer.receive(10, wait_s=2) == []
+    finally:
+        aws_logger.removeHandler(holds)
+        aws_logger.setLevel(previous_level)
+        consumer.close()

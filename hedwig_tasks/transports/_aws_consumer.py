@@ -194,11 +194,13 @@ class SQSConsumer(Consumer):
         if read.attempt <= 1 and remaining_s > MAX_DELAY_S:
             hide_s = min(whole_seconds(remaining_s - MAX_DELAY_S), self._max_hold_s)
             self._client.set_visibility(url, handle, hide_s, doing=doing)
+            how = f"hidden for {hide_s}s"
         else:
             delay_s = min(whole_seconds(remaining_s), MAX_DELAY_S, self._max_hold_s)
             self._client.send(url, read.body, read.attributes, doing=doing, delay_s=delay_s)
             self._client.delete(url, [(message_id, handle)])
-        logger.debug("SQS message %s is due in %.0fs: held with SQS", message_id, remaining_s)
+            how = f"sent again with a delay of {delay_s}s"
+        logger.debug("SQS message %s is due in %.0fs: %s", message_id, remaining_s, how)
         return True
 
     def _delivery(self, message: dict[str, Any], read: Read) -> Delivery:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from helpers import wait_for
 
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.testing.contract import ContractClock, Names, RealClock, TransportContract
-from hedwig_tasks.transports import from_url
+from hedwig_tasks.transports import _gcp_consumer, from_url
 from hedwig_tasks.transports.base import Delivery, Transport
 from hedwig_tasks.transports.gcp import GooglePubSubTransport
 
@@ -215,3 +216,26 @@ def test_provisioning_the_same_names_at_once_from_many_processes_succeeds(emulat
     for transport in transports:
         transport.close()
     assert errors == []
+
+
+def test_a_delayed_publish_hops_to_the_apps_own_topic_and_comes_on_time(
+    gcp: GooglePubSubTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delay longer than a subscription may hold a message is not deferred forever: past
+    ``MAX_DEFER_AGE_S`` (here 0) an early message is republished to the app's own topic, and the
+    copy that comes on time is handed out once, as a first attempt, without the not-before time."""
+    monkeypatch.setattr(_gcp_consumer, "MAX_DEFER_AGE_S", 0.0)
+    names = Names.fresh()
+    gcp.provision(names.queue, [names.topic], [])
+    consumer = gcp.consumer(names.queue, [names.topic])
+    due = time.time() + 2.0
+    gcp.publish(names.topic, b"later", {"n": "1"}, delay_s=2.0)
+    found: list[Delivery] = []
+    deadline = time.monotonic() + 20
+    while not found and time.monotonic() < deadline:
+        found = consumer.receive(10, wait_s=0.5)
+    assert time.time() >= due
+    delivery = found[0]
+    assert (delivery.body, dict(delivery.attributes), delivery.attempt) == (b"later", {"n": "1"}, 1)
+    assert delivery.subscription == f"hedwig-{names.queue}", "it came through the app's own topic"
+    consumer.ack(found)

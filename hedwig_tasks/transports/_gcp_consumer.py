@@ -40,6 +40,18 @@ MAX_POLL_PAUSE_S = 0.2
 
 logger = logging.getLogger("hedwig_tasks.transports.gcp")  # one logger for the whole transport
 
+#: Age past which a message not due yet is republished rather than deferred again, in seconds.
+MAX_DEFER_AGE_S = 3600.0
+
+
+def _age_s(message: Any) -> float:
+    """Seconds since Pub/Sub took ``message`` (0 if it does not say)."""
+    published = getattr(message, "publish_time", None)
+    try:
+        return time.time() - published.timestamp() if published else 0.0
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return 0.0
+
 
 @dataclasses.dataclass(eq=False)
 class _Receipt:
@@ -153,12 +165,18 @@ class PubSubConsumer(Consumer):
         return Delivery(bytes(message.data), clean(attributes), attempt, receipt, name, message.message_id, fault)
 
     def _defer(self, path: str, item: Any, not_before_ms: int) -> bool:
-        """Keep a republished retry that is not due yet with the broker, not in memory."""
+        """Keep a republished retry or delayed publish that is not due yet with the broker, not in memory.
+
+        By ack deadline (600 s at most at a time) while that is safe; republished to the app's
+        own topic (a hop) near the dead-letter policy's limit, since every deferral counts as a
+        delivery, and once the copy is an hour old, so no delay outlives the subscription's
+        message retention.
+        """
         remaining_s = (not_before_ms - epoch_ms()) / 1000
         if remaining_s <= 0:
             return False
         near_limit = (item.delivery_attempt or 0) >= self._max_delivery_attempts - 2
-        if near_limit:  # every deferral counts as a delivery: start afresh before the DLQ policy acts
+        if near_limit or _age_s(item.message) > MAX_DEFER_AGE_S:  # start afresh
             message = item.message
             self._republish_own(bytes(message.data), dict(message.attributes))
             self._call("ack", path, lambda: self._client.acknowledge(path, [item.ack_id]))

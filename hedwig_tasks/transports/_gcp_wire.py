@@ -9,6 +9,7 @@ See ``gcp.py`` for the design.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_ATTRIBUTE_VALUE_BYTES",
     "check_message",
     "clean",
+    "delayed",
     "epoch_ms",
     "whole",
 ]
@@ -40,7 +42,7 @@ MAX_ATTRIBUTE_KEY_BYTES = 256
 MAX_ATTRIBUTE_VALUE_BYTES = 1024
 
 #: Attributes this transport adds; none of them is a Hedwig header (the ``hedwig_`` prefix).
-NOT_BEFORE_ATTRIBUTE = "hedwig_not_before"  #: epoch ms before which a republished retry waits
+NOT_BEFORE_ATTRIBUTE = "hedwig_not_before"  #: epoch ms before which a republished retry or delayed publish waits
 ATTEMPTS_ATTRIBUTE = "hedwig_attempts"  #: attempts made before a republished retry
 REASON_ATTRIBUTE = "hedwig_dead_letter_reason"
 SOURCE_ATTRIBUTE = "hedwig_dead_letter_subscription"
@@ -72,6 +74,19 @@ def whole(text: str | None) -> int | None:
 def epoch_ms() -> int:
     """Now, in milliseconds since the epoch (as ``hedwig_not_before`` and ``hedwig_dead_letter_at``)."""
     return int(time.time() * 1000)
+
+
+def delayed(attributes: Mapping[str, str], delay_s: float) -> Mapping[str, str]:
+    """The attributes of a publish delayed by ``delay_s``: a not-before time and no attempts yet.
+
+    Pub/Sub has no delay: each consumer holds a message that came early with the broker (ack
+    deadlines, or republishing to its app's own topic) until then. ``hedwig_attempts=0`` keeps
+    those early deliveries out of the attempt the handler sees.
+    """
+    if delay_s <= 0:
+        return attributes
+    due_ms = epoch_ms() + math.ceil(delay_s * 1000)
+    return {**attributes, NOT_BEFORE_ATTRIBUTE: str(due_ms), ATTEMPTS_ATTRIBUTE: "0"}
 
 
 def clean(attributes: Mapping[str, str]) -> dict[str, str]:

@@ -5,7 +5,8 @@ client's per-message latency) or many through the batching client with futures, 
 and attribute limits checked before sending; consuming every subscription of an app with pulls
 that never lease more than the worker can hold; leases kept with ``ModifyAckDeadline``; delayed
 retries as ack deadlines (up to 600 s) or, for longer delays, by republishing to the app's own
-topic with a not-before time that consumers honour without holding the message; dead letters
+topic with a not-before time that consumers honour without holding the message; delayed
+publishes with the same not-before time (Pub/Sub has no delay of its own); dead letters
 published with their reason to the app's DLQ topic, with the subscriptions' dead-letter policy
 as a safety net; provisioning, dead-letter listing and requeue.
 
@@ -54,7 +55,13 @@ from hedwig_tasks.exceptions import ConfigurationError, PublishError
 from hedwig_tasks.transports._gcp_admin import UNCOUNTED, DeadLetterQueue, Provisioner, describe_subscription
 from hedwig_tasks.transports._gcp_client import CALL_TIMEOUT_S, MAX_ACK_DEADLINE_S, MAX_BATCH, PubSubClient
 from hedwig_tasks.transports._gcp_consumer import PubSubConsumer
-from hedwig_tasks.transports._gcp_wire import ATTEMPTS_ATTRIBUTE, MAX_ATTRIBUTES, NOT_BEFORE_ATTRIBUTE, check_message
+from hedwig_tasks.transports._gcp_wire import (
+    ATTEMPTS_ATTRIBUTE,
+    MAX_ATTRIBUTES,
+    NOT_BEFORE_ATTRIBUTE,
+    check_message,
+    delayed,
+)
 from hedwig_tasks.transports._url import Option, count, read_options, seconds, text
 from hedwig_tasks.transports.base import (
     Capabilities,
@@ -111,6 +118,7 @@ class GooglePubSubTransport(Transport):
         max_receive_batch=MAX_BATCH,
         max_attributes=MAX_ATTRIBUTES,
         status_counts=False,  # Pub/Sub's API has no counts (they are Cloud Monitoring metrics)
+        delayed_publish=True,  # a not-before time the consumer honours, held by ack deadlines
     )
 
     def __init__(
@@ -235,11 +243,21 @@ class GooglePubSubTransport(Transport):
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
+    def publish(
+        self,
+        topic: str,
+        body: bytes,
+        attributes: Mapping[str, str],
+        *,
+        owner: str | None = None,
+        delay_s: float = 0,
+    ) -> str:
         """One ``Publish`` call to ``hedwig-<topic>``; returns Pub/Sub's message id.
 
         Retries an unavailable service for up to ``publish_timeout_s``, then raises ``PublishError``.
+        A delay rides in ``hedwig_not_before`` (see :func:`~hedwig_tasks.transports._gcp_wire.delayed`).
         """
+        attributes = delayed(attributes, delay_s)
         check_message(topic, body, attributes)
         return self.client.publish(self.topic_path(topic, owner), [(bytes(body), dict(attributes))], topic=topic)[0]
 
@@ -260,12 +278,14 @@ class GooglePubSubTransport(Transport):
         messages: Sequence[tuple[bytes, Mapping[str, str]]],
         *,
         owner: str | None = None,
+        delay_s: float = 0,
     ) -> list[str]:
         """Every message through the batching publisher, then wait for all; ids in order.
 
         Every message is checked before any is sent. Raises ``PublishError`` naming how many
         of them were sent.
         """
+        messages = [(body, delayed(attributes, delay_s)) for body, attributes in messages]
         for body, attributes in messages:
             check_message(topic, body, attributes)
         futures = [self.publish_async(topic, body, attributes, owner=owner) for body, attributes in messages]

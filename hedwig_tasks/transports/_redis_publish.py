@@ -69,7 +69,7 @@ class Publisher:
 
     def _round_trip(self, packed: bytes, count: int) -> list[Any]:
         connection = self._connection()
-        kept = connection.is_connected
+        kept = connection._sock is not None  # is_connected, which redis-py 5.0 lacks
         try:
             return _exchange(connection, packed, count)
         except redis.exceptions.ConnectionError:

@@ -1,7 +1,7 @@
 """Embedded transport: a durable bus in one SQLite file, shared by many processes and threads.
 
 Features: fan-out to every subscribed queue, leases with visibility deadlines, attempt counts,
-delayed retries, lease extension, dead letters with reasons, requeue, binary bodies. Every
+delayed publishes and retries, lease extension, dead letters with reasons, requeue, binary bodies. Every
 write is one ``BEGIN IMMEDIATE`` transaction, so however many worker and publisher processes
 share the file, a message is claimed by one consumer at a time and a fan-out publish lands in
 every subscription or in none. Deadlines use the wall clock, which all processes share. A
@@ -77,7 +77,7 @@ class SQLiteTransport(Transport):
     """A bus in one SQLite file (WAL mode), with one connection per thread and process."""
 
     scheme = "sqlite"
-    capabilities = Capabilities(local=True)
+    capabilities = Capabilities(local=True, delayed_publish=True)
     messaging_system = "sqlite"
 
     def __init__(
@@ -126,9 +126,17 @@ class SQLiteTransport(Transport):
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
+    def publish(
+        self,
+        topic: str,
+        body: bytes,
+        attributes: Mapping[str, str],
+        *,
+        owner: str | None = None,
+        delay_s: float = 0,
+    ) -> str:
         """Store one copy per subscription of ``topic``; ``owner`` is ignored (one file, one owner)."""
-        return self.publish_many(topic, [(body, attributes)], owner=owner)[0]
+        return self.publish_many(topic, [(body, attributes)], owner=owner, delay_s=delay_s)[0]
 
     def publish_many(
         self,
@@ -136,11 +144,16 @@ class SQLiteTransport(Transport):
         messages: Sequence[tuple[bytes, Mapping[str, str]]],
         *,
         owner: str | None = None,
+        delay_s: float = 0,
     ) -> list[str]:
-        """Store the whole batch in one transaction. Raises ``PublishError`` (nothing stored)."""
+        """Store the whole batch in one transaction. Raises ``PublishError`` (nothing stored).
+
+        A delay is the rows' ``visible_at``, as a retry's: claims pass them over until then.
+        """
         now = self.clock()
+        visible_at = now + delay_s if delay_s > 0 else now
         rows = [
-            (uuid.uuid4().hex, bytes(body), json.dumps(dict(attributes), ensure_ascii=False), now, now, topic)
+            (uuid.uuid4().hex, bytes(body), json.dumps(dict(attributes), ensure_ascii=False), visible_at, now, topic)
             for body, attributes in messages
         ]
         with self.bus.writing(f"publish to {topic!r}", PublishError) as connection:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import inspect
 from collections.abc import Callable, Mapping
@@ -157,19 +158,34 @@ class Handler:
         *,
         version: VersionLike = None,
         headers: Mapping[str, str] | None = None,
+        delay_s: float | None = None,
+        eta: dt.datetime | float | None = None,
+        expires_s: float | None = None,
+        expires_at: dt.datetime | float | None = None,
         **fields: Any,
     ) -> Message:
         """Publish a message of this handler's type; returns the :class:`Message` sent.
 
-        Data is ``data`` or the keyword fields. Without ``version`` the newest minor of the
-        handler's highest major that the schema knows is used. Raises ``ValidationError``,
-        ``RoutingError`` or ``PublishError``.
+        Data is ``data`` or the keyword fields (a field named as an option below goes in
+        ``data``). Without ``version`` the newest minor of the handler's highest major that the
+        schema knows is used. ``delay_s``/``eta`` and ``expires_s``/``expires_at`` as
+        :meth:`Hedwig.publish <hedwig_tasks.app.Hedwig.publish>`. Raises ``ValidationError``,
+        ``RoutingError``, ``PublishError`` or ``ConfigurationError`` (a bad timing option).
         """
         if data is not None and fields:
             raise TypeError("pass the data either as one mapping or as keyword fields, not both")
         if version is None:
             version = self.app.validator.latest_version(self.message_type, max(self.majors))
-        return self.app.publish(self.message_type, version, fields if data is None else data, headers=headers)
+        return self.app.publish(
+            self.message_type,
+            version,
+            fields if data is None else data,
+            headers=headers,
+            delay_s=delay_s,
+            eta=eta,
+            expires_s=expires_s,
+            expires_at=expires_at,
+        )
 
     def __repr__(self) -> str:
         majors = ", ".join(f"{m}.*" for m in self.majors)

@@ -154,3 +154,15 @@ def test_an_expired_message_never_runs_its_handler(mode: str) -> None:
         assert record.reason.startswith("expired at ")
         assert worker.counts["dead_lettered"] == 1
     assert bus.status(app.queue, app.subscribed_topics())[0].depth == 0  # settled either way
+
+
+def test_the_handlers_publish_takes_the_timing_options() -> None:
+    bus = MemoryTransport()
+    app = make_app(transport=bus)
+    created = app.handler("user-created", "1.*")(lambda message: None)
+    created.publish(user_id="later", delay_s=30)
+    created.publish({"user_id": "until"}, expires_s=60)
+    consumer = bus.consumer(app.queue, app.subscribed_topics())
+    (delivery,) = consumer.receive(10, wait_s=0)  # the delayed one is held by the bus
+    assert app.decode(delivery).data == {"user_id": "until"}
+    assert EXPIRES_AT_ATTRIBUTE in delivery.attributes

@@ -68,7 +68,7 @@ class Bench:
         return self.bus.consumer(self.names.queue, [self.names.topic])
 
     def close(self) -> None:
-        self.bus.close()
+        self.app.close()  # the bus, and any state store the app opened
         cleanup(self.url, [self.names.queue], [self.names.topic, self.names.other_topic])
 
 

@@ -106,6 +106,7 @@ class KombuConsumer(Consumer):
         self._missing: list[str] = []  # subscriptions whose queue does not exist (yet)
         self._warned: set[str] = set()
         self._next_existence_check = 0.0
+        self._next_expiry = math.inf  # no held lease runs out before this (the clock's time)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -152,6 +153,8 @@ class KombuConsumer(Consumer):
         self._declared.clear()
         with self._held_lock:
             self._unacked.clear()
+            # the connection they came on is gone; the broker gives them back
+            self._held = {t: h for t, h in self._held.items() if h.generation == self._link.generation}
         channel.basic_qos(0, self._prefetch, True)  # shared by the channel's consumers
         self._consuming = self._link.generation
         self._missing = list(self._subscriptions)
@@ -197,6 +200,7 @@ class KombuConsumer(Consumer):
                 token = next(self._tokens)
                 tag = message.delivery_info["delivery_tag"]
                 self._held[token] = _Held(tag, name, reading, generation, expires_at)
+                self._next_expiry = min(self._next_expiry, expires_at)
                 found.append(
                     Delivery(
                         reading.body,
@@ -211,10 +215,16 @@ class KombuConsumer(Consumer):
         return found
 
     def _housekeep(self) -> None:
-        """Give back deliveries whose lease ran out; consume subscriptions provisioned since."""
+        """Give back deliveries whose lease ran out; consume subscriptions provisioned since.
+
+        Held leases are looked at only once the earliest may have run out (extending one only
+        moves it later), so a receive usually costs no walk over what is held.
+        """
         if self._missing and time.monotonic() >= self._next_existence_check:
             self._consume_existing()
         now = self._broker.clock()
+        if now < self._next_expiry:
+            return
         expired: list[_Held] = []
         with self._held_lock:
             for token, held in list(self._held.items()):
@@ -223,6 +233,7 @@ class KombuConsumer(Consumer):
                 elif held.expires_at <= now:
                     del self._held[token]
                     expired.append(held)
+            self._next_expiry = min((held.expires_at for held in self._held.values()), default=math.inf)
         for held in expired:
             logger.warning("lease ran out on id=%s from %s", held.reading.message_id, held.subscription)
             self._resend(held, held.subscription)

@@ -335,6 +335,7 @@ class KombuConsumer(Consumer):
                 held = self._held.get(delivery.receipt)
                 if held is not None and held.generation == self._link.generation:
                     held.expires_at = expires_at
+                    self._next_expiry = min(self._next_expiry, expires_at)  # a shorter lease than before
 
     def close(self) -> None:
         """Drop the connection: the broker gives back whatever was not settled."""

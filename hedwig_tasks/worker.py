@@ -296,7 +296,7 @@ class Worker(Limits, Idempotency, Heartbeats):
     def _start_threads(self) -> None:
         if self.options.pool == "threads" and self._time_limits():
             self._deadlines = Deadlines(self._expire)
-        for _ in range(self.options.concurrency):
+        for _ in range(self._pool.threads if self._pool is not None else self.options.concurrency):
             self._spawn_handler()
         self._spawn(self._ack_loop, "hedwig-acker")
         self._spawn(self._lease_loop, "hedwig-lease-keeper")

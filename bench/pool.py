@@ -225,17 +225,20 @@ def hedwig_noop(pool: str, n: int, concurrency: int) -> float:
 
     options = WorkerOptions(burst=True, concurrency=concurrency, pool=pool, app_spec="bench_apps:app", wait_s=0.05)
     worker = Worker(bench_apps.app, options)
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []
 
     def mark(sender: object, **_: object) -> None:
-        marks.append(_cpu_s() + sum(_child_cpu_s(pid) for pid in _children(worker)))
+        marks.append((_cpu_s(), sum(_child_cpu_s(pid) for pid in _children(worker))))
 
     signals.worker_ready.connect(mark, sender=bench_apps.app, weak=False)
     signals.worker_shutting_down.connect(mark, sender=bench_apps.app, weak=False)
     worker.run()
     if worker.counts["handled"] != n:
         raise SystemExit(f"handled {worker.counts['handled']} of {n}")
-    return (marks[1] - marks[0]) / n * 1e6
+    (parent_0, children_0), (parent_1, children_1) = marks
+    parent_us, children_us = (parent_1 - parent_0) / n * 1e6, (children_1 - children_0) / n * 1e6
+    print(json.dumps({"parent_us": round(parent_us, 1), "children_us": round(children_us, 1)}))
+    return parent_us + children_us
 
 
 def _cpu_s() -> float:
@@ -260,7 +263,19 @@ def run_child(name: str, args: argparse.Namespace, loops: int) -> float:
     command = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--noop-n", str(args.noop_n)]
     command += ["-c", str(args.concurrency), "--loops", str(loops)]
     out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
-    return float(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    if name.endswith("noop"):  # the worker's and its children's shares, on the line before
+        split = json.loads(lines[-2])
+        print(
+            f"         {name:20} parent {split['parent_us']:.1f} + children {split['children_us']:.1f} us",
+            file=sys.stderr,
+        )
+        SPLITS.setdefault(name, []).append(split)
+    return float(lines[-1])
+
+
+#: Per no-op contender, each round's CPU per message in the worker process and in its children.
+SPLITS: dict[str, list[dict[str, float]]] = {}
 
 
 CHILDREN = {
@@ -318,6 +333,10 @@ def _summary(
         "messages_per_s": {k: round(v, 1) for k, v in median.items() if k.endswith("_cpu")},
         "us_per_message": {k: round(v, 1) for k, v in median.items() if k.endswith("_noop")},
         "spread": {k: [round(min(v), 1), round(max(v), 1)] for k, v in runs.items()},
+        "us_per_message_split": {
+            k: {part: round(statistics.median(s[part] for s in v), 1) for part in ("parent_us", "children_us")}
+            for k, v in SPLITS.items()
+        },
         "ratio": {
             "processes_over_threads_cpu": ratio("processes_cpu", "threads_cpu"),
             "processes_over_celery_cpu": ratio("processes_cpu", "celery_prefork_cpu"),

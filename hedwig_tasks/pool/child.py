@@ -3,14 +3,18 @@
 The child builds its own app from the same ``-A``/``--settings`` spec as the worker (so its
 publishes go through its own transport), says it is ready, then runs one task per frame
 until its input ends: decode and validate the delivery with its app, run the handler, ask the
-handler's retry policy, and answer with the outcome as JSON. It ignores SIGINT and SIGTERM:
-the worker decides when it stops (by closing its input, once the running message is done).
+handler's retry policy, and answer with the outcome as JSON. Its next task may wait in the pipe
+while it runs one. With ``--max-memory-kb`` it stops after a task that left its peak memory
+above the limit, saying so in that task's reply (the worker sends any task still waiting in
+its pipe to the next child). It ignores SIGINT and SIGTERM: the worker decides when it stops
+(by closing its input, once the running message is done).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -31,7 +35,7 @@ from hedwig_tasks.exceptions import (
     Retry,
     TimeLimitExceeded,
 )
-from hedwig_tasks.pool.framing import read_frame, write_frame
+from hedwig_tasks.pool.framing import FrameReader, write_frame
 from hedwig_tasks.pool.processes import TRANSPORT_ENV
 from hedwig_tasks.retry import decide
 from hedwig_tasks.transports.base import Delivery
@@ -93,13 +97,18 @@ def run_task(app: Hedwig, header: dict[str, Any], body: bytes, loop: asyncio.Abs
     return reply
 
 
-def serve(app: Hedwig, fd_in: int, fd_out: int) -> None:
-    """Answer tasks until the input ends."""
+def serve(app: Hedwig, fd_in: int, fd_out: int, max_memory_kb: int | None = None) -> None:
+    """Answer tasks until the input ends, or until one leaves the peak memory above ``max_memory_kb``."""
     loop = asyncio.new_event_loop()
+    reader = FrameReader(fd_in)
     try:
-        while (frame := read_frame(fd_in)) is not None:
+        while (frame := reader.read()) is not None:
             reply = run_task(app, *frame, loop)
-            reply["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss_kb = reply["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if max_memory_kb is not None and rss_kb > max_memory_kb:
+                reply["retire"] = True  # what waits in the pipe goes to the next child
+                write_frame(fd_out, reply)
+                return
             write_frame(fd_out, reply)
     finally:
         loop.close()
@@ -112,6 +121,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--app")
     parser.add_argument("--settings")
     parser.add_argument("--loglevel", default="WARNING")
+    parser.add_argument("--max-memory-kb", type=int)
     return parser.parse_args(argv)
 
 
@@ -130,9 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, Exception) as exc:  # any failure to build the app is the worker's start-up error
         write_frame(args.fd_out, {"error": f"{type(exc).__name__}: {exc}"})
         return 1
+    gc.freeze()  # the app's imports stay out of every collection from here on
     write_frame(args.fd_out, {"ready": os.getpid()})
     try:
-        serve(app, args.fd_in, args.fd_out)
+        serve(app, args.fd_in, args.fd_out, args.max_memory_kb)
     except BrokenPipeError:  # the worker is gone
         return 0
     finally:

@@ -4,6 +4,9 @@ A frame is 8 bytes (the header's length and the body's, big-endian), the header 
 JSON, then the body as it is. A task carries the delivery's body and its string attributes;
 a reply carries the outcome as JSON. Nothing is pickled: a child reads only bytes, strings
 and numbers, whatever a message holds.
+
+A pipe may hold several frames at once (the worker sends a child its next task before the
+current one's reply): :class:`FrameReader` keeps what one read took past a frame for the next.
 """
 
 from __future__ import annotations
@@ -14,39 +17,69 @@ import select
 import struct
 from typing import Any
 
-__all__ = ["read_frame", "wait_readable", "write_frame"]
+__all__ = ["FrameReader", "read_frame", "wait_readable", "write_frame"]
 
 _LENGTHS = struct.Struct(">II")
-#: What one read asks for, in bytes: a whole frame, usually.
+#: What one read asks for, in bytes: a whole frame or two, usually.
 _READ_SIZE = 65536
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
 
 
 def write_frame(fd: int, header: dict[str, Any], body: bytes = b"") -> None:
     """Write one frame to ``fd`` (blocking). Raises ``OSError`` (``BrokenPipeError``) if the reader is gone."""
-    head = json.dumps(header, separators=(",", ":")).encode()
-    view = memoryview(_LENGTHS.pack(len(head), len(body)) + head + body)
-    while view:
-        view = view[os.write(fd, view) :]
+    head = _encode(header).encode()
+    data = _LENGTHS.pack(len(head), len(body)) + head + body
+    written = os.write(fd, data)
+    if written < len(data):  # a frame past the pipe's buffer: the rest as the reader takes it
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+class FrameReader:
+    """Frames from one file descriptor, in order, however the reads cut them. Not thread-safe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._data = b""
+
+    def buffered(self) -> bool:
+        """Whether bytes of a next frame were already read (so waiting on ``fd`` would be wrong)."""
+        return bool(self._data)
+
+    def read(self) -> tuple[dict[str, Any], bytes] | None:
+        """The next frame (blocking): its header and body; None at end of file."""
+        data = self._fill(self._data, _LENGTHS.size)
+        if data is None:
+            return None
+        head_size, body_size = _LENGTHS.unpack_from(data)
+        end = _LENGTHS.size + head_size + body_size
+        data = self._fill(data, end)
+        if data is None:
+            return None
+        self._data = data[end:]
+        header: dict[str, Any] = _decode(data[_LENGTHS.size : _LENGTHS.size + head_size].decode())
+        return header, data[_LENGTHS.size + head_size : end]
+
+    def _fill(self, data: bytes, size: int) -> bytes | None:
+        """``data`` and what ``fd`` has next, up to ``size`` bytes at least; None if it ends first."""
+        while len(data) < size:
+            chunk = os.read(self.fd, max(_READ_SIZE, size - len(data)))
+            if not chunk:
+                self._data = b""
+                return None
+            data += chunk
+        return data
 
 
 def read_frame(fd: int) -> tuple[dict[str, Any], bytes] | None:
-    """The next frame from ``fd`` (blocking): its header and body; None at end of file.
-
-    One read takes the whole of a small frame: each side sends one frame and waits for the
-    answer, so a read never finds the start of the next one.
-    """
-    data = _read_at_least(fd, b"", _LENGTHS.size)
-    if data is None:
-        return None
-    head_size, body_size = _LENGTHS.unpack_from(data)
-    end = _LENGTHS.size + head_size + body_size
-    data = _read_at_least(fd, data, end)
-    if data is None:
-        return None
-    if len(data) > end:
-        raise ValueError(f"a frame of {end} bytes came with {len(data) - end} more: one frame at a time")
-    header: dict[str, Any] = json.loads(data[_LENGTHS.size : _LENGTHS.size + head_size])
-    return header, data[_LENGTHS.size + head_size :]
+    """One frame from ``fd`` where nothing follows it unread (a reader of its own is kept otherwise)."""
+    reader = FrameReader(fd)
+    frame = reader.read()
+    if reader.buffered():
+        raise ValueError("more than one frame came: read them with a FrameReader")
+    return frame
 
 
 def wait_readable(fd: int, timeout_s: float | None) -> bool:
@@ -56,13 +89,3 @@ def wait_readable(fd: int, timeout_s: float | None) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     return bool(poller.poll(max(0.0, timeout_s) * 1000))
-
-
-def _read_at_least(fd: int, data: bytes, size: int) -> bytes | None:
-    """``data`` and what ``fd`` has next, up to ``size`` bytes at least; None if it ends first."""
-    while len(data) < size:
-        chunk = os.read(fd, max(_READ_SIZE, size - len(data)))
-        if not chunk:
-            return None
-        data += chunk
-    return data

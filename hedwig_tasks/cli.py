@@ -24,6 +24,7 @@ from typing import Any
 from hedwig_tasks._cli_app import EXIT_CONFIG, EXIT_UNAVAILABLE, CLIError, find_app, masked_url
 from hedwig_tasks._cli_beat import add_beat_command
 from hedwig_tasks._cli_dlq import add_dlq_commands
+from hedwig_tasks._cli_inspect import add_inspect_command
 from hedwig_tasks._version import __version__
 from hedwig_tasks.app import TRANSPORT_ENV, Hedwig
 from hedwig_tasks.exceptions import HedwigError, TransportError
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dlq_commands(commands, _common)
     add_beat_command(commands, _common)
+    add_inspect_command(commands, _common)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,35 @@ def test_a_hung_child_is_killed_at_the_time_limit_and_replaced(pool: Pool, seen:
     assert abandoned == [f"child process {pid}" for pid in hung] and len(set(hung)) == 3
     for pid in hung:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_the_message_waiting_behind_a_killed_child_runs_once_in_the_next(pool: Pool) -> None:
+    worker = pool.start(time_limit_s=2.0)  # one child and two lanes: "fine" waits in its pipe behind the hang
+    pool.publish("hang-1")
+    wait_for(lambda: pool.events("start"), 30)
+    assert worker._pool is not None and worker._pool.threads == 2
+    pool.publish("fine")
+    wait_for(lambda: worker.running == 2, 30)
+    wait_for(lambda: pool.events("end"), 30)
+    pool.running.stop(abort=True)  # type: ignore[union-attr]
+    [hang, *_] = [e for e in pool.events("start") if e["user_id"] == "hang-1"]
+    [fine] = [e for e in pool.events("start") if e["user_id"] == "fine"]
+    assert fine["attempt"] == 1 and fine["pid"] != hang["pid"]  # it never started there: sent on, not failed
+    assert [e["user_id"] for e in pool.events("end")] == ["fine"]
+
+
+def test_kill_9_of_a_child_fails_only_the_message_it_ran(pool: Pool) -> None:
+    worker = pool.start()
+    pool.publish("slow-1")
+    wait_for(lambda: pool.events("start"), 30)
+    pool.publish("U2")
+    wait_for(lambda: worker.running == 2, 30)  # U2 waits in the child's pipe
+    os.kill(pool.events("start")[0]["pid"], signal.SIGKILL)
+    wait_for(lambda: len(pool.events("end")) == 2, 30)
+    pool.running.stop()  # type: ignore[union-attr]
+    starts = sorted((e["user_id"], e["attempt"]) for e in pool.events("start"))
+    assert starts == [("U2", 1), ("slow-1", 1), ("slow-1", 2)]
+    assert worker.counts == {"handled": 2, "retried": 1, "dead_lettered": 0}
 
 
 def test_stop_lets_a_child_finish_its_message_then_the_children_exit(pool: Pool) -> None:

@@ -196,8 +196,10 @@ def cmd_publish(args: argparse.Namespace, app: Hedwig) -> int:
         data = json.loads(args.data)
     except ValueError as exc:
         raise CLIError(f'DATA is not valid JSON ({exc}): quote it for the shell, as \'{{"to": "a@b.c"}}\'') from None
-    message = app.publish(args.type, args.version, data, headers=_parse_headers(args.header))
-    print(f"published {message.type} {message.version} id={message.id}")
+    headers = _parse_headers(args.header)
+    message = app.publish(args.type, args.version, data, headers=headers, delay_s=args.delay, expires_s=args.expires)
+    due = f" (due in {args.delay:g}s)" if args.delay else ""
+    print(f"published {message.type} {message.version} id={message.id}{due}")
     return EXIT_OK
 
 
@@ -324,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("version", help="schema version, such as 1.0")
     publish.add_argument("data", help="the data as JSON")
     publish.add_argument("-H", "--header", action="append", default=[], metavar="KEY=VALUE")
+    publish.add_argument("--delay", type=float, metavar="SECONDS", help="held by the broker this long before it is run")
+    publish.add_argument(
+        "--expires",
+        type=float,
+        metavar="SECONDS",
+        help="not run (ignored or dead-lettered) if received later",
+    )
     publish.set_defaults(func=cmd_publish)
 
     provision = commands.add_parser("provision", help="create the app's topics and subscriptions (idempotent)")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import cli, one_error, project
 from conftest import SCHEMA_FILE
 
 from hedwig_tasks import ConfigurationError, Hedwig, Message, signals
@@ -166,3 +168,24 @@ def test_the_handlers_publish_takes_the_timing_options() -> None:
     (delivery,) = consumer.receive(10, wait_s=0)  # the delayed one is held by the bus
     assert app.decode(delivery).data == {"user_id": "until"}
     assert EXPIRES_AT_ATTRIBUTE in delivery.attributes
+
+
+def test_the_publish_command_takes_delay_and_expires(tmp_path: Path) -> None:
+    """``hedwig-tasks publish --delay/--expires`` on the quick start's SQLite bus."""
+    folder = project(tmp_path)
+    assert cli(folder, "provision", "-A", "tasks").returncode == 0
+    email = '{"to": "%s@example.com", "subject": "Hi"}'
+    started = time.time()
+    later = cli(folder, "publish", "-A", "tasks", "send_email", "1.0", email % "later", "--delay", "1.5")
+    assert later.returncode == 0, later.stderr
+    assert "(due in 1.5s)" in later.stdout
+    stale = cli(folder, "publish", "-A", "tasks", "send_email", "1.0", email % "stale", "--expires", "0")
+    assert stale.returncode == 0, stale.stderr
+    refused = cli(folder, "publish", "-A", "tasks", "send_email", "1.0", email % "x", "--delay", "-1")
+    assert "delay_s=-1.0: expected seconds" in one_error(refused)
+    worker = cli(folder, "worker", "-A", "tasks", "--burst")
+    assert worker.returncode == 0, worker.stderr
+    assert "e-mail to later@example.com" in worker.stderr
+    assert time.time() - started >= 1.5
+    assert "e-mail to stale@example.com" not in worker.stderr
+    assert "ignored send_email 1.0" in worker.stderr and "expired at" in worker.stderr

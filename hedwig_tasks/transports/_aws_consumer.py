@@ -189,19 +189,27 @@ class SQSConsumer(Consumer):
         remaining_s = due_ms / 1000 - self._clock()
         if remaining_s <= 0:
             return False
+        message_id = str(message["MessageId"])
+        try:
+            how = self._hold(url, message, read, remaining_s)
+        except TransportError as exc:  # not handed out early: it comes back when its lease runs out
+            logger.warning("SQS message %s is due in %.0fs and could not be held: %s", message_id, remaining_s, exc)
+            return True
+        logger.debug("SQS message %s is due in %.0fs: %s", message_id, remaining_s, how)
+        return True
+
+    def _hold(self, url: str, message: dict[str, Any], read: Read, remaining_s: float) -> str:
+        """Hide an early message by visibility, or send it again delayed; says which."""
         handle, message_id = str(message["ReceiptHandle"]), str(message["MessageId"])
         doing = f"hold delayed SQS message {message_id} in {self._name}"
         if read.attempt <= 1 and remaining_s > MAX_DELAY_S:
             hide_s = min(whole_seconds(remaining_s - MAX_DELAY_S), self._max_hold_s)
             self._client.set_visibility(url, handle, hide_s, doing=doing)
-            how = f"hidden for {hide_s}s"
-        else:
-            delay_s = min(whole_seconds(remaining_s), MAX_DELAY_S, self._max_hold_s)
-            self._client.send(url, read.body, read.attributes, doing=doing, delay_s=delay_s)
-            self._client.delete(url, [(message_id, handle)])
-            how = f"sent again with a delay of {delay_s}s"
-        logger.debug("SQS message %s is due in %.0fs: %s", message_id, remaining_s, how)
-        return True
+            return f"hidden for {hide_s}s"
+        delay_s = min(whole_seconds(remaining_s), MAX_DELAY_S, self._max_hold_s)
+        self._client.send(url, read.body, read.attributes, doing=doing, delay_s=delay_s)
+        self._client.delete(url, [(message_id, handle)])
+        return f"sent again with a delay of {delay_s}s"
 
     def _delivery(self, message: dict[str, Any], read: Read) -> Delivery:
         """One received message as a Delivery; a field that cannot be read makes a fault, never

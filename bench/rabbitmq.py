@@ -252,10 +252,11 @@ def publish_dramatiq(workdir: Path, messages: int, batch: int) -> float:
     queue = f"bench-dramatiq-{uuid.uuid4().hex[:8]}"
     broker = RabbitmqBroker(url=_pika_url(URL), confirm_delivery=True)
 
+    @dramatiq.actor(broker=broker, queue_name=queue)
     def user_created(user_id: str, email: str) -> None:
         pass
 
-    actor = dramatiq.actor(user_created, broker=broker, queue_name=queue)
+    actor = user_created
     try:
         actor.send(**_data(-1))  # connects and declares
         started = time.perf_counter()

@@ -173,9 +173,18 @@ class KombuTransport(Transport):
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
+    def publish(
+        self,
+        topic: str,
+        body: bytes,
+        attributes: Mapping[str, str],
+        *,
+        owner: str | None = None,
+        delay_s: float = 0,
+    ) -> str:
         """Publish one message persistently, on this thread's connection; returns once the broker
         confirmed it. See :meth:`publish_many` for what raises."""
+        _no_delay(delay_s)
         message_id = uuid.uuid4().hex
         self._publish(topic, [(message_id, body, attributes)])
         return message_id
@@ -186,6 +195,7 @@ class KombuTransport(Transport):
         messages: Sequence[tuple[bytes, Mapping[str, str]]],
         *,
         owner: str | None = None,
+        delay_s: float = 0,
     ) -> list[str]:
         """Publish each persistently, on this thread's connection, then wait for the broker's
         confirms of them all (every ``CONFIRM_WINDOW`` messages and at the end): it returns once
@@ -193,8 +203,10 @@ class KombuTransport(Transport):
 
         A topic that does not exist raises ``PublishError``, naming it; one no queue subscribes to
         is warned about. A refusal, or any other failure, raises ``PublishError`` too; messages
-        before the failing window may have been sent.
+        before the failing window may have been sent. A delay is refused (``ConfigurationError``):
+        the broker keeps delays per subscription, for retries, not per publish.
         """
+        _no_delay(delay_s)
         ids = [uuid.uuid4().hex for _ in messages]
         self._publish(topic, [(i, body, attributes) for i, (body, attributes) in zip(ids, messages, strict=True)])
         return ids
@@ -265,6 +277,11 @@ class KombuTransport(Transport):
     ) -> int:
         """Delete the oldest dead letters (or those ``ids`` names) for good; returns how many."""
         return self._admin.purge_dead_letters(queue, limit=limit, progress=progress, ids=ids)
+
+
+def _no_delay(delay_s: float) -> None:
+    if delay_s > 0:
+        raise ConfigurationError("the kombu transport cannot delay a publish (Capabilities.delayed_publish is False)")
 
 
 def _missing_topic(topic: str) -> str:

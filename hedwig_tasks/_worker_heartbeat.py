@@ -1,4 +1,5 @@
-"""The live-worker registry: each worker's heartbeat row in the state store, read by ``inspect``.
+"""The worker's heartbeats: the ``heartbeat`` signal and Hedwig's heartbeat hook from the receive
+loop, and the live-worker registry, each worker's row in the state store, read by ``inspect``.
 
 A mixin of :class:`~hedwig_tasks.worker.Worker`. A thread writes the row
 ``heartbeat("workers/<app>", <worker id>, {...}, ttl_s=3 * interval)`` when the worker starts and
@@ -16,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from hedwig_tasks import signals
 from hedwig_tasks._version import __version__
 from hedwig_tasks._worker_report import key as _key
 from hedwig_tasks.exceptions import StateError
@@ -26,8 +28,10 @@ if TYPE_CHECKING:
     from hedwig_tasks._worker_state import Outage
     from hedwig_tasks.app import Hedwig
 
-__all__ = ["HEARTBEAT_TTL_BEATS", "Heartbeats", "group", "transport_text"]
+__all__ = ["HEARTBEAT_INTERVAL_S", "HEARTBEAT_TTL_BEATS", "Heartbeats", "group", "transport_text"]
 
+#: Interval between ``heartbeat`` signals, in seconds.
+HEARTBEAT_INTERVAL_S = 1.0
 #: A row lives this many heartbeat intervals unless written again.
 HEARTBEAT_TTL_BEATS = 3
 
@@ -60,6 +64,10 @@ class Heartbeats:
     counts: dict[str, int]
     duplicates: int
     started_at: float
+    error_count: int
+    last_beat: float
+    _last_heartbeat: float
+    _last_hook_beat: float
     _state_outage: Outage
     _stopping: threading.Event
     _held: dict[int, _Held]
@@ -68,6 +76,20 @@ class Heartbeats:
     if TYPE_CHECKING:
 
         def _spawn(self, target: Any, name: str) -> threading.Thread: ...
+        def _call_hook(self, name: str, hook: Any, **kwargs: Any) -> bool: ...
+        @property
+        def held(self) -> int: ...
+
+    def _beat(self) -> None:
+        """From the receive loop: the ``heartbeat`` signal every second, the Hedwig hook at its interval."""
+        now = self.last_beat = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            self._last_heartbeat = now
+            signals.send(signals.heartbeat, self.app, worker=self, error_count=self.error_count, held=self.held)
+        hooks = self.app.hooks
+        if hooks.heartbeat and now - self._last_hook_beat >= hooks.heartbeat_interval_s:
+            self._last_hook_beat = now
+            self._call_hook("heartbeat", hooks.heartbeat, error_count=self.error_count)
 
     def _start_heartbeats(self) -> None:
         """Start the heartbeat thread, unless switched off or on an in-process bus nobody else can see."""

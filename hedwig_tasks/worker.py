@@ -1,7 +1,7 @@
 """The worker: receive, decode, dispatch, settle; with prefetch, leases and graceful shutdown.
 
-Threads: one receive loop (the caller's), ``concurrency`` handler threads, one lease keeper
-and one acker that batches acknowledgements. ``concurrency + prefetch`` slots bound what is
+Threads: one receive loop (the caller's), ``concurrency`` handler threads, a lease keeper, an
+acker that batches acknowledgements, and one writing the worker's row in the state store. ``concurrency + prefetch`` slots bound what is
 held: the receive loop takes every free slot at once and asks the transport for no more, and a
 slot comes back only when its delivery is settled (for an ack, once the batched ack is sent),
 so nothing is hoarded. Every held delivery, buffered or running, has its lease extended by
@@ -12,7 +12,8 @@ and hands it the delivery's bytes; the thread keeps doing the rest. Time limits:
 handler is cancelled; a sync one in a thread is abandoned (its message failed, its thread
 replaced, its late result discarded; see :mod:`hedwig_tasks._worker_deadlines`); a child
 process is killed and replaced. A handler's rate limit makes its thread wait for its turn
-(the message stays held and leased).
+(the message stays held and leased); an idempotent handler's message is run only by the
+delivery holding its key in the state store (:mod:`hedwig_tasks._worker_idempotency`).
 
 Shutdown (:meth:`Worker.stop`, SIGTERM or SIGINT from the CLI): stop receiving, release the
 buffered deliveries at once, let running handlers finish within ``shutdown_timeout_s``,
@@ -67,8 +68,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Interval between ``heartbeat`` signals, in seconds.
-HEARTBEAT_INTERVAL_S = 1.0
 #: Longest pause between receives after a transport error, in seconds.
 MAX_ERROR_BACKOFF_S = 30.0
 #: Longest an ack waits for others to go with it while handlers still have work, in seconds.
@@ -270,16 +269,6 @@ class Worker(Limits, Idempotency, Heartbeats):
         for key, due in list(self._retries_due.items()):
             if now > due + BURST_RETRY_GRACE_S:
                 del self._retries_due[key]
-
-    def _beat(self) -> None:
-        now = self.last_beat = time.monotonic()
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
-            self._last_heartbeat = now
-            signals.send(signals.heartbeat, self.app, worker=self, error_count=self.error_count, held=self.held)
-        hooks = self.app.hooks
-        if hooks.heartbeat and now - self._last_hook_beat >= hooks.heartbeat_interval_s:
-            self._last_hook_beat = now
-            self._call_hook("heartbeat", hooks.heartbeat, error_count=self.error_count)
 
     def _call_hook(self, name: str, hook: Any, **kwargs: Any) -> bool:
         """Run a Hedwig-style hook; False (and a log line) if it raised."""

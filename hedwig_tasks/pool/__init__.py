@@ -1,7 +1,7 @@
 """Where handlers run: the worker's own threads (the default) or child processes.
 
-``hedwig-tasks worker --pool processes -c N`` runs handlers in N child processes, each owned by
-one of the worker's handler threads (:mod:`~hedwig_tasks.pool.processes`); the child side is
+``hedwig-tasks worker --pool processes -c N`` runs handlers in N child processes, each fed by
+two of the worker's handler threads (:mod:`~hedwig_tasks.pool.processes`); the child side is
 :mod:`~hedwig_tasks.pool.child` and the bytes between them :mod:`~hedwig_tasks.pool.framing`.
 The worker keeps receiving, leases, signals and settling either way.
 """

@@ -109,6 +109,7 @@ class Child:
         self.lost = False  #: it died or was killed during a task
         self._waiting: collections.deque[_Ticket] = collections.deque()
         self._cond = threading.Condition()
+        self._write_lock = threading.Lock()  #: a frame is written whole, and the pipe closed between frames
         self._closed = False
         task_r, self._task_w = os.pipe()
         self._reply_r, reply_w = os.pipe()
@@ -141,7 +142,10 @@ class Child:
             if len(self._waiting) == 1:
                 ticket.started_at = time.monotonic()
         try:
-            write_frame(self._task_w, header, body)
+            with self._write_lock:
+                if self._task_w < 0:
+                    raise BrokenPipeError("its input is closed")
+                write_frame(self._task_w, header, body)
         except OSError:
             with self._cond:
                 self._waiting.remove(ticket)
@@ -192,8 +196,8 @@ class Child:
             self.tasks += 1
             self.rss_kb = int(reply.get("rss_kb", 0))
             if reply.get("retire"):  # past --max-memory-per-child: it exits without reading more
-                self.answering = False
-                self.retire(f"its memory reached {self.rss_kb} KiB (--max-memory-per-child)")
+                self.answering = self.accepting = False
+                self.why = f"its memory reached {self.rss_kb} KiB (--max-memory-per-child)"
             elif self._waiting:
                 self._waiting[0].started_at = time.monotonic()
             self._cond.notify_all()
@@ -242,10 +246,11 @@ class Child:
 
     def _close_pipes(self, *, reply: bool = True) -> None:
         # each fd is closed once: a number closed twice may be another thread's by then
-        with self._cond:
+        with self._write_lock:
             if self._task_w >= 0:
                 os.close(self._task_w)
                 self._task_w = -1
+        with self._cond:
             if reply and self._reply_r >= 0:
                 os.close(self._reply_r)
                 self._reply_r = -1

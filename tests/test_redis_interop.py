@@ -55,6 +55,7 @@ class Route:
         self.topic = f"user-created-{self.tag}"
         self.queue = f"interop-{self.tag}"
         self.client = redis.Redis.from_url(url, decode_responses=True)
+        self.apps: list[Hedwig] = []  # closed with the route (the state store a worker opened, too)
 
     def app(
         self,
@@ -75,6 +76,11 @@ class Route:
         )
         if handled is not None:
             app.handler("user-created", "1.*")(handled)
+        return self.keep(app)
+
+    def keep(self, app: Hedwig) -> Hedwig:
+        """``app``, to be closed with the route."""
+        self.apps.append(app)
         return app
 
     def settings(self, validator: str, *, container: bool, **more: Any) -> dict[str, Any]:
@@ -115,6 +121,8 @@ class Route:
         return [fields for _, fields in self.client.xrange(f"hedwig:{stream}")]
 
     def delete(self) -> None:
+        for app in self.apps:
+            app.close()
         self.client.close()
         cleanup(self.url, [self.queue], [self.topic])
 
@@ -361,7 +369,7 @@ def test_an_app_built_from_authedwig_settings_talks_to_authedwig(
         "HEDWIG_JSONSCHEMA_FILE": str(SCHEMA_FILE),
         "HEDWIG_CALLBACKS": {("user-created", "1.*"): handled.append},
     }
-    app = build_app(HedwigSettings.read(form(settings)))
+    app = route.keep(build_app(HedwigSettings.read(form(settings))))
     assert (app.transport.scheme, app.transport.lease_s) == ("redis", AUTHEDWIG_VISIBILITY_TIMEOUT_S)
     app.provision()
     sent = route.authedwig_publishes("jsonschema", container=False)
@@ -380,12 +388,14 @@ def test_the_transport_reads_authedwigs_redis_settings(route: Route) -> None:
     transport = RedisTransport.from_settings(route.settings("jsonschema", container=False))
     assert transport.lease_s == AUTHEDWIG_VISIBILITY_TIMEOUT_S
     handled: list[Message] = []
-    app = Hedwig(
-        "settings-service",
-        schema=SCHEMA_FILE,
-        transport=transport,
-        routing={"user-created": route.topic},
-        queue=route.queue,
+    app = route.keep(
+        Hedwig(
+            "settings-service",
+            schema=SCHEMA_FILE,
+            transport=transport,
+            routing={"user-created": route.topic},
+            queue=route.queue,
+        )
     )
     app.handler("user-created", "1.*")(handled.append)
     app.provision()

@@ -218,8 +218,11 @@ class RedisTransport(Transport):
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None) -> str:
+    def publish(
+        self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None, delay_s: float = 0
+    ) -> str:
         """One ``XADD`` (the first to a topic in this process checks that it exists). Raises ``PublishError``."""
+        _refuse_delay(delay_s)
         fields = entry_fields(topic, body, attributes)
         if topic not in self._topics:
             self._check_topic(topic)
@@ -237,8 +240,10 @@ class RedisTransport(Transport):
         messages: Sequence[tuple[bytes, Mapping[str, str]]],
         *,
         owner: str | None = None,
+        delay_s: float = 0,
     ) -> list[str]:
         """Every ``XADD`` written at once, one round trip; ids in order. Raises ``PublishError``."""
+        _refuse_delay(delay_s)
         entries = [entry_fields(topic, body, attributes) for body, attributes in messages]
         if not entries:
             return []
@@ -313,3 +318,9 @@ class RedisTransport(Transport):
     ) -> int:
         """Delete dead letters for good; returns how many."""
         return self._admin.purge_dead_letters(queue, limit=limit, progress=progress, ids=ids)
+
+
+def _refuse_delay(delay_s: float) -> None:
+    """Capabilities.delayed_publish is False: the app asks for no delay, and a caller that does is told."""
+    if delay_s > 0:
+        raise ConfigurationError("the redis transport does not support delayed publish yet")

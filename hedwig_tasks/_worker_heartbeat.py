@@ -91,6 +91,29 @@ class Heartbeats:
             self._last_hook_beat = now
             self._call_hook("heartbeat", hooks.heartbeat, error_count=self.error_count)
 
+    def _uses_state(self) -> bool:
+        """Whether this worker keeps a heartbeat row, or runs idempotent or fleet-limited handlers."""
+        from hedwig_tasks.transports.memory import MemoryTransport
+
+        if self.options.heartbeat_s is not None and not isinstance(self.app.transport, MemoryTransport):
+            return True
+        return any(h.idempotency_key or h.rate_scope == "fleet" for h in self.app.registry)
+
+    def _check_state(self) -> None:
+        """Build the state store now if it will be used, so a bad URL fails the start (nothing connects)."""
+        if self._uses_state():
+            self.app.state  # noqa: B018 - built for its ConfigurationError
+
+    def _release_state(self) -> None:
+        """At shutdown: close the connections of the store the app built from its URL, so none
+        outlives the worker (each store connects again if used again); a store object passed in
+        is its owner's to close."""
+        from hedwig_tasks.state.base import StateStore
+
+        state = self.app._state
+        if state is not None and not isinstance(self.app._state_spec, StateStore):
+            state.close()
+
     def _start_heartbeats(self) -> None:
         """Start the heartbeat thread, unless switched off or on an in-process bus nobody else can see."""
         from hedwig_tasks.transports.memory import MemoryTransport

@@ -1,11 +1,12 @@
 """The worker: receive, decode, dispatch, settle; with prefetch, leases and graceful shutdown.
 
 Threads: one receive loop (the caller's), ``concurrency`` handler threads, a lease keeper, an
-acker that batches acknowledgements, and one writing the worker's row in the state store. ``concurrency + prefetch`` slots bound what is
-held: the receive loop takes every free slot at once and asks the transport for no more, and a
-slot comes back only when its delivery is settled (for an ack, once the batched ack is sent),
-so nothing is hoarded. Every held delivery, buffered or running, has its lease extended by
-the keeper until it is settled or ``max_lease_s`` has passed.
+acker that batches acknowledgements, and one writing the worker's row in the state store.
+``concurrency + prefetch`` slots bound what is held: the receive loop takes every free slot at
+once and asks the transport for no more, and a slot comes back only when its delivery is
+settled (for an ack, once the batched ack is sent), so nothing is hoarded. Every held delivery,
+buffered or running, has its lease extended by the keeper until it is settled or
+``max_lease_s`` has passed.
 
 With ``pool="processes"`` each handler thread owns a child process (:mod:`hedwig_tasks.pool`)
 and hands it the delivery's bytes; the thread keeps doing the rest. Time limits: an ``async``
@@ -155,7 +156,8 @@ class Worker(Limits, Idempotency, Heartbeats):
 
     def run(self) -> None:
         """Consume until stopped. Raises ``TransportError`` if the first receive fails, and
-        ``ConfigurationError`` if process-pool children cannot load the app."""
+        ``ConfigurationError`` if process-pool children cannot load the app or the state store's URL is bad."""
+        self._check_state()
         if self.options.pool == "processes":
             self._pool = Pool(child_spec(self.app, self.options), self.options)
         try:
@@ -583,6 +585,7 @@ class Worker(Limits, Idempotency, Heartbeats):
         for thread in self._threads:
             thread.join(5.0)
         self._consumer.close()
+        self._release_state()
         signals.send(signals.worker_shutdown, self.app, worker=self)
         logger.info(
             "worker %s stopped (%s): %d handled, %d retried, %d dead-lettered",

@@ -55,7 +55,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def _app(tmp_path: Path, state: str, starts: list[tuple[float, int]], rate: str) -> Hedwig:
     """One worker's app: its own handler objects and its own store client, as in another process."""
-    app = Hedwig("svc", schema=SCHEMA_FILE, transport=f"sqlite:///{tmp_path}/bus.db?lease_s=1", state=state)
+    app = Hedwig("svc", schema=SCHEMA_FILE, transport=f"sqlite:///{tmp_path}/bus.db?lease_s=2", state=state)
 
     @app.handler("user-created", "1.*", rate_limit=rate, rate_scope="fleet", name="created")
     def created(message: Message) -> None:
@@ -98,7 +98,7 @@ def test_two_workers_share_one_rate_keeping_the_prefetch_bound_and_leases(tmp_pa
     assert 18.0 <= rate <= 22.0, rate
     assert all(w.worker.counts["handled"] > 0 for w in workers)  # both took turns from one bucket
     assert peak[0] <= 8  # concurrency + prefetch, per worker
-    assert [attempt for _, attempt in starts] == [1] * 41  # two seconds of waiting, over a lease of 1 s
+    assert [attempt for _, attempt in starts] == [1] * 41  # held while waiting: none redelivered
     for app in apps:
         app.close()
 
@@ -110,7 +110,7 @@ def test_a_store_outage_holds_the_starts_logs_once_and_they_go_on_when_it_answer
     app = _app(tmp_path, f"sqlite:///{tmp_path}/state.db", starts, "100/s")
     app.provision()
     working = app.state
-    app._state = RedisStore("redis://127.0.0.1:1/9")  # nothing listens there
+    app._state = unreachable = RedisStore("redis://127.0.0.1:1/9")  # nothing listens there
     for n in range(3):
         app.publish("user-created", "1.0", {"user_id": f"U{n}"})
     caplog.set_level(logging.INFO, logger="hedwig_tasks.worker")
@@ -121,6 +121,7 @@ def test_a_store_outage_holds_the_starts_logs_once_and_they_go_on_when_it_answer
     app._state = working
     wait_for(lambda: len(starts) == 3, 10)
     running.stop()
+    unreachable.close()  # after the worker: none of its threads uses it any more
     failed = [r for r in caplog.records if r.getMessage().startswith("state store failed")]
     assert len(failed) == 1 and "rate/svc/created waits" in failed[0].getMessage()
     app.close()

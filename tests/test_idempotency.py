@@ -202,7 +202,7 @@ def test_a_store_outage_defers_the_messages_logs_once_and_they_run_when_it_answe
 
     app.provision()
     working = app.state
-    app._state = RedisStore("redis://127.0.0.1:1/9")  # nothing listens there
+    app._state = unreachable = RedisStore("redis://127.0.0.1:1/9")  # nothing listens there
     ids = [app.publish("user-created", "1.0", {"user_id": f"U{n}"}).id for n in range(3)]
     received = _recorder(signals.message_received, app)
     caplog.set_level(logging.INFO, logger="hedwig_tasks.worker")
@@ -212,6 +212,7 @@ def test_a_store_outage_defers_the_messages_logs_once_and_they_run_when_it_answe
     app._state = working
     wait_for(lambda: sorted(runs) == sorted(ids), 30)
     running.stop()
+    unreachable.close()  # after the worker: none of its threads uses it any more
     failed = [r for r in caplog.records if r.getMessage().startswith("state store failed")]
     assert len(failed) == 1 and "messages of idempotent handlers come back later" in failed[0].getMessage()
     assert any(r.getMessage() == "state store answers again" for r in caplog.records)
@@ -284,3 +285,10 @@ def test_two_worker_processes_run_each_of_1000_messages_delivered_twice_once(tmp
     (status,) = app.transport.status("idemapp", ["user-created-v1"])
     assert (status.depth, status.in_flight, status.dead_letters) == (0, 0, 0)  # every copy settled
     app.close()
+
+
+def test_a_bad_state_url_fails_the_worker_at_start(tmp_path: Path) -> None:
+    app = Hedwig("svc", schema=SCHEMA_FILE, transport=f"sqlite:///{tmp_path}/bus.db", state="sqlit:///state.db")
+    app.handler("user-created", "1.*", idempotent=True)(lambda m: None)
+    with pytest.raises(ConfigurationError, match=r"unknown state store 'sqlit'.*did you mean 'sqlite'"):
+        Worker(app, WorkerOptions(burst=True, heartbeat_s=None)).run()  # not at the first message

@@ -105,7 +105,7 @@ def test_a_store_outage_skips_beats_and_the_worker_goes_on(tmp_path: Path) -> No
     app.handler("user-created", "1.*")(lambda message: handled.append(message.id))
     app.provision()
     working = app.state
-    app._state = RedisStore("redis://127.0.0.1:1/9")  # nothing listens there
+    app._state = unreachable = RedisStore("redis://127.0.0.1:1/9")  # nothing listens there
     running = WorkerThread(Worker(app, WorkerOptions(wait_s=0.05, heartbeat_s=0.1)))
     wait_for(lambda: running.worker._state_outage.errors >= 2, 10)
     app.publish("user-created", "1.0", {"user_id": "U1"})
@@ -113,6 +113,7 @@ def test_a_store_outage_skips_beats_and_the_worker_goes_on(tmp_path: Path) -> No
     app._state = working
     wait_for(lambda: working.members("workers/svc"), 10)
     running.stop()
+    unreachable.close()  # after the worker: none of its threads uses it any more
     app.close()
 
 

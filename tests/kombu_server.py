@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from hedwig_tasks.transports._kombu_names import publish_delay_queue_name
 from hedwig_tasks.transports.kombu import (
     DELAY_BUCKETS_S,
     delay_queue_name,
@@ -60,6 +61,7 @@ def cleanup(url: str, queues: Iterable[str], topics: Iterable[str]) -> None:
         channel = connection.channel()
         names = [*subscriptions, *map(dlq_name, queues)]
         names += [delay_queue_name(s, b) for s in subscriptions for b in DELAY_BUCKETS_S]
+        names += [publish_delay_queue_name(t, b) for t in topics for b in DELAY_BUCKETS_S]
         for name in names:
             channel.queue_delete(name)
         for topic in topics:

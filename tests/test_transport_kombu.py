@@ -17,9 +17,11 @@ from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportE
 from hedwig_tasks.testing.contract import ContractClock, Names, RealClock, TransportContract
 from hedwig_tasks.transports import from_url
 from hedwig_tasks.transports._kombu_consumer import ack_plan
+from hedwig_tasks.transports._kombu_names import publish_delay_queue_name
 from hedwig_tasks.transports.base import Delivery, SubscriptionStatus
 from hedwig_tasks.transports.kombu import (
     DEFAULT_LEASE_S,
+    DELAY_BUCKETS_S,
     KombuTransport,
     delay_queue_name,
     dlq_name,
@@ -407,3 +409,20 @@ def test_an_ack_never_waits_for_a_receive_reading(rabbit: tuple[KombuTransport, 
     again = bus.consumer(names.queue, [names.topic])
     assert again.receive(2, wait_s=0.5) == []  # settled for good
     again.close()
+
+
+def test_a_delayed_publish_waits_in_its_topics_bucket(rabbit: tuple[KombuTransport, Names]) -> None:
+    """A delayed publish waits in the topic's publish-delay queue of its bucket (the fan-out comes
+    when its TTL runs out); a missing topic and a delay past AMQP's longest TTL are refused."""
+    bus, names = rabbit
+    with pytest.raises(PublishError, match=f"topic {names.topic!r}.*provision"):
+        bus.publish(names.topic, b"nowhere", {}, delay_s=1.0)
+    bus.provision(names.queue, [names.topic], [])
+    with pytest.raises(PublishError, match="past RabbitMQ's longest TTL"):
+        bus.publish(names.topic, b"too late", {}, delay_s=DELAY_BUCKETS_S[-1] + 1)
+    bus.publish(names.topic, b"later", {"a": "1"}, delay_s=3.0)
+    with kombu.Connection(bus.url) as connection:
+        waiting = connection.channel().queue_declare(publish_delay_queue_name(names.topic, 4), passive=True)
+        assert waiting.message_count == 1
+        subscription = connection.channel().queue_declare(subscription_name(names.queue, names.topic), passive=True)
+        assert subscription.message_count == 0

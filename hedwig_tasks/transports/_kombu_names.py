@@ -16,6 +16,7 @@ __all__ = [
     "delay_queue_name",
     "dlq_name",
     "exchange_name",
+    "publish_delay_queue_name",
     "subscription_name",
     "topic_of",
 ]
@@ -62,6 +63,14 @@ def dlq_name(queue: str) -> str:
 def delay_queue_name(subscription: str, bucket_s: int) -> str:
     """The queue retries of ``subscription`` wait in for up to ``bucket_s`` seconds."""
     return f"{subscription}-delay-{bucket_s}s"
+
+
+def publish_delay_queue_name(topic: str, bucket_s: int) -> str:
+    """The queue delayed publishes to ``topic`` wait in for up to ``bucket_s`` seconds.
+
+    Spelled ``hedwig:`` (not ``hedwig-``), so it can never be a subscription's delay queue.
+    """
+    return f"hedwig:publish-delay:{bucket_s}s:{topic}"
 
 
 def bucket(delay_s: float) -> int:

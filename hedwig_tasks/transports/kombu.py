@@ -22,6 +22,10 @@ returns. Both write py-amqp frames on the thread's kept channel: no Kombu ``Prod
 declare per publish. Publishes are ``mandatory``: one that no queue takes comes back, and a
 warning says (once per topic per process) that the topic has no subscription.
 
+Delayed publishes wait in ``hedwig:publish-delay:<B>s:T``, bucketed the same way, and
+dead-letter into the topic's exchange when their TTL runs out (so the fan-out happens then;
+``status`` does not count them, as they belong to no subscription yet).
+
 Retries: a retry goes to ``hedwig-Q-T-delay-<B>s``, one delay queue per power of two ``B``
 seconds (created on first use), with the delay as the message's TTL and dead-lettering back to
 the subscription. Per-message TTLs expire only at a queue's head; bucketing by powers of two
@@ -87,9 +91,11 @@ from hedwig_tasks.transports._kombu_link import DEFAULT_CONNECT_TIMEOUT_S, DEFAU
 from hedwig_tasks.transports._kombu_messages import message
 from hedwig_tasks.transports._kombu_names import (
     DELAY_BUCKETS_S,
+    bucket,
     delay_queue_name,
     dlq_name,
     exchange_name,
+    publish_delay_queue_name,
     subscription_name,
 )
 from hedwig_tasks.transports._url import read_options, seconds
@@ -112,6 +118,9 @@ __all__ = [
     "subscription_name",
 ]
 
+#: A message to publish: its id, body and attributes.
+_Outgoing = tuple[str, bytes, Mapping[str, str]]
+
 #: Most messages ``publish_many`` sends before it waits for their confirms.
 CONFIRM_WINDOW = 1000
 #: The options a URL's query may carry for the transport.
@@ -130,7 +139,7 @@ class KombuTransport(Transport):
     messaging_system = "rabbitmq"
     # RabbitMQ cannot count unacked messages over AMQP, and a lease that ran out is given back by
     # the consumer at its next receive, so status() counts lag or are None.
-    capabilities = Capabilities(max_delay_s=float(DELAY_BUCKETS_S[-1]), status_counts=False)
+    capabilities = Capabilities(max_delay_s=float(DELAY_BUCKETS_S[-1]), status_counts=False, delayed_publish=True)
 
     def __init__(
         self,
@@ -146,6 +155,7 @@ class KombuTransport(Transport):
         self.url, self.lease_s, self.connect_timeout_s = url, lease_s, connect_timeout_s
         self._lock = threading.Lock()
         self._consumers: list[KombuConsumer] = []
+        self._delay_queues: set[str] = set()  # publish delay queues declared (their topics exist)
 
     @classmethod
     def from_url(cls, url: str) -> KombuTransport:
@@ -184,9 +194,8 @@ class KombuTransport(Transport):
     ) -> str:
         """Publish one message persistently, on this thread's connection; returns once the broker
         confirmed it. See :meth:`publish_many` for what raises."""
-        _no_delay(delay_s)
         message_id = uuid.uuid4().hex
-        self._publish(topic, [(message_id, body, attributes)])
+        self._publish(topic, [(message_id, body, attributes)], delay_s)
         return message_id
 
     def publish_many(
@@ -203,15 +212,18 @@ class KombuTransport(Transport):
 
         A topic that does not exist raises ``PublishError``, naming it; one no queue subscribes to
         is warned about. A refusal, or any other failure, raises ``PublishError`` too; messages
-        before the failing window may have been sent. A delay is refused (``ConfigurationError``):
-        the broker keeps delays per subscription, for retries, not per publish.
+        before the failing window may have been sent. A delay waits in a delay queue of the topic
+        (see :meth:`_publish_delayed`); one longer than the last bucket raises ``PublishError``.
         """
-        _no_delay(delay_s)
         ids = [uuid.uuid4().hex for _ in messages]
-        self._publish(topic, [(i, body, attributes) for i, (body, attributes) in zip(ids, messages, strict=True)])
+        pairs = zip(ids, messages, strict=True)
+        self._publish(topic, [(i, body, attributes) for i, (body, attributes) in pairs], delay_s)
         return ids
 
-    def _publish(self, topic: str, messages: list[tuple[str, bytes, Mapping[str, str]]]) -> None:
+    def _publish(self, topic: str, messages: list[_Outgoing], delay_s: float = 0) -> None:
+        if delay_s > 0:
+            self._publish_delayed(topic, messages, delay_s)
+            return
         link = self._broker.thread_link()
         exchange = exchange_name(topic)
         with link.errors(f"publish to {topic!r}", PublishError):
@@ -222,6 +234,37 @@ class KombuTransport(Transport):
                     confirms.publish(built, exchange=exchange, routing_key=topic, mandatory=True)
                     if n % CONFIRM_WINDOW == 0:
                         confirms.wait()
+                confirms.wait()
+            except amqp.exceptions.NotFound as exc:  # the exchange: it closed the channel
+                link.reset()
+                raise PublishError(_missing_topic(topic)) from exc
+
+    def _publish_delayed(
+        self, topic: str, messages: list[tuple[str, bytes, Mapping[str, str]]], delay_s: float
+    ) -> None:
+        """Into ``hedwig:publish-delay:<B>s:<topic>`` with the delay as each message's TTL; it
+        dead-letters into the topic's exchange, so the fan-out happens when the delay is over.
+
+        As for retries, ``B`` is the power of two that holds the delay (a message waits at most
+        its bucket behind longer ones, never less than its delay). The topic's exchange is
+        checked before the first delayed publish to it (``PublishError`` naming provision).
+        """
+        if delay_s > DELAY_BUCKETS_S[-1]:
+            raise PublishError(f"publish to {topic!r}: a delay of {delay_s:g}s is past RabbitMQ's longest TTL")
+        name = publish_delay_queue_name(topic, bucket(delay_s))
+        link = self._broker.thread_link()
+        with link.errors(f"delayed publish to {topic!r}", PublishError):
+            try:
+                if name not in self._delay_queues:
+                    channel = link.channel
+                    channel.exchange_declare(exchange_name(topic), "fanout", passive=True)
+                    arguments = {"x-dead-letter-exchange": exchange_name(topic), "x-dead-letter-routing-key": topic}
+                    channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+                    self._delay_queues.add(name)
+                confirms = link.confirms
+                for message_id, body, attributes in messages:
+                    built = message(body, attributes, message_id=message_id, expiration=delay_s)
+                    confirms.publish(built, routing_key=name)
                 confirms.wait()
             except amqp.exceptions.NotFound as exc:  # the exchange: it closed the channel
                 link.reset()
@@ -277,11 +320,6 @@ class KombuTransport(Transport):
     ) -> int:
         """Delete the oldest dead letters (or those ``ids`` names) for good; returns how many."""
         return self._admin.purge_dead_letters(queue, limit=limit, progress=progress, ids=ids)
-
-
-def _no_delay(delay_s: float) -> None:
-    if delay_s > 0:
-        raise ConfigurationError("the kombu transport cannot delay a publish (Capabilities.delayed_publish is False)")
 
 
 def _missing_topic(topic: str) -> str:

@@ -5,7 +5,7 @@ A mixin of :class:`~hedwig_tasks.worker.Worker`. A thread writes the row
 ``heartbeat("workers/<app>", <worker id>, {...}, ttl_s=3 * interval)`` when the worker starts and
 every ``heartbeat_s`` (default 5 s) after; a clean stop removes it (``forget``), and the row of a
 worker that died expires within three intervals. A store error skips that beat (logged once).
-The row holds no secrets: the transport's URL has its password and secret options masked.
+The row holds no secrets: the transport is named by its repr, which masks passwords.
 """
 
 from __future__ import annotations
@@ -42,16 +42,8 @@ def group(app_name: str) -> str:
 
 
 def transport_text(app: Hedwig) -> str:
-    """The app's transport as a URL without secrets (a transport object: its repr)."""
-    from hedwig_tasks._cli_app import masked_url
-    from hedwig_tasks.app import TRANSPORT_ENV
-    from hedwig_tasks.transports import DEFAULT_URL
-    from hedwig_tasks.transports.base import Transport
-
-    spec = app._transport_spec
-    if isinstance(spec, Transport):
-        return repr(spec)
-    return masked_url(str(spec or os.environ.get(TRANSPORT_ENV) or DEFAULT_URL))
+    """The app's transport as its repr, which every transport writes without secrets."""
+    return repr(app.transport)
 
 
 class Heartbeats:
@@ -91,13 +83,15 @@ class Heartbeats:
             self._last_hook_beat = now
             self._call_hook("heartbeat", hooks.heartbeat, error_count=self.error_count)
 
-    def _uses_state(self) -> bool:
-        """Whether this worker keeps a heartbeat row, or runs idempotent or fleet-limited handlers."""
+    def _keeps_row(self) -> bool:
+        """Unless switched off, or on an in-process bus that no other process can see."""
         from hedwig_tasks.transports.memory import MemoryTransport
 
-        if self.options.heartbeat_s is not None and not isinstance(self.app.transport, MemoryTransport):
-            return True
-        return any(h.idempotency_key or h.rate_scope == "fleet" for h in self.app.registry)
+        return self.options.heartbeat_s is not None and not isinstance(self.app.transport, MemoryTransport)
+
+    def _uses_state(self) -> bool:
+        """Whether this worker keeps a heartbeat row, or runs idempotent or fleet-limited handlers."""
+        return self._keeps_row() or any(h.idempotency_key or h.rate_scope == "fleet" for h in self.app.registry)
 
     def _check_state(self) -> None:
         """Build the state store now if it will be used, so a bad URL fails the start (nothing connects)."""
@@ -115,10 +109,7 @@ class Heartbeats:
             state.close()
 
     def _start_heartbeats(self) -> None:
-        """Start the heartbeat thread, unless switched off or on an in-process bus nobody else can see."""
-        from hedwig_tasks.transports.memory import MemoryTransport
-
-        if self.options.heartbeat_s is not None and not isinstance(self.app.transport, MemoryTransport):
+        if self._keeps_row():
             self._spawn(self._heartbeat_loop, "hedwig-heartbeat")
 
     def _heartbeat_loop(self) -> None:

@@ -82,7 +82,7 @@ def test_a_worker_keeps_a_row_of_what_it_runs_and_forgets_it_on_a_clean_stop(tmp
         "threads",
         ["user-created-v1"],
     )
-    assert data["transport"] == f"sqlite:///{tmp_path}/bus.db" and data["held"] == 1
+    assert data["transport"] == f"<SQLiteTransport '{tmp_path}/bus.db'>" and data["held"] == 1
     (now_running,) = data["running"]
     assert (now_running["id"], now_running["type"]) == (message.id, "user-created 1.0")
     assert data["started"] <= now_running["since"] <= store.now() + 1
@@ -96,7 +96,8 @@ def test_a_worker_keeps_a_row_of_what_it_runs_and_forgets_it_on_a_clean_stop(tmp
 
 def test_the_row_names_the_transport_without_secrets() -> None:
     app = Hedwig("svc", schema=SCHEMA_FILE, transport="redis://:s3cret@127.0.0.1:6379/9")
-    assert transport_text(app) == "redis://:***@127.0.0.1:6379/9"
+    text = transport_text(app)
+    assert "s3cret" not in text and text.startswith("<RedisTransport 'redis://:") and "@127.0.0.1:6379/9" in text
 
 
 def test_a_store_outage_skips_beats_and_the_worker_goes_on(tmp_path: Path) -> None:

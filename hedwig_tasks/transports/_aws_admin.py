@@ -10,8 +10,8 @@ import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
-from hedwig_tasks.exceptions import TransportError
-from hedwig_tasks.transports._aws_client import AWSClient, aws_errors, missing, queue_name
+from hedwig_tasks.exceptions import ConfigurationError, TransportError
+from hedwig_tasks.transports._aws_client import _NAME_RE, AWSClient, aws_errors, missing, queue_name
 from hedwig_tasks.transports._aws_wire import (
     BATCH,
     MAX_ATTRIBUTES,
@@ -21,6 +21,7 @@ from hedwig_tasks.transports._aws_wire import (
     whole,
     with_dead_letter,
 )
+from hedwig_tasks.transports._plan import Planned
 from hedwig_tasks.transports.base import DeadLetterRecord, Progress
 
 __all__ = ["DeadLetterQueue", "Provisioner"]
@@ -38,23 +39,41 @@ class Provisioner:
     """Finds what is missing and creates it (or, in a dry run, only says so).
 
     Whether something exists is asked of the broker each time, never of the client's caches:
-    in a long-running process a queue may have been deleted since it was last seen.
+    in a long-running process a queue may have been deleted since it was last seen. ``plan``
+    holds a :class:`Planned` record per action. ``offline`` plans everything as missing
+    without a call to AWS (what Terraform is written from); it implies a dry run.
     """
 
-    def __init__(self, client: AWSClient, *, lease_s: float, max_receive_count: int, dry_run: bool) -> None:
+    def __init__(
+        self, client: AWSClient, *, lease_s: float, max_receive_count: int, dry_run: bool, offline: bool = False
+    ) -> None:
         self.client = client
         self.lease_s = lease_s
         self.max_receive_count = max_receive_count
-        self.dry_run = dry_run
-        self.actions: list[str] = []
+        self.dry_run = dry_run or offline
+        self.offline = offline
+        self.plan: list[Planned] = []
         self.urls: dict[str, str] = {}  # queues found or created in this run
 
-    def do(self, action: str, call: Callable[[], Any]) -> Any:
-        self.actions.append(action)
+    @property
+    def actions(self) -> list[str]:
+        """A line per action, as a dry run prints them."""
+        return [planned.action for planned in self.plan]
+
+    def do(self, planned: Planned, call: Callable[[], Any]) -> Any:
+        self.plan.append(planned)
         if not self.dry_run:
-            with aws_errors(f"provision: {action}"):
+            with aws_errors(f"provision: {planned.action}"):
                 return call()
         return None
+
+    def topic_arn(self, topic: str) -> str:
+        """The topic's ARN; offline, one with ``<region>`` and ``<account>`` standing in."""
+        if not self.offline or topic.startswith("arn:"):
+            return self.client.topic_arn(topic)
+        if not _NAME_RE.match(topic):
+            raise ConfigurationError(f"topic {topic!r}: SNS names take letters, digits, '-' and '_'")
+        return f"arn:aws:sns:<region>:<account>:hedwig-{topic}"
 
     def run(self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str]) -> list[str]:
         """Provision; returns a line per action taken (or, in a dry run, that would be taken)."""
@@ -65,13 +84,16 @@ class Provisioner:
         return self.actions
 
     def topic(self, topic: str) -> None:
-        arn = self.client.topic_arn(topic)
+        arn = self.topic_arn(topic)
         if topic.startswith("arn:") or self.exists(lambda: self.client.sns.get_topic_attributes(TopicArn=arn)):
             return
-        name = arn.rsplit(":", 1)[1]
-        self.do(f"create topic {topic} (SNS {name})", lambda: self.client.sns.create_topic(Name=name))
+        name = sns_name(topic)
+        planned = Planned.of("sns_topic", name, f"create topic {topic} (SNS {name})")
+        self.do(planned, lambda: self.client.sns.create_topic(Name=name))
 
     def exists(self, call: Callable[[], Any]) -> bool:
+        if self.offline:
+            return False
         try:
             with aws_errors("provision: look up"):
                 call()
@@ -88,22 +110,22 @@ class Provisioner:
         redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": self.max_receive_count}
         current = self.attributes(name, "RedrivePolicy", "Policy")
         if json.loads(current.get("RedrivePolicy") or "{}").get("deadLetterTargetArn") != dlq_arn:
+            action = f"set redrive policy of {name}: to {dlq_name} after {redrive['maxReceiveCount']} receives"
+            settings = {"dead_letter_queue": dlq_name, "max_receive_count": self.max_receive_count}
             self.set_attributes(
-                f"set redrive policy of {name}: to {dlq_name} after {redrive['maxReceiveCount']} receives",
-                name,
-                {"RedrivePolicy": json.dumps(redrive)},
+                Planned.of("sqs_redrive", name, action, settings), name, {"RedrivePolicy": json.dumps(redrive)}
             )
-        arns = [self.client.topic_arn(t) for t in topics]
+        arns = [self.topic_arn(t) for t in topics]
         self.allow(name, queue_arn, current.get("Policy"), [(t, a) for t, a in zip(topics, arns, strict=True)])
         for topic, arn in zip(topics, arns, strict=True):
             self.subscription(name, queue_arn, topic, arn)
 
     def ensure_queue(self, name: str, attributes: dict[str, str], what: str) -> str:
-        arn = self.client.arn("sqs", name)
-        url = self.client.find_queue_url(name)
+        arn = f"arn:aws:sqs:<region>:<account>:{name}" if self.offline else self.client.arn("sqs", name)
+        url = None if self.offline else self.client.find_queue_url(name)
         if url is None:
             created = self.do(
-                f"create queue {name} ({what})",
+                Planned.of("sqs_queue", name, f"create queue {name} ({what})", attributes),
                 lambda: self.client.sqs.create_queue(QueueName=name, Attributes=attributes),
             )
             if created is not None:
@@ -118,9 +140,9 @@ class Provisioner:
             return {}  # planned in a dry run, not created: nothing set yet
         return self.client.queue_attributes(self.urls[name], *names)
 
-    def set_attributes(self, action: str, name: str, attributes: dict[str, str]) -> None:
+    def set_attributes(self, planned: Planned, name: str, attributes: dict[str, str]) -> None:
         url = self.urls.get(name, "")
-        self.do(action, lambda: self.client.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes))
+        self.do(planned, lambda: self.client.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes))
 
     def allow(self, name: str, queue_arn: str, policy_text: str | None, topics: list[tuple[str, str]]) -> None:
         """Let SNS deliver each topic to the queue, keeping whatever else the policy says."""
@@ -145,14 +167,24 @@ class Provisioner:
         )
         policy["Statement"] = statements
         names = ", ".join(t for t, _ in missing_topics)
-        self.set_attributes(f"allow {names} to deliver to {name} (queue policy)", name, {"Policy": json.dumps(policy)})
+        added = ",".join(sns_name(t) for t, _ in missing_topics)
+        planned = Planned.of(
+            "sqs_policy", name, f"allow {names} to deliver to {name} (queue policy)", {"topics": added}
+        )
+        self.set_attributes(planned, name, {"Policy": json.dumps(policy)})
 
     def subscription(self, name: str, queue_arn: str, topic: str, topic_arn: str) -> None:
         sns = self.client.sns
-        found = self.existing_subscription(topic_arn, queue_arn)
+        found = None if self.offline else self.existing_subscription(topic_arn, queue_arn)
+        settings = {"queue": name, "topic": sns_name(topic), "raw_message_delivery": "true"}
         if found is None:
             self.do(
-                f"subscribe {name} to {topic} (raw delivery)",
+                Planned.of(
+                    "sns_subscription",
+                    f"{name}/{sns_name(topic)}",
+                    f"subscribe {name} to {topic} (raw delivery)",
+                    settings,
+                ),
                 lambda: sns.subscribe(
                     TopicArn=topic_arn,
                     Protocol="sqs",
@@ -166,7 +198,12 @@ class Provisioner:
             raw = sns.get_subscription_attributes(SubscriptionArn=found)["Attributes"].get("RawMessageDelivery")
         if raw != "true":
             self.do(
-                f"turn on raw delivery of {topic} to {name}",
+                Planned.of(
+                    "sns_subscription",
+                    f"{name}/{sns_name(topic)}",
+                    f"turn on raw delivery of {topic} to {name}",
+                    settings,
+                ),
                 lambda: sns.set_subscription_attributes(
                     SubscriptionArn=found, AttributeName="RawMessageDelivery", AttributeValue="true"
                 ),
@@ -183,6 +220,11 @@ class Provisioner:
                     if sub.get("Endpoint") == queue_arn and sub.get("Protocol") == "sqs":
                         return str(sub["SubscriptionArn"])
         return None
+
+
+def sns_name(topic: str) -> str:
+    """The SNS topic's name ``hedwig-<topic>``, or the ARN of a topic given as one."""
+    return topic if topic.startswith("arn:") else f"hedwig-{topic}"
 
 
 # -- the dead-letter queue --------------------------------------------------------------------

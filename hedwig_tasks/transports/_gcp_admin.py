@@ -31,6 +31,7 @@ from hedwig_tasks.transports._gcp_wire import (
     clean,
     whole,
 )
+from hedwig_tasks.transports._plan import Planned
 from hedwig_tasks.transports.base import DeadLetterRecord, Progress
 
 __all__ = ["UNCOUNTED", "DeadLetterQueue", "Provisioner", "check_subscription", "describe_subscription"]
@@ -88,6 +89,9 @@ class Provisioner:
     """Creates what is missing, in dependency order, and says what it did (or would do).
 
     A topic or subscription another process creates meanwhile is success, not an error.
+    ``plan`` holds a :class:`Planned` record per action. ``offline`` plans everything as
+    missing without a call to Google (what Terraform is written from); it implies a dry run,
+    and a client with no project gets ``<project>`` in its paths.
     """
 
     def __init__(
@@ -98,14 +102,31 @@ class Provisioner:
         max_delivery_attempts: int,
         retry_backoff_s: tuple[float, float] | None,
         dry_run: bool,
+        offline: bool = False,
     ) -> None:
         self.client = client
         self.lease_s = lease_s
         self.max_delivery_attempts = max_delivery_attempts
         self.retry_backoff_s = retry_backoff_s
-        self.dry_run = dry_run
-        self.actions: list[str] = []
+        self.dry_run = dry_run or offline
+        self.offline = offline
+        self.plan: list[Planned] = []
         self._created: set[str] = set()
+
+    @property
+    def actions(self) -> list[str]:
+        """A line per action, as a dry run prints them."""
+        return [planned.action for planned in self.plan]
+
+    def topic_path(self, topic: str, owner: str | None = None) -> str:
+        if self.offline and not owner and not self.client.project:
+            return f"projects/<project>/topics/hedwig-{topic}"
+        return self.client.topic_path(topic, owner)
+
+    def subscription_path(self, name: str) -> str:
+        if self.offline and not self.client.project:
+            return f"projects/<project>/subscriptions/{name}"
+        return self.client.subscription_path(name)
 
     def run(self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str]) -> list[str]:
         """Provision, and return a line per action taken (or, dry, that would be taken)."""
@@ -116,14 +137,16 @@ class Provisioner:
         if queue:
             self.topic(queue, f"{queue} (the app's own, for requeues and long retries)")
             self.topic(f"{queue}-dlq", f"{queue}-dlq (dead letters)")
-            dlq = client.topic_path(f"{queue}-dlq")
+            dlq = self.topic_path(f"{queue}-dlq")
             for topic in dict.fromkeys(subscribe):
-                self.subscription(queue, topic, client.topic_path(topic, client.foreign.get(topic)), dlq)
-            self.subscription(queue, None, client.topic_path(queue), dlq)
+                self.subscription(queue, topic, self.topic_path(topic, client.foreign.get(topic)), dlq)
+            self.subscription(queue, None, self.topic_path(queue), dlq)
             self.subscription(queue, "dlq", dlq, None)
         return self.actions
 
     def _exists(self, get: Callable[..., Any], **request: str) -> bool:
+        if self.offline:
+            return False
         with pubsub_errors(f"reading {next(iter(request.values()))}"):
             try:
                 get(**request, timeout=CALL_TIMEOUT_S)
@@ -132,21 +155,19 @@ class Provisioner:
         return True
 
     def topic(self, topic: str, described: str) -> None:
-        publisher = self.client.publisher
-        path = self.client.topic_path(topic)
-        if self._exists(publisher.get_topic, topic=path) or path in self._created:
+        path = self.topic_path(topic)
+        if path in self._created or self._exists(self.client.publisher.get_topic, topic=path):
             return
-        self.actions.append(f"create topic {described}: {path}")
+        self.plan.append(Planned.of("pubsub_topic", short(path), f"create topic {described}: {path}"))
         self._created.add(path)
         if not self.dry_run:
             with pubsub_errors(f"creating topic {path}"), contextlib.suppress(google_exceptions.AlreadyExists):
-                publisher.create_topic(name=path, timeout=CALL_TIMEOUT_S)
+                self.client.publisher.create_topic(name=path, timeout=CALL_TIMEOUT_S)
 
     def subscription(self, queue: str, topic: str | None, topic_path: str, dlq: str | None) -> None:
-        subscriber = self.client.subscriber
         name = self.client.dlq_name(queue) if topic == "dlq" else self.client.subscription_name(queue, topic)
-        path = self.client.subscription_path(name)
-        if self._exists(subscriber.get_subscription, subscription=path):
+        path = self.subscription_path(name)
+        if self._exists(self.client.subscriber.get_subscription, subscription=path):
             return
         request: dict[str, Any] = {
             "name": path,
@@ -155,16 +176,15 @@ class Provisioner:
         }
         if dlq is None:
             request["message_retention_duration"] = {"seconds": DLQ_RETENTION_S}
-            self.actions.append(f"create subscription {name} to {short(topic_path)} (dead letters of {queue})")
+            action = f"create subscription {name} to {short(topic_path)} (dead letters of {queue})"
         else:
             request.update(self._policies(dlq))
             what = topic if topic is not None else f"its own topic {short(topic_path)}"
-            self.actions.append(
-                f"subscribe {queue} to {what}: {name} (dead letters after {self.max_delivery_attempts} deliveries)"
-            )
+            action = f"subscribe {queue} to {what}: {name} (dead letters after {self.max_delivery_attempts} deliveries)"
+        self.plan.append(Planned.of("pubsub_subscription", name, action, _settings(request)))
         if not self.dry_run:
             with pubsub_errors(f"creating subscription {name}"), contextlib.suppress(google_exceptions.AlreadyExists):
-                subscriber.create_subscription(request=request, timeout=CALL_TIMEOUT_S)
+                self.client.subscriber.create_subscription(request=request, timeout=CALL_TIMEOUT_S)
 
     def _policies(self, dlq: str) -> dict[str, Any]:
         """A subscription's dead-letter policy (the safety net) and, if asked for, its retry policy."""
@@ -178,6 +198,28 @@ class Provisioner:
                 "maximum_backoff": {"seconds": int(high)},
             }
         return policies
+
+
+def _settings(request: dict[str, Any]) -> dict[str, object]:
+    """A subscription request's settings, flat, for its :class:`Planned` record. The topic of
+    another project keeps its path; ours are named alone."""
+    topic = str(request["topic"])
+    dead = request.get("dead_letter_policy") or {}
+    retry = request.get("retry_policy") or {}
+    return {
+        "topic": short(topic) if _ours(topic, request["name"]) else topic,
+        "ack_deadline_seconds": request["ack_deadline_seconds"],
+        "message_retention_seconds": (request.get("message_retention_duration") or {}).get("seconds"),
+        "dead_letter_topic": short(dead["dead_letter_topic"]) if dead else None,
+        "max_delivery_attempts": dead.get("max_delivery_attempts"),
+        "minimum_backoff_seconds": (retry.get("minimum_backoff") or {}).get("seconds"),
+        "maximum_backoff_seconds": (retry.get("maximum_backoff") or {}).get("seconds"),
+    }
+
+
+def _ours(topic_path: str, subscription_path: str) -> bool:
+    """Whether the topic is in the subscription's project."""
+    return topic_path.split("/")[1] == subscription_path.split("/")[1]
 
 
 # -- dead letters -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from hedwig_tasks._cli_app import EXIT_CONFIG, EXIT_UNAVAILABLE, CLIError, find_
 from hedwig_tasks._cli_beat import add_beat_command
 from hedwig_tasks._cli_dlq import add_dlq_commands
 from hedwig_tasks._cli_inspect import add_inspect_command
+from hedwig_tasks._cli_schema import add_schema_commands
 from hedwig_tasks._version import __version__
 from hedwig_tasks.app import TRANSPORT_ENV, Hedwig
 from hedwig_tasks.exceptions import HedwigError, TransportError
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dlq_commands(commands, _common)
     add_beat_command(commands, _common)
     add_inspect_command(commands, _common)
+    add_schema_commands(commands, _common)
     return parser
 
 
@@ -396,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.loglevel, args.log_format)
     try:
+        if not getattr(args, "needs_app", True):  # schema check/docs: the command loads what it needs
+            return int(args.func(args, None))
         app = _app_of(args)
         try:
             code: int = args.func(args, app)

@@ -205,6 +205,11 @@ def cmd_publish(args: argparse.Namespace, app: Hedwig) -> int:
 
 
 def cmd_provision(args: argparse.Namespace, app: Hedwig) -> int:
+    if args.terraform:
+        from hedwig_tasks.terraform import write as write_terraform
+
+        print(f"wrote Terraform for {app.name!r} to {write_terraform(app, args.terraform)}")
+        return EXIT_OK
     actions = app.provision(dry_run=args.dry_run)
     prefix = "would " if args.dry_run else ""
     for action in actions:
@@ -339,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     provision = commands.add_parser("provision", help="create the app's topics and subscriptions (idempotent)")
     _common(provision)
     provision.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    provision.add_argument("--terraform", metavar="DIR", help="write it as a Terraform module in DIR/<app> instead")
     provision.set_defaults(func=cmd_provision)
 
     status = commands.add_parser("status", help="depth, in flight and dead letters per subscription")

@@ -145,8 +145,6 @@ class Provisioner:
         return self.actions
 
     def _exists(self, get: Callable[..., Any], **request: str) -> bool:
-        if self.offline:
-            return False
         with pubsub_errors(f"reading {next(iter(request.values()))}"):
             try:
                 get(**request, timeout=CALL_TIMEOUT_S)
@@ -156,7 +154,7 @@ class Provisioner:
 
     def topic(self, topic: str, described: str) -> None:
         path = self.topic_path(topic)
-        if path in self._created or self._exists(self.client.publisher.get_topic, topic=path):
+        if path in self._created or (not self.offline and self._exists(self.client.publisher.get_topic, topic=path)):
             return
         self.plan.append(Planned.of("pubsub_topic", short(path), f"create topic {described}: {path}"))
         self._created.add(path)
@@ -167,7 +165,7 @@ class Provisioner:
     def subscription(self, queue: str, topic: str | None, topic_path: str, dlq: str | None) -> None:
         name = self.client.dlq_name(queue) if topic == "dlq" else self.client.subscription_name(queue, topic)
         path = self.subscription_path(name)
-        if self._exists(self.client.subscriber.get_subscription, subscription=path):
+        if not self.offline and self._exists(self.client.subscriber.get_subscription, subscription=path):
             return
         request: dict[str, Any] = {
             "name": path,

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from hedwig_tasks.transports._redis_wire import delayed_key, dlq_key, queue_key, stream_key
+from hedwig_tasks.transports._redis_wire import delayed_key, dlq_key, publish_delayed_key, queue_key, stream_key
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 
@@ -43,7 +43,8 @@ def redis_url() -> str:
 
 def keys_of(queues: Iterable[str], topics: Iterable[str]) -> list[str]:
     """Every key the transport makes for these apps and topics."""
-    found = [stream_key(t) for t in topics]
+    topics = list(topics)
+    found = [stream_key(t) for t in topics] + [publish_delayed_key(t) for t in topics]
     for queue in queues:
         found += [queue_key(queue), dlq_key(queue), delayed_key(queue)]
     return found

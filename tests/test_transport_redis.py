@@ -268,3 +268,35 @@ def test_each_thread_publishes_on_a_connection_of_its_own_kept_until_close(url: 
     assert bus.publish(names.topic, b"{}", {}) in {e.decode() for e, _ in raw.xrange(f"hedwig:{names.topic}")}
     bus.close()
     raw.close()
+
+
+def test_a_delayed_publish_waits_in_the_topics_set_then_every_group_gets_it(
+    bus: RedisTransport, names: Names, url: str
+) -> None:
+    """Held in ``hedwig:<topic>:publish-delayed`` by Redis's clock, then moved into the topic's
+    stream by a consumer of the topic, so a group that runs none of ours (a Hedwig-library
+    app's) gets it too, as a new entry."""
+    bus.provision(names.queue, [names.topic], [])
+    bus.provision(names.other_queue, [names.topic], [])  # read by nobody here: the Hedwig library's
+    client = redis.Redis.from_url(url)
+    try:
+        (token,) = bus.publish_many(names.topic, [(b"later", {"a": "1"})], delay_s=1.0)
+        assert client.zcard(f"hedwig:{names.topic}:publish-delayed") == 1
+        assert client.xlen(f"hedwig:{names.topic}") == 0
+        consumer = bus.consumer(names.queue, [names.topic])
+        found: list[Delivery] = []
+        deadline = time.monotonic() + 10
+        while not found and time.monotonic() < deadline:
+            found = consumer.receive(10, wait_s=0.5)
+        (delivery,) = found
+        assert (delivery.body, dict(delivery.attributes), delivery.attempt) == (b"later", {"a": "1"}, 1)
+        assert delivery.subscription == f"{names.queue}:{names.topic}"
+        consumer.ack(found)
+        consumer.close()
+        assert client.zcard(f"hedwig:{names.topic}:publish-delayed") == 0
+        other = client.xreadgroup(names.other_queue, "hedwig-library", {f"hedwig:{names.topic}": ">"}, count=10)
+        ((_, entries),) = other
+        assert [fields[b"hedwig_payload"] for _, fields in entries] == [b"later"]
+        assert len(token) == 32
+    finally:
+        client.close()

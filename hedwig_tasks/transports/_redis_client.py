@@ -41,6 +41,7 @@ _SCRIPTS = {
     "release": scripts.RELEASE,
     "retry": scripts.RETRY,
     "move_due": scripts.MOVE_DUE,
+    "add_delayed": scripts.ADD_DELAYED,
     "takeover": scripts.TAKEOVER,
     "dead_letter": scripts.DEAD_LETTER,
     "requeue": scripts.REQUEUE,

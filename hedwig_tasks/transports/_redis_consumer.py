@@ -21,6 +21,7 @@ from hedwig_tasks.transports._redis_trim import Trimmer
 from hedwig_tasks.transports._redis_wire import (
     delayed_key,
     dlq_key,
+    publish_delayed_key,
     queue_key,
     read_entry,
     stream_key,
@@ -65,6 +66,7 @@ class RedisConsumer(Consumer):
         self._queue = queue
         self._streams = [*dict.fromkeys(stream_key(t) for t in topics), queue_key(queue)]
         self._subscriptions = {stream_key(t): subscription_name(queue, t) for t in topics}
+        self._publish_delays = [[publish_delayed_key(t), stream_key(t)] for t in dict.fromkeys(topics)]
         self._name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._buffer: deque[Delivery] = deque()  # read past what a receive asked for
@@ -176,7 +178,8 @@ class RedisConsumer(Consumer):
     # -- housekeeping -------------------------------------------------------------------------
 
     def _housekeep(self, streams: list[str], max_messages: int) -> list[Delivery]:
-        """In one round trip: keep extended leases, move due retries, take over leases that ran out."""
+        """In one round trip: keep extended leases, move due retries and delayed publishes, take over
+        leases that ran out."""
         self._next_housekeeping = time.monotonic() + self._housekeeping_s
         pipe = self._link.client.pipeline(transaction=False)
         refresh = self._refresh_args()
@@ -184,6 +187,8 @@ class RedisConsumer(Consumer):
             self._link.script("extend")(keys=refresh[0], args=refresh[1], client=pipe)
         keys = [delayed_key(self._queue), queue_key(self._queue)]
         self._link.script("move_due")(keys=keys, args=[MOVE_BATCH], client=pipe)
+        for keys in self._publish_delays:  # delayed publishes to the topics read here
+            self._link.script("move_due")(keys=keys, args=[MOVE_BATCH], client=pipe)
         args = [self._queue, self._name, self._link.lease_ms, max_messages]
         self._link.script("takeover")(keys=streams, args=args, client=pipe)
         taken = pipe.execute()[-1]

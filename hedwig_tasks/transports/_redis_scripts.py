@@ -11,6 +11,7 @@ from hedwig_tasks.transports._redis_wire import ATTEMPT, DEAD_AT, DEAD_ATTEMPTS,
 
 __all__ = [
     "ACK",
+    "ADD_DELAYED",
     "COUNTS",
     "DEAD_LETTER",
     "EXTEND",
@@ -147,7 +148,19 @@ return found and 1 or -1
 """
 )
 
-# KEYS: delayed set, queue stream. ARGV: most to move. Moves due retries into the stream.
+# KEYS: a delayed set. ARGV: delay ms, then members (see ``_redis_wire.delayed_member``). Adds
+# them due at Redis's now + delay: delayed publishes are timed by Redis's clock, as retries are.
+ADD_DELAYED = (
+    _HELPERS
+    + """
+local due = now_ms() + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], due, ARGV[i]) end
+return #ARGV - 1
+"""
+)
+
+# KEYS: delayed set, stream. ARGV: most to move. Moves due entries into the stream: a queue's
+# retries into its own stream, or a topic's delayed publishes into the topic's stream.
 MOVE_DUE = (
     _HELPERS
     + """

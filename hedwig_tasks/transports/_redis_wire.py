@@ -20,8 +20,10 @@ __all__ = [
     "Reading",
     "dead_letter_record",
     "delayed_key",
+    "delayed_member",
     "dlq_key",
     "entry_fields",
+    "publish_delayed_key",
     "queue_key",
     "read_entry",
     "stream_key",
@@ -62,6 +64,19 @@ def dlq_key(queue: str) -> str:
 def delayed_key(queue: str) -> str:
     """The sorted set of the queue's retries waiting to be due (score: due time in ms)."""
     return f"hedwig:{queue}:delayed"
+
+
+def publish_delayed_key(topic: str) -> str:
+    """The sorted set of delayed publishes to ``topic`` waiting to be due (score: due time in ms)."""
+    return f"hedwig:{topic}:publish-delayed"
+
+
+def delayed_member(token: str, topic: str, fields: Mapping[str, bytes]) -> bytes:
+    """A delayed set's member: netstrings {token, topic, field, value, ...}, as ``MOVE_DUE`` reads them."""
+    items = [token.encode(), topic.encode()]
+    for name, value in fields.items():
+        items += [name.encode(), value]
+    return b"".join(b"%d:%s" % (len(item), item) for item in items)
 
 
 def subscription_name(queue: str, topic: str) -> str:

@@ -16,7 +16,10 @@ Layout (the Hedwig library's names):
 - ``hedwig:Q:dlq``, the dead-letter stream (group ``Q``, which the Hedwig library's requeue reads);
 - ``hedwig:Q:delayed``, a sorted set of retries waiting to be due (score: due time in ms by
   Redis's clock; member: the entry's fields as netstrings), moved into ``hedwig:Q`` by a Lua
-  script that consumers run, atomically.
+  script that consumers run, atomically;
+- ``hedwig:T:publish-delayed``, the same for delayed publishes to topic ``T``, moved into
+  ``hedwig:T`` (so every group gets them then) by the consumers reading ``T``: with none of
+  ours running (only the Hedwig library's), they wait.
 
 An entry is ``hedwig_payload`` (the body as text: base64 with ``hedwig_encoding=base64`` when
 the message is binary, as the Hedwig library writes it) plus one field per attribute. This
@@ -83,7 +86,9 @@ counts and dead letters; ``_redis_trim`` trimming; ``_redis_scripts`` the Lua sc
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -103,7 +108,7 @@ from hedwig_tasks.transports._redis_client import (
 from hedwig_tasks.transports._redis_consumer import RedisConsumer
 from hedwig_tasks.transports._redis_publish import Publisher
 from hedwig_tasks.transports._redis_trim import Trimmer
-from hedwig_tasks.transports._redis_wire import entry_fields, stream_key
+from hedwig_tasks.transports._redis_wire import delayed_member, entry_fields, publish_delayed_key, stream_key
 from hedwig_tasks.transports._url import Option, read_options, seconds, text
 from hedwig_tasks.transports.base import (
     Capabilities,
@@ -144,6 +149,7 @@ class RedisTransport(Transport):
         text_only=True,  # stream fields are read as text by the Hedwig library
         # a consumer of some topics also reads the queue's own stream: retries of all its topics
         per_topic_consumption=False,
+        delayed_publish=True,  # a topic's delayed set, moved into its stream by its consumers
     )
 
     def __init__(
@@ -221,8 +227,12 @@ class RedisTransport(Transport):
     def publish(
         self, topic: str, body: bytes, attributes: Mapping[str, str], *, owner: str | None = None, delay_s: float = 0
     ) -> str:
-        """One ``XADD`` (the first to a topic in this process checks that it exists). Raises ``PublishError``."""
-        _refuse_delay(delay_s)
+        """One ``XADD`` (the first to a topic in this process checks that it exists). Raises ``PublishError``.
+
+        A delayed one waits in the topic's delayed set instead (see :meth:`_publish_delayed`).
+        """
+        if delay_s > 0:
+            return self._publish_delayed(topic, [(body, attributes)], delay_s)[0]
         fields = entry_fields(topic, body, attributes)
         if topic not in self._topics:
             self._check_topic(topic)
@@ -243,7 +253,8 @@ class RedisTransport(Transport):
         delay_s: float = 0,
     ) -> list[str]:
         """Every ``XADD`` written at once, one round trip; ids in order. Raises ``PublishError``."""
-        _refuse_delay(delay_s)
+        if delay_s > 0:
+            return self._publish_delayed(topic, messages, delay_s)
         entries = [entry_fields(topic, body, attributes) for body, attributes in messages]
         if not entries:
             return []
@@ -252,6 +263,28 @@ class RedisTransport(Transport):
             ids = self._publisher.xadd_many(stream_key(topic), entries)
         self._trimmer.maybe([stream_key(topic)], empty_ok=[stream_key(topic)])
         return [entry_id.decode() for entry_id in ids]
+
+    def _publish_delayed(
+        self, topic: str, messages: Sequence[tuple[bytes, Mapping[str, str]]], delay_s: float
+    ) -> list[str]:
+        """Into ``hedwig:<topic>:publish-delayed``, due at Redis's now + ``delay_s``, in one script.
+
+        The topic's consumers (every hedwig-tasks consumer reading it) move what is due into the
+        topic's stream as they move due retries, so every group, the Hedwig library's too, gets
+        it then. The ids returned are the members' tokens (the stream entry comes later).
+        """
+        tokens = [uuid.uuid4().hex for _ in messages]
+        members = [
+            delayed_member(token, topic, entry_fields(topic, body, attributes))
+            for token, (body, attributes) in zip(tokens, messages, strict=True)
+        ]
+        if not members:
+            return []
+        self._check_topic(topic)
+        delay_ms = max(1, math.ceil(delay_s * 1000))
+        with self.link.errors(f"delayed publish to {topic!r}", PublishError):
+            self.link.script("add_delayed")(keys=[publish_delayed_key(topic)], args=[delay_ms, *members])
+        return tokens
 
     def _check_topic(self, topic: str) -> None:
         """Once per topic: its stream must exist; warn (once) if no group reads it."""
@@ -318,9 +351,3 @@ class RedisTransport(Transport):
     ) -> int:
         """Delete dead letters for good; returns how many."""
         return self._admin.purge_dead_letters(queue, limit=limit, progress=progress, ids=ids)
-
-
-def _refuse_delay(delay_s: float) -> None:
-    """Capabilities.delayed_publish is False: the app asks for no delay, and a caller that does is told."""
-    if delay_s > 0:
-        raise ConfigurationError("the redis transport does not support delayed publish yet")

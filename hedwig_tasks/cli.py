@@ -23,6 +23,7 @@ from typing import Any
 
 from hedwig_tasks._cli_app import EXIT_CONFIG, EXIT_UNAVAILABLE, CLIError, find_app, masked_url
 from hedwig_tasks._cli_beat import add_beat_command
+from hedwig_tasks._cli_dashboard import add_dashboard_command
 from hedwig_tasks._cli_dlq import add_dlq_commands
 from hedwig_tasks._cli_inspect import add_inspect_command
 from hedwig_tasks._cli_schema import add_schema_commands
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dlq_commands(commands, _common)
     add_beat_command(commands, _common)
     add_inspect_command(commands, _common)
+    add_dashboard_command(commands, _common)
     add_schema_commands(commands, _common)
     return parser
 

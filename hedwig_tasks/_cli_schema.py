@@ -12,12 +12,18 @@ with ``None`` for the app (and it loads what it needs itself).
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from typing import Any
 
 from hedwig_tasks._cli_app import CLIError
+from hedwig_tasks.schema_tools.findings import BOTH, MODES
 
 __all__ = ["SCHEMA_COMMANDS", "add_schema_commands"]
+
+EXIT_OK = 0
+EXIT_VIOLATION = 1  #: an incompatible change, or a schema that cannot be read as one
+EXIT_USAGE = 2  #: bad arguments: argparse's code, and a file or revision that does not exist
 
 Common = Callable[[argparse.ArgumentParser], None]
 
@@ -32,12 +38,35 @@ def add_check_command(actions: Any, common: Common) -> None:
     check = actions.add_parser("check", help="is NEW a compatible change of OLD? (files or REV:PATH)")
     check.add_argument("old", metavar="OLD", help="the schema before: a file, or REV:PATH in git")
     check.add_argument("new", metavar="NEW", help="the schema after: a file, or REV:PATH in git")
+    check.add_argument(
+        "--mode",
+        choices=MODES,
+        default=BOTH,
+        help="both (default: old and new consumers read every message), backward (new consumers read "
+        "old messages) or forward (old consumers read new messages)",
+    )
+    check.add_argument("--json", action="store_true", help="print the verdict and every change as JSON")
+    check.add_argument(
+        "-I", "--proto-path", action="append", default=[], metavar="DIR", help="protoc include path for .proto files"
+    )
     _no_app(check)
     check.set_defaults(func=cmd_check)
 
 
 def cmd_check(args: argparse.Namespace, app: None) -> int:
-    raise CLIError("schema check: not written yet")
+    """0 when NEW is a compatible change of OLD, 1 on a violation (or a broken schema), 2 on bad arguments."""
+    from hedwig_tasks.schema_tools import check
+    from hedwig_tasks.schema_tools.sources import SourceNotFound
+
+    try:
+        report = check(args.old, args.new, mode=args.mode, include=args.proto_path)
+    except SourceNotFound as exc:
+        raise CLIError(str(exc), code=EXIT_USAGE) from None
+    if args.json:
+        print(json.dumps({"old": args.old, "new": args.new, **report.as_json()}, indent=2))
+    else:
+        print(report.text())
+    return EXIT_OK if report.compatible else EXIT_VIOLATION
 
 
 def add_docs_command(actions: Any, common: Common) -> None:

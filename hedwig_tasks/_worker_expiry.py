@@ -43,8 +43,9 @@ def _when(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def settle_if_expired(worker: Worker, held: Any, message: Message) -> tuple[str, str] | None:
-    """Settle an expired message as the app says and return (action, reason); None: run it."""
+def settle_if_expired(worker: Worker, held: Any, message: Message) -> tuple[str, None, str] | None:
+    """Settle an expired message as the app says and return (action, None, reason) for its span;
+    None: it has not expired, run it."""
     expires_ms = expired_since(held.delivery.attributes, int(time.time() * 1000))
     if expires_ms is None:
         return None
@@ -54,7 +55,7 @@ def settle_if_expired(worker: Worker, held: Any, message: Message) -> tuple[str,
     signals.send(signals.message_expired, app, message=message, delivery=held.delivery, expired_at_ms=expires_ms)
     if action == "dead_letter":
         worker._dead_letter(held, message, reason)
-        return action, reason
+        return action, None, reason
     logger.info(
         "ignored %s %s id=%s: %s",
         message.type,
@@ -65,4 +66,4 @@ def settle_if_expired(worker: Worker, held: Any, message: Message) -> tuple[str,
     )
     held.settled = "ack"  # counted by hedwig_expired_total, not among the worker's handled
     worker._acks.put(held.delivery)
-    return action, reason
+    return action, None, reason

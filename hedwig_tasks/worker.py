@@ -469,10 +469,8 @@ class Worker(Limits, Idempotency, Heartbeats):
             self._dead_letter(held, None, f"invalid message: {exc}")
             return "dead_letter", exc, f"invalid message: {exc}"
         Tracing.describe(span, message)
-        if EXPIRES_AT_ATTRIBUTE in delivery.attributes:
-            expired = settle_if_expired(self, held, message)
-            if expired is not None:
-                return expired[0], None, expired[1]
+        if EXPIRES_AT_ATTRIBUTE in delivery.attributes and (expired := settle_if_expired(self, held, message)):
+            return expired
         try:
             handler = app.handler_for(message)
         except HandlerNotFound as exc:

@@ -1,0 +1,111 @@
+"""Every folder under examples/ runs as its README says, each in a fresh copy of the folder.
+
+Commands run in subprocesses, as a user would type them, with no transport or settings in the
+environment but those the example sets. Workers are stopped with SIGTERM and must exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+BIN = Path(sys.executable).parent
+UNSET = ("HEDWIG_TRANSPORT_URL", "SETTINGS_MODULE", "DJANGO_SETTINGS_MODULE", "PYTHONPATH", "PUBSUB_EMULATOR_HOST")
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in UNSET}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # hedwig-tasks of this interpreter
+    return {**env, **extra}
+
+
+def copy_example(name: str, tmp_path: Path) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(EXAMPLES / name, folder, ignore=shutil.ignore_patterns(".hedwig", "__pycache__", "*.db"))
+    return folder
+
+
+def run(
+    command: list[str], folder: Path, env: dict[str, str], timeout_s: float = 90
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Worker:
+    """A ``hedwig-tasks worker`` process whose log goes to a file the test reads."""
+
+    def __init__(self, args: list[str], folder: Path, env: dict[str, str]) -> None:
+        self.log = folder / f"worker-{'-'.join(args).replace('/', '_')}.log"
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                ["hedwig-tasks", "worker", *args], cwd=folder, env=env, stderr=out, stdout=out
+            )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_ready(self) -> None:
+        """Until it logged that it consumes (its first receive came back), or fail if it exited."""
+        wait_for(lambda: " ready: consuming" in self.text() or self.process.poll() is not None, "a ready worker")
+        assert self.process.poll() is None, self.text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        if worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
+
+
+def test_fanout_publisher_and_two_consumers_as_processes(tmp_path: Path, workers: list[Worker]) -> None:
+    folder = copy_example("fanout", tmp_path)
+    env = environment()
+    workers.extend(Worker(["-A", name], folder, env) for name in ("billing", "emails"))
+    for worker in workers:
+        wait_for(
+            lambda w=worker: " ready: consuming" in w.text() or w.process.poll() is not None, "a worker to be ready"
+        )
+        assert worker.process.poll() is None, worker.text()
+    placed = run([sys.executable, "shop.py", "3"], folder, env)
+    assert placed.stdout.count("placed order") == 3
+    billing, emails = workers
+    wait_for(lambda: billing.text().count("billing: charged") == 3, "billing to charge 3 orders")
+    wait_for(lambda: emails.text().count("emails: confirmation") == 3, "emails to confirm 3 orders")
+    assert [worker.stop() for worker in workers] == [0, 0]
+    for number in (1, 2, 3):  # each order once in each service, none in the other's log
+        assert billing.text().count(f"for order O{number}\n") == 1
+        assert emails.text().count(f"order O{number} to customer{number}@example.com") == 1
+    assert "emails:" not in billing.text() and "billing:" not in emails.text()

@@ -109,3 +109,21 @@ def test_fanout_publisher_and_two_consumers_as_processes(tmp_path: Path, workers
         assert billing.text().count(f"for order O{number}\n") == 1
         assert emails.text().count(f"order O{number} to customer{number}@example.com") == 1
     assert "emails:" not in billing.text() and "billing:" not in emails.text()
+
+
+def test_protobuf_schemas(tmp_path: Path) -> None:
+    folder = copy_example("protobuf", tmp_path)
+    env = environment()
+    run(["hedwig-tasks", "provision", "-A", "tasks"], folder, env)
+    published = run([sys.executable, "publish.py", "2"], folder, env).stdout
+    assert published.count("published order-placed 1.1") == 2
+    assert "refused: order-placed 1.0: data: Failed to parse total_cents field" in published
+    worker = run(["hedwig-tasks", "worker", "-A", "tasks", "--burst"], folder, env).stderr
+    assert "picked order O1: SKU-1, SKU-GIFT (version 1.1)" in worker
+    assert "picked order O-dict:  (version 1.0)" in worker
+    assert sorted(line.split("shipped order ")[1] for line in worker.splitlines() if "shipped order" in line) == [
+        "O-dict to 1 Main St",
+        "O1 to 1 Main St",
+        "O2 to 1 Main St",
+    ]
+    assert "6 handled, 0 retried, 0 dead-lettered" in worker

@@ -127,3 +127,17 @@ def test_protobuf_schemas(tmp_path: Path) -> None:
         "O2 to 1 Main St",
     ]
     assert "6 handled, 0 retried, 0 dead-lettered" in worker
+
+
+def test_django_project(tmp_path: Path) -> None:
+    folder = copy_example("django-shop", tmp_path)
+    env = environment(DJANGO_SETTINGS_MODULE="mysite.settings")
+    placed = run([sys.executable, "place_orders.py"], folder, env).stdout
+    assert "rolled back: order O3 could not be saved" in placed
+    worker = run(["hedwig-tasks", "worker", "--burst"], folder, env).stderr
+    for order, email in (("O1", "ann@example.com"), ("O2", "bob@example.com")):
+        assert worker.count(f"receipt for order {order} sent to {email}") == 1
+    assert "O3" not in worker  # rolled back: never published
+    assert "4 handled, 0 retried, 0 dead-lettered" in worker
+    tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], folder, env).stdout
+    assert "3 passed" in tests

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import inspect
 import os
 import sys
 import sysconfig
@@ -129,7 +130,8 @@ def _as_app(value: Any) -> Hedwig | None:
         return value
     if isinstance(value, HedwigTasks):
         return value.app
-    extensions = getattr(value, "extensions", None)
+    # static: a module global such as flask.request is a proxy whose attributes raise outside a request
+    extensions = inspect.getattr_static(value, "extensions", None)
     if isinstance(extensions, dict):
         return _as_app(extensions.get("hedwig_tasks"))
     return None

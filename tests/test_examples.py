@@ -141,3 +141,14 @@ def test_django_project(tmp_path: Path) -> None:
     assert "4 handled, 0 retried, 0 dead-lettered" in worker
     tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], folder, env).stdout
     assert "3 passed" in tests
+
+
+def test_flask_app_and_its_worker(tmp_path: Path) -> None:
+    folder = copy_example("flask-app", tmp_path)
+    env = environment()
+    posted = run([sys.executable, "signups.py", "2"], folder, env).stdout.splitlines()
+    assert [line.split()[0] for line in posted] == ["202", "202"]
+    worker = run(["hedwig-tasks", "worker", "-A", "web", "--burst"], folder, env).stderr
+    assert worker.count("e-mail to user1@example.com: Welcome! (from web)") == 1
+    assert worker.count("e-mail to user2@example.com: Welcome! (from web)") == 1
+    assert "4 handled, 0 retried, 0 dead-lettered" in worker

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hedwig_tasks._cli_app import CLIError
@@ -71,13 +72,101 @@ def cmd_check(args: argparse.Namespace, app: None) -> int:
 
 def add_docs_command(actions: Any, common: Common) -> None:
     """``schema docs``."""
-    docs = actions.add_parser("docs", help="write an AsyncAPI 3.0 document and an HTML catalogue")
+    docs = actions.add_parser(
+        "docs",
+        help="write an AsyncAPI 3.0 document and an HTML catalogue of the app's messages (or of schema files)",
+    )
     common(docs)
+    docs.add_argument("--out", default="schema-docs", metavar="DIR", help="where to write them (%(default)s)")
+    docs.add_argument(
+        "--publisher",
+        action="append",
+        default=[],
+        metavar="SERVICE=SCHEMA",
+        help="a service that publishes every type of a Hedwig JSON-Schema file (a file or REV:PATH); repeatable",
+    )
+    docs.add_argument(
+        "--consumer",
+        action="append",
+        default=[],
+        metavar="SERVICE=TYPE:MAJOR",
+        help="a service that consumes a type's major, such as billing=user-created:1; repeatable",
+    )
+    docs.add_argument("--title", help="the document's title (default: the app's name, else 'services')")
+    docs.add_argument(
+        "--since", metavar="SCHEMA", help="an older schema file (or REV:PATH): the catalogue says what changed since"
+    )
     docs.set_defaults(needs_app=False, func=cmd_docs)
 
 
+def _pair(option: str, text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not (sep and name and value):
+        raise CLIError(f"{option} {text}: expected SERVICE=VALUE", code=EXIT_USAGE)
+    return name, value
+
+
+def _consumed(text: str) -> tuple[str, tuple[str, int]]:
+    service, value = _pair("--consumer", text)
+    message_type, _, major = value.rpartition(":")
+    if not message_type or not major.isdigit():
+        raise CLIError(
+            f"--consumer {text}: expected SERVICE=TYPE:MAJOR, such as billing=user-created:1", code=EXIT_USAGE
+        )
+    return service, (message_type, int(major))
+
+
+def _json_doc(spec: str) -> dict[str, Any]:
+    from hedwig_tasks.schema_tools.sources import SourceNotFound, load
+
+    try:
+        loaded = load(spec)
+    except SourceNotFound as exc:
+        raise CLIError(str(exc), code=EXIT_USAGE) from None
+    if loaded.kind != "json":
+        raise CLIError(f"{spec}: schema docs reads JSON-Schema files; protobuf apps are documented with -A")
+    return loaded.doc
+
+
+def _contract(args: argparse.Namespace) -> Any:
+    from hedwig_tasks._cli_app import find_app
+    from hedwig_tasks.schema_tools.contract import from_app, from_schema_file, merge
+
+    parts = []
+    if args.app or args.settings:
+        app = find_app(args.app, args.settings)
+        try:
+            parts.append(from_app(app))
+        finally:
+            app.close()
+    consumed: dict[str, list[tuple[str, int]]] = {}
+    for text in args.consumer:
+        service, key = _consumed(text)
+        consumed.setdefault(service, []).append(key)
+    for text in args.publisher:
+        service, spec = _pair("--publisher", text)
+        parts.append(from_schema_file(service, _json_doc(spec), consumes=consumed.pop(service, ())))
+    if not parts:
+        raise CLIError("schema docs: give -A MODULE (the app), or --publisher SERVICE=SCHEMA", code=EXIT_USAGE)
+    parts += [from_schema_file(s, {"id": "", "schemas": {}}, consumes=keys) for s, keys in consumed.items()]
+    title = args.title or (parts[0].title if len(parts) == 1 else "services")
+    return merge(title, parts)
+
+
 def cmd_docs(args: argparse.Namespace, app: None) -> int:
-    raise CLIError("schema docs: not written yet")
+    """Write ``asyncapi.json`` and the HTML catalogue into ``--out``; print what was written."""
+    from hedwig_tasks.schema_tools.asyncapi import document
+    from hedwig_tasks.schema_tools.catalogue import write_catalogue
+    from hedwig_tasks.schema_tools.contract import from_schema_file
+
+    contract = _contract(args)
+    since = from_schema_file("before", _json_doc(args.since)) if args.since else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "asyncapi.json").write_text(json.dumps(document(contract), indent=2) + "\n", encoding="utf-8")
+    pages = write_catalogue(contract, out, since=since)
+    print(f"wrote {out / 'asyncapi.json'} (AsyncAPI 3.0) and {len(pages)} HTML pages in {out}")
+    return EXIT_OK
 
 
 #: The ``schema`` subcommands, each ``(actions, common) -> None``; add yours to this tuple.

@@ -84,10 +84,18 @@ class Heartbeats:
             self._call_hook("heartbeat", hooks.heartbeat, error_count=self.error_count)
 
     def _keeps_row(self) -> bool:
-        """Unless switched off, or on an in-process bus that no other process can see."""
+        """Unless switched off, where the rest of the fleet can read the row.
+
+        Not on an in-process bus no other process sees. On a cloud or broker transport only with
+        a state store configured (``Hedwig(state=...)`` or ``$HEDWIG_STATE_URL``): the default
+        store is a file in the working directory, which no other host or pod reads.
+        """
         from hedwig_tasks.transports.memory import MemoryTransport
 
-        return self.options.heartbeat_s is not None and not isinstance(self.app.transport, MemoryTransport)
+        transport = self.app.transport
+        if self.options.heartbeat_s is None or isinstance(transport, MemoryTransport):
+            return False
+        return transport.capabilities.local or self.app.state_configured
 
     def _uses_state(self) -> bool:
         """Whether this worker keeps a heartbeat row, or runs idempotent or fleet-limited handlers."""

@@ -201,6 +201,11 @@ class Hedwig:
                     )
         return self._state
 
+    @property
+    def state_configured(self) -> bool:
+        """Whether a state store was chosen (``state=`` or ``$HEDWIG_STATE_URL``), not defaulted."""
+        return self._state_spec is not None or bool(os.environ.get(STATE_ENV))
+
     def _close_state(self) -> None:
         with self._lock:
             state = self._state

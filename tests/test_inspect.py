@@ -19,7 +19,7 @@ import redis
 from conftest import SCHEMA_FILE
 from helpers import WorkerThread, wait_for
 from postgres_server import own_schema
-from redis_server import redis_url
+from redis_server import cleanup, redis_url
 
 from hedwig_tasks import Hedwig, Message
 from hedwig_tasks._cli_inspect import inspect_lines
@@ -27,6 +27,7 @@ from hedwig_tasks._version import __version__
 from hedwig_tasks._worker_heartbeat import transport_text
 from hedwig_tasks.state.base import Member
 from hedwig_tasks.state.redis import RedisStore
+from hedwig_tasks.transports._redis_wire import stream_key
 from hedwig_tasks.worker import Worker, WorkerOptions
 
 
@@ -92,6 +93,25 @@ def test_a_worker_keeps_a_row_of_what_it_runs_and_forgets_it_on_a_clean_stop(tmp
     running.stop()
     assert store.members("workers/svc") == []
     app.close()
+
+
+def test_a_worker_on_a_shared_broker_keeps_no_row_unless_a_store_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the default store is a file in the working directory, which no other host reads
+    monkeypatch.delenv("HEDWIG_STATE_URL", raising=False)
+    app = Hedwig(f"svc-{uuid.uuid4().hex[:8]}", schema=SCHEMA_FILE, transport=redis_url())
+    handled: list[str] = []
+    app.handler("user-created", "1.*")(lambda message: handled.append(message.id))
+    app.provision()
+    running = WorkerThread(Worker(app, WorkerOptions(wait_s=0.05, heartbeat_s=0.05)))
+    app.publish("user-created", "1.0", {"user_id": "U1"})
+    wait_for(lambda: handled, 10)
+    running.stop()
+    assert app.state_configured is False and app._state is None  # never built, so never written
+    app.close()
+    client = redis.Redis.from_url(redis_url())
+    client.xgroup_destroy(stream_key("user-created-v1"), app.queue)  # the topic's stream is shared
+    client.close()
+    cleanup(redis_url(), [app.queue], [])
 
 
 def test_the_row_names_the_transport_without_secrets() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hedwig_tasks._cli_app import CLIError
+from hedwig_tasks.schema_tools.codegen import add_codegen_command
 from hedwig_tasks.schema_tools.findings import BOTH, MODES
 
 __all__ = ["SCHEMA_COMMANDS", "add_schema_commands"]
@@ -170,7 +171,7 @@ def cmd_docs(args: argparse.Namespace, app: None) -> int:
 
 
 #: The ``schema`` subcommands, each ``(actions, common) -> None``; add yours to this tuple.
-SCHEMA_COMMANDS: tuple[Callable[[Any, Common], None], ...] = (add_check_command, add_docs_command)
+SCHEMA_COMMANDS: tuple[Callable[[Any, Common], None], ...] = (add_check_command, add_docs_command, add_codegen_command)
 
 
 def add_schema_commands(commands: Any, common: Common) -> None:

@@ -14,17 +14,18 @@ when a checked-in copy is stale.
 
 from __future__ import annotations
 
+import argparse
 import json
 import keyword
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hedwig_tasks.exceptions import SchemaError
 
-__all__ = ["generate", "generate_file"]
+__all__ = ["add_codegen_command", "generate", "generate_file"]
 
 _SCALARS = {"string": "str", "integer": "int", "number": "float", "boolean": "bool", "null": "None"}
 _MAJOR_RE = re.compile(r"^(\d+)\.\*$")
@@ -314,3 +315,46 @@ def generate_file(path: str | Path, *, command: str, dataclasses: bool = False) 
     except (OSError, ValueError) as exc:
         raise SchemaError(f"codegen: cannot read {path}: {exc}") from None
     return generate(schema, source=Path(path).as_posix(), command=command, dataclasses=dataclasses)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def add_codegen_command(actions: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """``schema codegen [SCHEMA | -A MODULE] [--out FILE] [--dataclasses]``."""
+    codegen = actions.add_parser("codegen", help="write TypedDicts (or dataclasses) and typed publish functions")
+    codegen.add_argument("schema", nargs="?", metavar="SCHEMA", help="a Hedwig JSON-Schema file (else -A's schema)")
+    common(codegen)
+    codegen.add_argument("--out", metavar="FILE", help="write the module here (default: print it)")
+    codegen.add_argument("--dataclasses", action="store_true", help="frozen dataclasses instead of TypedDicts")
+    codegen.set_defaults(needs_app=False, func=cmd_codegen)
+
+
+def cmd_codegen(args: argparse.Namespace, app: None) -> int:
+    """Write (or print) the module; 0, or a ``SchemaError`` the CLI reports."""
+    words = ["hedwig-tasks schema codegen", args.schema or (f"-A {args.app}" if args.app else "")]
+    words += ["--dataclasses" if args.dataclasses else "", f"--out {args.out}" if args.out else ""]
+    command = " ".join(word for word in words if word)
+    if args.schema:
+        text = generate_file(args.schema, command=command, dataclasses=args.dataclasses)
+    else:
+        text = _from_app(args, command)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _from_app(args: argparse.Namespace, command: str) -> str:
+    from hedwig_tasks._cli_app import find_app
+
+    app = find_app(args.app, args.settings)
+    try:
+        schema = getattr(app.validator, "schema", None)
+        if not isinstance(schema, Mapping):
+            raise SchemaError(f"codegen: app {app.name!r} has no JSON Schema (protobuf has its own generated classes)")
+        return generate(schema, source=f"the schema of app {app.name!r}", command=command, dataclasses=args.dataclasses)
+    finally:
+        app.close()

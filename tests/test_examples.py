@@ -12,10 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aws_server import CREDENTIAL_ENV, moto_url  # noqa: F401 - moto_url is a fixture
+from gcp_server import emulator_host  # noqa: F401 - emulator_host is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -95,10 +98,7 @@ def test_fanout_publisher_and_two_consumers_as_processes(tmp_path: Path, workers
     env = environment()
     workers.extend(Worker(["-A", name], folder, env) for name in ("billing", "emails"))
     for worker in workers:
-        wait_for(
-            lambda w=worker: " ready: consuming" in w.text() or w.process.poll() is not None, "a worker to be ready"
-        )
-        assert worker.process.poll() is None, worker.text()
+        worker.wait_ready()
     placed = run([sys.executable, "shop.py", "3"], folder, env)
     assert placed.stdout.count("placed order") == 3
     billing, emails = workers
@@ -152,3 +152,33 @@ def test_flask_app_and_its_worker(tmp_path: Path) -> None:
     assert worker.count("e-mail to user1@example.com: Welcome! (from web)") == 1
     assert worker.count("e-mail to user2@example.com: Welcome! (from web)") == 1
     assert "4 handled, 0 retried, 0 dead-lettered" in worker
+
+
+def _hedwig_settings_service(folder: Path, env: dict[str, str]) -> str:
+    """provision, publish and a burst worker, each from the settings alone; the worker's log."""
+    provisioned = run(["hedwig-tasks", "provision"], folder, env).stdout
+    assert "order-placed-v1" in provisioned
+    published = run([sys.executable, "publish.py", "3"], folder, env).stdout
+    assert published.count("published order-placed 1.0") == 3
+    worker = run(["hedwig-tasks", "worker", "--burst"], folder, env).stderr
+    for number in (1, 2, 3):
+        assert worker.count(f"order O{number} placed by customer{number}@example.com (via orders)") == 1
+    return worker
+
+
+@pytest.mark.slow
+def test_hedwig_settings_on_aws(tmp_path: Path, moto_url: str) -> None:
+    folder = copy_example("hedwig-settings", tmp_path)
+    queue = f"EXAMPLE-{uuid.uuid4().hex[:8]}"
+    env = environment(SETTINGS_MODULE="aws_settings", AWS_ENDPOINT_URL=moto_url, ORDERS_QUEUE=queue, **CREDENTIAL_ENV)
+    worker = _hedwig_settings_service(folder, env)
+    assert f"HEDWIG-{queue}" in worker or queue in worker
+
+
+@pytest.mark.slow
+def test_hedwig_settings_on_pubsub(tmp_path: Path, emulator_host: str) -> None:
+    folder = copy_example("hedwig-settings", tmp_path)
+    queue = f"example-{uuid.uuid4().hex[:8]}"
+    env = environment(SETTINGS_MODULE="gcp_settings", PUBSUB_EMULATOR_HOST=emulator_host, ORDERS_QUEUE=queue)
+    worker = _hedwig_settings_service(folder, env)
+    assert queue in worker

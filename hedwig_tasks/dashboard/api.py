@@ -209,20 +209,31 @@ class DeadLetterBrowser:
         return [r for r in self._records() if all(test(r) for test in tests)]
 
     def page(self, query: Mapping[str, str]) -> dict[str, Any]:
-        """One page of the dead letters that pass the query's filters, oldest first."""
+        """One page of the dead letters that pass the query's filters, oldest first.
+
+        Without filters only the oldest up to the page's end are read; with filters the oldest
+        ``scan`` are, once for the pages that follow (see :data:`DEAD_LETTER_CACHE_S`).
+        """
         page, size = _number(query, "page", 0), min(_number(query, "size", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
-        records = self._records()
-        found = self.matching(query)
+        total = _total(self.app)
+        if _filters(_namespace(query)):
+            read = self._records()
+            found = self.matching(query)
+            matching, seen = len(found), len(read)
+        else:
+            found = self.app.transport.dead_letters(self.app.queue, limit=min((page + 1) * size, self.scan))
+            matching = len(found) if total is None else min(total, self.scan)
+            seen = matching
         return {
-            "total": _total(self.app),
-            "read": len(records),
+            "total": total,
+            "read": seen,
             "scan": self.scan,
-            "matching": len(found),
+            "matching": matching,
             "page": page,
             "size": size,
             "rows": [_summary(r) for r in found[page * size : (page + 1) * size]],
-            "types": sorted({type_and_version(r)[0] for r in records}),
-            "subscriptions": sorted({r.subscription for r in records}),
+            "types": sorted({t for t, _ in self.app.validator.known_types()}),
+            "subscriptions": self.app.subscribed_topics(),
         }
 
     def one(self, record_id: str) -> dict[str, Any] | None:

@@ -230,6 +230,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         if parts.path in ("/", "/index.html"):
             self._send(200, "text/html; charset=utf-8", self.dashboard.page())
+        elif parts.path == "/favicon.ico":
+            self._send(204, "image/x-icon", b"")
         elif parts.path in STATIC:
             name, content_type = STATIC[parts.path]
             self._send(200, content_type, _static(name))

@@ -11,7 +11,7 @@ function el(tag, attrs, ...children) {
     if (key === "on") for (const [event, fn] of Object.entries(value)) node.addEventListener(event, fn);
     else if (value !== null && value !== undefined && value !== false) node.setAttribute(key, String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -219,7 +219,7 @@ async function viewDeadLetter(view, id) {
 
 async function viewSchemas(view) {
   const data = await getJSON("/api/schemas");
-  view.replaceChildren(el("h2", {}, "Schemas"), data.map((s) => el("div", { class: "card", "data-schema": s.type + " " + s.major },
+  view.replaceChildren(el("h2", {}, "Schemas"), ...data.map((s) => el("div", { class: "card", "data-schema": s.type + " " + s.major },
     el("h3", {}, s.type + " " + s.version),
     el("dl", { class: "fields" },
       el("dt", {}, "format"), el("dd", {}, s.format),
@@ -259,7 +259,7 @@ async function start() {
   state.meta = await getJSON("/api/meta");
   const m = state.meta;
   document.getElementById("meta").textContent = m.app + " · queue " + m.queue + " · " + m.transport + " · " + m.version;
-  window.addEventListener("hashchange", () => { show(""); render(); });
+  window.addEventListener("hashchange", render);
   await render();
   state.timer = setInterval(() => { if (LIVE.has(route()[0])) render(); }, m.refresh_s * 1000);
 }

@@ -11,7 +11,8 @@ A message with Hedwig's option (extension 51235) is one (type, major), identifie
 validator does: ``message_type``, else the name ``<Type>V<major>``. Within a major no field may
 change its number, type or cardinality, no number may be reused by another name (or a reserved
 one used), no field may be removed and no ``required`` field added; messages it refers to are
-compared the same way. ``minor_version`` must go up whenever the fields changed, and never down.
+compared the same way, and so are enums (no value removed or renumbered). ``minor_version``
+must go up whenever the fields changed, and never down.
 """
 
 from __future__ import annotations
@@ -43,17 +44,19 @@ MessageProto = Any  # descriptor_pb2.DescriptorProto
 
 
 def _all_messages(files: Iterable[FileProto]) -> dict[str, MessageProto]:
-    """Every message by full name (``pkg.Outer.Inner``), nested ones too."""
+    """Every message and enum by full name (``pkg.Outer.Inner``), nested ones too."""
     found: dict[str, MessageProto] = {}
 
-    def walk(prefix: str, messages: Iterable[MessageProto]) -> None:
+    def walk(prefix: str, messages: Iterable[MessageProto], enums: Iterable[Any]) -> None:
+        for enum in enums:
+            found[f"{prefix}.{enum.name}" if prefix else enum.name] = enum
         for message in messages:
             name = f"{prefix}.{message.name}" if prefix else message.name
             found[name] = message
-            walk(name, message.nested_type)
+            walk(name, message.nested_type, message.enum_type)
 
     for file in files:
-        walk(file.package, file.message_type)
+        walk(file.package, file.message_type, file.enum_type)
     return found
 
 
@@ -108,6 +111,9 @@ class _Differ:
             return
         self._seen.add((old_name, new_name))
         old, new = self.old[old_name], self.new[new_name]
+        if isinstance(old, descriptor_pb2.EnumDescriptorProto):
+            yield from self._enum(new_name, old, new)
+            return
         before = {f.number: f for f in old.field}
         after = {f.number: f for f in new.field}
         short = new_name.rpartition(".")[2]
@@ -132,6 +138,21 @@ class _Differ:
             yield self._finding(where, f"type changed from {_signature(old)} to {_signature(new)}", _BOTH)
         elif old.type_name:
             yield from self.compare(old.type_name.lstrip("."), new.type_name.lstrip("."))
+
+    def _enum(self, name: str, old: Any, new: Any) -> Iterator[Finding]:
+        """An enum value removed or renumbered breaks readers; one added does not."""
+        before = {v.name: v.number for v in old.value}
+        after = {v.name: v.number for v in new.value}
+        short = name.rpartition(".")[2]
+        for value in sorted(before.keys() | after.keys()):
+            where = f"{short}.{value}"
+            if value not in after:
+                yield self._finding(where, f"enum value {value} = {before[value]} removed", _BOTH)
+            elif value not in before:
+                yield self._finding(f"{where} ({after[value]})", f"enum value {value} = {after[value]} added", ())
+            elif before[value] != after[value]:
+                message = f"enum value {value} changed number {before[value]} -> {after[value]}"
+                yield self._finding(where, message, _BOTH)
 
     def moved_numbers(self, old_name: str, new_name: str) -> Iterator[Finding]:
         """A field whose name stayed but whose number changed (reported once, on the message)."""

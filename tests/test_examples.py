@@ -182,3 +182,16 @@ def test_hedwig_settings_on_pubsub(tmp_path: Path, emulator_host: str) -> None:
     env = environment(SETTINGS_MODULE="gcp_settings", PUBSUB_EMULATOR_HOST=emulator_host, ORDERS_QUEUE=queue)
     worker = _hedwig_settings_service(folder, env)
     assert queue in worker
+
+
+def test_every_example_has_a_readme_and_a_test() -> None:
+    folders = sorted(p.name for p in EXAMPLES.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    assert len(folders) >= 6, folders
+    for name in folders:
+        assert (EXAMPLES / name / "README.md").is_file(), f"examples/{name} has no README.md"
+    source = Path(__file__).read_text()
+    run_elsewhere = {"quickstart"}  # tests/test_cli_quickstart.py and tests/test_docs_blocks.py
+    untested = [name for name in folders if f'copy_example("{name}"' not in source and name not in run_elsewhere]
+    assert not untested, f"examples with no test: {untested}"
+    docs = (ROOT / "docs" / "examples.md").read_text()
+    assert [name for name in folders if f"`examples/{name}`" not in docs] == []

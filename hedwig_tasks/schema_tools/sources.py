@@ -131,7 +131,7 @@ def _pb2_descriptor(spec: str, raw: bytes) -> tuple[Any, ...]:
 def _protoc() -> Callable[[list[str]], tuple[int, str]]:
     """A way to run protoc: grpcio-tools's in a child Python, else ``protoc`` on ``PATH``."""
     try:
-        import grpc_tools  # type: ignore[import-untyped]
+        import grpc_tools
     except ImportError:
         binary = shutil.which("protoc")
         if binary is None:

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -83,6 +84,7 @@ class Mailer:
     def __init__(self, transport: Any, folder: Path) -> None:
         self.handled: list[str] = []
         self.poisoned: set[str] = set()
+        self.go_on = threading.Event()  #: what slow@example.com's handler waits for
         self.app = Hedwig(
             f"dash{tag()}",
             schema=SCHEMA,
@@ -95,6 +97,8 @@ class Mailer:
         def send_email(message: Message) -> None:
             if message.data["to"] in self.poisoned:
                 raise DeadLetter(f"bounced: <b>{message.data['to']}</b> mailbox full")
+            if message.data["to"] == "slow@example.com":
+                self.go_on.wait(30)
             self.handled.append(message.data["to"])
 
         self.app.provision()
@@ -198,10 +202,16 @@ def test_publish_watch_requeue_and_see_it_handled(
         assert int(page.get_attribute("[data-subscription] [data-chart=depth]", "data-points") or 0) > points_before
         assert sorted(mailer.handled) == ["a@example.com", "b@example.com"]
 
+        mailer.publish("slow@example.com")
         page.click("nav a[data-view=workers]")
-        page.wait_for_selector(f"tr[data-worker='{worker.worker.worker_id}']")
-        wait_for(lambda: "2" in page.inner_text(f"tr[data-worker='{worker.worker.worker_id}'] td:nth-child(6)"))
+        row = f"tr[data-worker='{worker.worker.worker_id}']"
+        page.wait_for_selector(f"{row} + tr.running:has-text('running send_email 1.0 id=')")
+        assert page.inner_text(f"{row} td:nth-child(5)") == "1"  # running
+        assert page.inner_text(f"{row} td:nth-child(6)") == "2"  # handled
+        assert page.inner_text(f"{row} td:nth-child(7)") == "1"  # failed: the dead letter
         shoot(page, f"{transport}-workers", docs=docs)
+        mailer.go_on.set()
+        wait_for(lambda: "slow@example.com" in mailer.handled)
 
         page.click("nav a[data-view=dead-letters]")
         page.wait_for_selector("#dead-letters tbody tr[data-id]")
@@ -224,6 +234,8 @@ def test_publish_watch_requeue_and_see_it_handled(
         wait_for(lambda: "poison@example.com" in mailer.handled, timeout_s=30)
         page.click("nav a[data-view=subscriptions]")
         wait_chart(page, "dead_letters", 0)
+        throughput = lambda: _get(dashboard.url + "api/subscriptions")["throughput"]["per_s"]  # noqa: E731
+        wait_for(lambda: any(throughput()))  # the live workers' handled counts moved
 
         page.click("nav a[data-view=schemas]")
         page.wait_for_selector("[data-schema='send_email 1']")
@@ -232,6 +244,7 @@ def test_publish_watch_requeue_and_see_it_handled(
         assert "send_email" in schema.split("handler")[1]  # which handler takes it
         shoot(page, f"{transport}-schemas", docs=docs)
     finally:
+        mailer.go_on.set()
         worker.stop()
 
 

@@ -19,10 +19,10 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hedwig_tasks.exceptions import ConfigurationError
-from hedwig_tasks.transports._plan import Planned
+from hedwig_tasks.transports._plan import Plan, Planned, offline_plan
 
 if TYPE_CHECKING:
     from hedwig_tasks.app import Hedwig
@@ -42,41 +42,14 @@ SQS_ARGUMENTS = {
 # -- the plan ---------------------------------------------------------------------------------
 
 
-def plan(app: Hedwig) -> list[Planned]:
-    """What ``app.provision()`` would create on an empty account or project, as records."""
+def plan(app: Hedwig) -> Plan:
+    """What ``app.provision()`` would create on an empty account or project, as records.
+
+    Raises ``ConfigurationError`` naming the transport when it is neither AWS nor Google Cloud.
+    """
     subscribe = app.subscribed_topics()
     queue = app.queue if subscribe else None
-    publish = app.published_topics()
-    transport: Any = app.transport
-    if transport.scheme == "aws":
-        from hedwig_tasks.transports._aws_admin import Provisioner as AWSProvisioner
-
-        aws = AWSProvisioner(
-            transport.client,
-            lease_s=transport.lease_s,
-            max_receive_count=transport.max_receive_count,
-            dry_run=True,
-            offline=True,
-        )
-        aws.run(queue, subscribe, publish)
-        return aws.plan
-    if transport.scheme == "gcp":
-        from hedwig_tasks.transports._gcp_admin import Provisioner as GCPProvisioner
-
-        gcp = GCPProvisioner(
-            transport.client,
-            lease_s=transport.lease_s,
-            max_delivery_attempts=transport.max_delivery_attempts,
-            retry_backoff_s=transport.retry_backoff_s,
-            dry_run=True,
-            offline=True,
-        )
-        gcp.run(queue, subscribe, publish)
-        return gcp.plan
-    raise ConfigurationError(
-        f"provision --terraform: the {transport.scheme!r} transport has no Terraform; "
-        "it is written for AWS (aws://) and Google Cloud (gcp://)"
-    )
+    return offline_plan(app.transport, queue, subscribe, app.published_topics())
 
 
 # -- HCL, written as terraform fmt writes it -----------------------------------------------------
@@ -200,7 +173,7 @@ def _aws_resources(records: Sequence[Planned]) -> tuple[list[Block], list[Block]
             blocks.append(Block("resource", ("aws_sqs_queue_redrive_policy", label(record.name)), body))
         elif record.kind == "sqs_policy":
             sources = [topic_arn(t) for t in str(record.get("topics")).split(",")]
-            blocks += _aws_queue_policy(record.name, queue(record.name, "arn"), queue(record.name, "id"), sources)
+            blocks += _aws_queue_policy(record, queue(record.name, "arn"), queue(record.name, "id"), sources)
         elif record.kind == "sns_subscription":
             body = (
                 Attr("topic_arn", topic_arn(str(record.get("topic")))),
@@ -221,14 +194,13 @@ def _aws_resources(records: Sequence[Planned]) -> tuple[list[Block], list[Block]
     return blocks, outputs
 
 
-def _aws_queue_policy(name: str, queue_arn: str, queue_url: str, sources: list[str]) -> list[Block]:
+def _aws_queue_policy(record: Planned, queue_arn: str, queue_url: str, sources: list[str]) -> list[Block]:
     """The queue policy statement provision writes (``HedwigTasksSNSDelivery``), and its resource."""
-    from hedwig_tasks.transports._aws_admin import POLICY_SID
-
+    name = record.name
     statement = Block(
         "statement",
         body=(
-            Attr("sid", string(POLICY_SID)),
+            Attr("sid", string(str(record.get("sid")))),
             Attr("effect", string("Allow")),
             Attr("actions", "[" + string("sqs:SendMessage") + "]"),
             Attr("resources", f"[{queue_arn}]"),
@@ -251,15 +223,14 @@ def _aws_queue_policy(name: str, queue_arn: str, queue_url: str, sources: list[s
     return [document, resource]
 
 
-def _aws_module(app: Hedwig, records: Sequence[Planned]) -> dict[str, str]:
-    transport: Any = app.transport
+def _aws_module(app: Hedwig, records: Sequence[Planned], known: dict[str, str | None]) -> dict[str, str]:
     resources, outputs = _aws_resources(records)
     provider = Block(
         "provider", ("aws",), (Attr("region", "var.region"), Attr("allowed_account_ids", "[var.account_id]"))
     )
     variables = [
-        variable("account_id", "the AWS account the resources are made in", transport.client.account_id),
-        variable("region", "the AWS region the resources are made in", transport.client.region),
+        variable("account_id", "the AWS account the resources are made in", known.get("account_id")),
+        variable("region", "the AWS region the resources are made in", known.get("region")),
     ]
     return {
         "versions.tf": render([_required("aws", "hashicorp/aws", AWS_PROVIDER), provider]),
@@ -320,12 +291,11 @@ def _gcp_subscription(record: Planned, project: Attr, topics: dict[str, str]) ->
     return Block("resource", ("google_pubsub_subscription", label(record.name)), tuple(body))
 
 
-def _gcp_module(app: Hedwig, records: Sequence[Planned]) -> dict[str, str]:
-    transport: Any = app.transport
+def _gcp_module(app: Hedwig, records: Sequence[Planned], known: dict[str, str | None]) -> dict[str, str]:
     resources, outputs = _gcp_resources(records)
     provider = Block("provider", ("google",), (Attr("project", "var.project"), Attr("region", "var.region")))
     variables = [
-        variable("project", "the Google Cloud project the resources are made in", transport.client.project),
+        variable("project", "the Google Cloud project the resources are made in", known.get("project")),
         variable("region", "the provider's default region (Pub/Sub resources are global)", None, optional=True),
     ]
     return {
@@ -354,8 +324,9 @@ def _header(app: Hedwig) -> str:
 
 def module(app: Hedwig) -> dict[str, str]:
     """The app's module: file name -> text. Raises ``ConfigurationError`` off AWS and Google Cloud."""
-    records = plan(app)
-    return _aws_module(app, records) if app.transport.scheme == "aws" else _gcp_module(app, records)
+    planned = plan(app)
+    render_module = _aws_module if planned.provider == "aws" else _gcp_module
+    return render_module(app, planned.records, dict(planned.variables))
 
 
 def write(app: Hedwig, directory: str | Path) -> Path:

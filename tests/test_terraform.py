@@ -156,7 +156,7 @@ class Module:
         assert (self.value(condition["test"]), self.value(condition["variable"])) == ("ArnEquals", "aws:SourceArn")
         assert statement["resources"] == [body["queue_url"].replace(".id}", ".arn}")]
         topics = ",".join(self.value(t) for t in condition["values"])
-        return "sqs_policy", self.queue_of(body["queue_url"]), {"topics": topics}
+        return "sqs_policy", self.queue_of(body["queue_url"]), {"sid": self.value(statement["sid"]), "topics": topics}
 
     def aws_sns_topic_subscription(self, body: dict[str, Any]) -> Read:
         assert (self.value(body["protocol"]), body["raw_message_delivery"]) == ("sqs", True)
@@ -188,7 +188,7 @@ class Module:
 def assert_same_plan(app: Hedwig, tmp_path: Path) -> list[Planned]:
     """The dry run's records, the offline plan's and the written module's are the same."""
     dry = dry_run_records(app)
-    offline = terraform.plan(app)
+    offline = list(terraform.plan(app).records)
     assert offline == dry
     assert app.provision(dry_run=True) == [record.action for record in dry]
     folder = terraform.write(app, tmp_path)
@@ -224,7 +224,7 @@ def test_aws_module_subscribes_to_another_accounts_topic_by_its_arn(tmp_path: Pa
     """Offline (moto cannot hold another account's topic): the module reads back as the plan."""
     app = aws_app("http://127.0.0.1:9", "offline", FOREIGN_ARN)  # never called
     try:
-        planned = terraform.plan(app)
+        planned = list(terraform.plan(app).records)
         module = Module(terraform.write(app, tmp_path))
         assert sorted(module.records(), key=repr) == sorted(planned, key=repr)
         (policy,) = [r for r in planned if r.kind == "sqs_policy"]

@@ -168,9 +168,8 @@ class Provisioner:
         policy["Statement"] = statements
         names = ", ".join(t for t, _ in missing_topics)
         added = ",".join(sns_name(t) for t, _ in missing_topics)
-        planned = Planned.of(
-            "sqs_policy", name, f"allow {names} to deliver to {name} (queue policy)", {"topics": added}
-        )
+        settings = {"sid": POLICY_SID, "topics": added}
+        planned = Planned.of("sqs_policy", name, f"allow {names} to deliver to {name} (queue policy)", settings)
         self.set_attributes(planned, name, {"Policy": json.dumps(policy)})
 
     def subscription(self, name: str, queue_arn: str, topic: str, topic_arn: str) -> None:

@@ -145,53 +145,52 @@ def output(name: str, description: str, value: str) -> Block:
 def _aws_resources(records: Sequence[Planned]) -> tuple[list[Block], list[Block]]:
     """The resources and the outputs of an AWS plan."""
     topics = {r.name: f"aws_sns_topic.{label(r.name)}.arn" for r in records if r.kind == "sns_topic"}
-    queues = [r.name for r in records if r.kind == "sqs_queue"]
+    blocks = [block for record in records for block in _aws_blocks(record, topics)]
+    subscriptions = [
+        (r.name, f"aws_sns_topic_subscription.{label(r.name)}.arn") for r in records if r.kind == "sns_subscription"
+    ]
+    outputs = [output("topic_arns", "SNS topic name -> ARN", mapping(topics.items()))]
+    for name in (r.name for r in records if r.kind == "sqs_queue"):
+        what = "dead_letter_queue" if name.endswith("-DLQ") else "queue"
+        outputs.append(output(f"{what}_url", f"URL of SQS queue {name}", _queue(name, "id")))
+        outputs.append(output(f"{what}_arn", f"ARN of SQS queue {name}", _queue(name, "arn")))
+    outputs.append(output("subscription_arns", "queue/topic -> subscription ARN", mapping(subscriptions)))
+    return blocks, outputs
+
+
+def _queue(name: str, what: str) -> str:
+    return f"aws_sqs_queue.{label(name)}.{what}"
+
+
+def _aws_blocks(record: Planned, topics: dict[str, str]) -> list[Block]:
+    """The Terraform of one record; ``topics``: the plan's topics -> their ARN's expression."""
 
     def topic_arn(name: str) -> str:
         return topics.get(name) or string(name)  # another account's topic, given by its ARN
 
-    def queue(name: str, what: str) -> str:
-        return f"aws_sqs_queue.{label(name)}.{what}"
-
-    blocks: list[Block] = []
-    subscriptions: list[tuple[str, str]] = []
-    for record in records:
-        if record.kind == "sns_topic":
-            blocks.append(
-                Block("resource", ("aws_sns_topic", label(record.name)), (Attr("name", string(record.name)),))
-            )
-        elif record.kind == "sqs_queue":
-            settings = [Attr(SQS_ARGUMENTS[key], value) for key, value in record.settings]
-            body = (Attr("name", string(record.name)), *settings)
-            blocks.append(Block("resource", ("aws_sqs_queue", label(record.name)), body))
-        elif record.kind == "sqs_redrive":
-            dlq = queue(str(record.get("dead_letter_queue")), "arn")
-            policy = (
-                f"jsonencode({{ deadLetterTargetArn = {dlq}, maxReceiveCount = {record.get('max_receive_count')} }})"
-            )
-            body = (Attr("queue_url", queue(record.name, "id")), Attr("redrive_policy", policy))
-            blocks.append(Block("resource", ("aws_sqs_queue_redrive_policy", label(record.name)), body))
-        elif record.kind == "sqs_policy":
-            sources = [topic_arn(t) for t in str(record.get("topics")).split(",")]
-            blocks += _aws_queue_policy(record, queue(record.name, "arn"), queue(record.name, "id"), sources)
-        elif record.kind == "sns_subscription":
-            body = (
-                Attr("topic_arn", topic_arn(str(record.get("topic")))),
-                Attr("protocol", string("sqs")),
-                Attr("endpoint", queue(str(record.get("queue")), "arn")),
-                Attr("raw_message_delivery", "true"),
-            )
-            blocks.append(Block("resource", ("aws_sns_topic_subscription", label(record.name)), body))
-            subscriptions.append((record.name, f"aws_sns_topic_subscription.{label(record.name)}.arn"))
-        else:
-            raise ConfigurationError(f"provision --terraform: no Terraform for an AWS {record.kind}")
-    outputs = [output("topic_arns", "SNS topic name -> ARN", mapping(topics.items()))]
-    for name in queues:
-        what = "dead_letter_queue" if name.endswith("-DLQ") else "queue"
-        outputs.append(output(f"{what}_url", f"URL of SQS queue {name}", queue(name, "id")))
-        outputs.append(output(f"{what}_arn", f"ARN of SQS queue {name}", queue(name, "arn")))
-    outputs.append(output("subscription_arns", "queue/topic -> subscription ARN", mapping(subscriptions)))
-    return blocks, outputs
+    resource = ("resource", label(record.name))
+    if record.kind == "sns_topic":
+        return [Block(resource[0], ("aws_sns_topic", resource[1]), (Attr("name", string(record.name)),))]
+    if record.kind == "sqs_queue":
+        settings = [Attr(SQS_ARGUMENTS[key], value) for key, value in record.settings]
+        return [Block(resource[0], ("aws_sqs_queue", resource[1]), (Attr("name", string(record.name)), *settings))]
+    if record.kind == "sqs_redrive":
+        dlq = _queue(str(record.get("dead_letter_queue")), "arn")
+        policy = f"jsonencode({{ deadLetterTargetArn = {dlq}, maxReceiveCount = {record.get('max_receive_count')} }})"
+        redrive = (Attr("queue_url", _queue(record.name, "id")), Attr("redrive_policy", policy))
+        return [Block(resource[0], ("aws_sqs_queue_redrive_policy", resource[1]), redrive)]
+    if record.kind == "sqs_policy":
+        sources = [topic_arn(t) for t in str(record.get("topics")).split(",")]
+        return _aws_queue_policy(record, _queue(record.name, "arn"), _queue(record.name, "id"), sources)
+    if record.kind == "sns_subscription":
+        body = (
+            Attr("topic_arn", topic_arn(str(record.get("topic")))),
+            Attr("protocol", string("sqs")),
+            Attr("endpoint", _queue(str(record.get("queue")), "arn")),
+            Attr("raw_message_delivery", "true"),
+        )
+        return [Block(resource[0], ("aws_sns_topic_subscription", resource[1]), body)]
+    raise ConfigurationError(f"provision --terraform: no Terraform for an AWS {record.kind}")
 
 
 def _aws_queue_policy(record: Planned, queue_arn: str, queue_url: str, sources: list[str]) -> list[Block]:

@@ -191,10 +191,10 @@ class Dashboard:
             raise Refused(401, "this dashboard needs its token to change anything")
 
     def _authorized(self, header: str) -> bool:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer":
+        kind, _, value = header.partition(" ")
+        if kind.lower() == "bearer":
             given = value.strip()
-        elif scheme.lower() == "basic":
+        elif kind.lower() == "basic":
             try:
                 given = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
             except (ValueError, UnicodeDecodeError):

@@ -268,7 +268,7 @@ class Hedwig:
         idempotent: bool = False,
         idempotency_key: Callable[[Message], str] | None = None,
         idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S,
-    ) -> Callable[[Callable[[Message], Any]], Handler]:
+    ) -> Callable[[Callable[..., Any]], Handler]:
         """Register the decorated function for ``message_type`` at the majors ``pattern`` names.
 
         ``time_limit_s`` bounds one run (default: the worker's ``--time-limit``); ``rate_limit``
@@ -288,7 +288,7 @@ class Hedwig:
             except Exception as exc:
                 raise ConfigurationError(f"handler for {message_type!r} {major}.*: {exc}") from None
 
-        def register(fn: Callable[[Message], Any]) -> Handler:
+        def register(fn: Callable[..., Any]) -> Handler:
             handler = Handler(
                 self,
                 fn,

@@ -13,6 +13,7 @@ from hedwig_tasks.exceptions import ConfigurationError, TimeLimitExceeded
 from hedwig_tasks.message import Message, VersionLike
 from hedwig_tasks.ratelimit import RATE_SCOPES, FleetRateLimiter, Limiter, RateLimit, RateLimiter
 from hedwig_tasks.retry import RetryPolicy
+from hedwig_tasks.typed import payload_builder
 
 if TYPE_CHECKING:
     from hedwig_tasks.app import Hedwig
@@ -23,17 +24,20 @@ __all__ = ["DEFAULT_IDEMPOTENCY_TTL_S", "Handler"]
 DEFAULT_IDEMPOTENCY_TTL_S = 7 * 24 * 3600.0
 
 
-def _check_signature(fn: Callable[..., Any], name: str) -> None:
+def _check_signature(fn: Callable[..., Any], name: str, typed: bool) -> None:
+    """The message is the one required positional argument; with a typed payload, the data too."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"handler {name}: cannot read its signature: {exc}") from exc
     try:
-        signature.bind(object())
+        signature.bind(*([object()] * (2 if typed else 1)))
     except TypeError:
         raise ConfigurationError(
             f"handler {name}{signature}: must take the message as its only required "
-            "positional argument, as in def handler(message): ..."
+            "positional argument, as in def handler(message): ..., and then, if any, its data "
+            "annotated with a dataclass, TypedDict or pydantic model, as in "
+            "def handler(message, data: SendEmailV1): ..."
         ) from None
 
 
@@ -87,7 +91,7 @@ class Handler:
     def __init__(
         self,
         app: Hedwig,
-        fn: Callable[[Message], Any],
+        fn: Callable[..., Any],  # (message) or (message, data: a payload type)
         message_type: str,
         majors: tuple[int, ...],
         *,
@@ -101,7 +105,9 @@ class Handler:
         idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S,
     ) -> None:
         self.name = name or f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-        _check_signature(fn, self.name)
+        #: Builds the typed second argument from the message's data (None: the handler takes none).
+        self.payload = payload_builder(fn)
+        _check_signature(fn, self.name, self.payload is not None)
         self.time_limit_s = _check_time_limit(time_limit_s, self.name)
         option = f"handler {self.name}: rate_limit"
         self.rate_limit = None if rate_limit is None else RateLimit.parse(rate_limit, option=option)
@@ -132,20 +138,21 @@ class Handler:
         still running after ``time_limit_s`` is cancelled and :class:`TimeLimitExceeded` raised
         (a sync one cannot be stopped from inside: the worker abandons its thread).
         """
+        args = (message,) if self.payload is None else (message, self.payload(message.data))
         if not self.is_async:
-            return self.fn(message)
+            return self.fn(*args)
         if loop is None and time_limit_s is None:
-            return asyncio.run(self.fn(message))
+            return asyncio.run(self.fn(*args))
         if loop is None:
             assert time_limit_s is not None
             loop = asyncio.new_event_loop()
             try:
-                return _run_with_limit(loop, self.fn(message), time_limit_s)
+                return _run_with_limit(loop, self.fn(*args), time_limit_s)
             finally:
                 loop.close()
         if time_limit_s is None:
-            return loop.run_until_complete(self.fn(message))
-        return _run_with_limit(loop, self.fn(message), time_limit_s)
+            return loop.run_until_complete(self.fn(*args))
+        return _run_with_limit(loop, self.fn(*args), time_limit_s)
 
     @property
     def retry_policy(self) -> RetryPolicy:

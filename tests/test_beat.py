@@ -343,7 +343,8 @@ def test_three_beat_processes_publish_each_tick_once_and_survive_a_kill_9(tmp_pa
         killed_at = time.monotonic()
         last_before = int(store.get(cursor) or 0)
         wait_for(lambda: int(store.get(cursor) or 0) > last_before, 10)
-        assert time.monotonic() - killed_at <= 2 + 0.4 + 1.0  # one lease, one poll, and slack
+        # one lease, the tick's second, one poll, and slack for a CI machine whose two cores are busy
+        assert time.monotonic() - killed_at <= 2 + 1 + 0.4 + 2.0
         assert _leader_pid(store) not in (None, leader)
         wait_for(lambda: int(store.get(cursor) or 0) >= last_before + 3, 10)
     finally:

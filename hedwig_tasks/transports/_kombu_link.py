@@ -10,6 +10,7 @@ import contextlib
 import errno
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,9 @@ DEFAULT_LEASE_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 #: Most bytes one read of the socket takes (several frames: deliveries arrive back to back).
 READ_CHUNK = 8192
+#: An AMQP frame's header (type, channel, payload size) and the octet that ends every frame.
+_FRAME_HEADER = struct.Struct(">BHI")
+_FRAME_END = 0xCE
 #: URL schemes the transport speaks.
 SCHEMES = ("amqp", "amqps", "pyamqp")
 
@@ -274,6 +278,23 @@ class _ChunkedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
         result, self._read_buffer = buffered[:n], buffered[n:]
         return result
 
+    def buffered_frame(self) -> tuple[int, int, bytes] | None:
+        """The next frame, ``(type, channel, payload)``, if all of it already arrived; else None.
+
+        Deliveries arrive back to back: most frames are read from what one ``recv`` brought,
+        without py-amqp's three reads, socket timeout and buffer copies per frame. Anything
+        unusual (a partial frame, a bad frame end) is left to ``read_frame``, which says so.
+        """
+        buffered = self._read_buffer
+        if len(buffered) < 8:
+            return None
+        frame_type, channel, size = _FRAME_HEADER.unpack_from(buffered)
+        end = size + 7
+        if len(buffered) <= end or buffered[end] != _FRAME_END:
+            return None
+        self._read_buffer = buffered[end + 1 :]
+        return frame_type, channel, buffered[7:end]
+
     @contextlib.contextmanager
     def having_timeout(self, timeout: float | None) -> Iterator[Any]:
         buffered = self._read_buffer
@@ -287,6 +308,14 @@ class _ChunkedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
 
 
 class _AMQPConnection(kombu.transport.pyamqp.Connection):  # type: ignore[misc]
+    def blocking_read(self, timeout: float | None = None) -> Any:
+        """py-amqp's, taking a frame already in hand without setting a socket timeout."""
+        transport = self.transport
+        frame = transport.buffered_frame() if type(transport) is _ChunkedTCPTransport else None
+        if frame is None:
+            return super().blocking_read(timeout)
+        return self.on_inbound_frame(frame)
+
     def Transport(
         self,
         host: str,

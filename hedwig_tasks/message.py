@@ -202,6 +202,15 @@ class Message:
         return _copy(self, metadata=_copy(self.metadata, **changes))
 
 
+def delivered(message: _M, delivery: Any) -> _M:
+    """A copy of a message a validator just read, carrying the delivery it came in.
+
+    What ``message.with_metadata(delivery=delivery)`` gives, without its checks: a worker
+    does this per message.
+    """
+    return _copy(message, metadata=_copy(message.metadata, delivery=delivery))
+
+
 _METADATA_FIELDS = frozenset(f.name for f in dataclasses.fields(Metadata))
 
 

@@ -53,6 +53,8 @@ META_ATTRIBUTES = (
 )
 ENCODING_ATTRIBUTE = "hedwig_encoding"
 _RESERVED_PREFIX = "hedwig_"
+#: The attributes a message usually carries, all in the ``hedwig_`` namespace (none is a header).
+_USUAL_ATTRIBUTES = frozenset((*META_ATTRIBUTES, ENCODING_ATTRIBUTE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,16 +136,26 @@ def meta_attributes(message: Message, schema: str) -> dict[str, str]:
 
 def headers_from_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     """Every attribute outside the ``hedwig_`` namespace is a header, as Hedwig reads them."""
+    if attributes.keys() <= _USUAL_ATTRIBUTES:  # most messages: no headers (a set test, in C)
+        return {}
     return {k: v for k, v in attributes.items() if not k.startswith(_RESERVED_PREFIX)}
 
 
 def read_meta_attributes(attributes: Mapping[str, str]) -> tuple[str, Metadata, str]:
     """``(id, metadata, schema)`` from transport attributes; :class:`DecodeError` if any is missing."""
-    values = [attributes.get(name) for name in META_ATTRIBUTES]
-    missing = [name for name, value in zip(META_ATTRIBUTES, values, strict=True) if not isinstance(value, str)]
-    if missing:
-        raise DecodeError(f"missing Hedwig attribute(s): {', '.join(missing)}")
-    format_version, message_id, timestamp_text, publisher, schema = cast("list[str]", values)
+    get = attributes.get
+    values = (
+        get("hedwig_format_version"),
+        get("hedwig_id"),
+        get("hedwig_message_timestamp"),
+        get("hedwig_publisher"),
+        get("hedwig_schema"),
+    )
+    if not all(type(value) is str for value in values):  # a worker does this per message: checks first
+        missing = [name for name, value in zip(META_ATTRIBUTES, values, strict=True) if not isinstance(value, str)]
+        if missing:
+            raise DecodeError(f"missing Hedwig attribute(s): {', '.join(missing)}")
+    format_version, message_id, timestamp_text, publisher, schema = cast("tuple[str, str, str, str, str]", values)
     if format_version != FORMAT_VERSION:
         raise DecodeError(f"unknown hedwig_format_version {format_version!r}")
     try:

@@ -322,7 +322,8 @@ def _post(dashboard: Dashboard, path: str, body: Any, **headers: str) -> tuple[i
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+        with exc:  # the error holds the response, and its socket, until closed
+            return exc.code, json.load(exc)
 
 
 def _ids(dashboard: Dashboard) -> list[str]:
@@ -394,6 +395,7 @@ def test_it_listens_on_loopback_and_answers_loopback_names_only(sqlite_mailer: M
         assert dashboard.server.server_address[0] == "127.0.0.1"
         with pytest.raises(urllib.error.HTTPError) as refused:
             _get(dashboard.url + "api/meta", headers={"Host": "rebound.evil.example"})
+        refused.value.close()  # it holds the response, and its socket
         assert refused.value.code == 421
         assert _get(dashboard.url + "api/meta", headers={"Host": "localhost"})["app"] == sqlite_mailer.app.name
 

@@ -23,7 +23,7 @@ from hedwig_tasks._cli_app import CLIError
 from hedwig_tasks.app import Hedwig
 from hedwig_tasks.transports.base import DeadLetterRecord
 
-__all__ = ["add_dlq_commands", "parse_age"]
+__all__ = ["add_dlq_commands", "as_json", "dead_letter_total", "parse_age", "record_filters", "type_and_version"]
 
 #: Dead letters ``list`` shows unless ``--limit`` says otherwise.
 DEFAULT_LIST_LIMIT = 100
@@ -97,7 +97,11 @@ def as_json(record: DeadLetterRecord) -> dict[str, Any]:
 # -- filters ----------------------------------------------------------------------------------
 
 
-def _filters(args: argparse.Namespace) -> list[Callable[[DeadLetterRecord], bool]]:
+def record_filters(args: argparse.Namespace) -> list[Callable[[DeadLetterRecord], bool]]:
+    """A test per filter option given (subscription, type, reason, age); a record must pass all.
+
+    Also the dashboard's, which fills the same namespace from its query string.
+    """
     now = time.time()
     tests: list[Callable[[DeadLetterRecord], bool]] = []
     if args.subscription:
@@ -113,7 +117,7 @@ def _filters(args: argparse.Namespace) -> list[Callable[[DeadLetterRecord], bool
     return tests
 
 
-def _total(app: Hedwig) -> int | None:
+def dead_letter_total(app: Hedwig) -> int | None:
     """How many dead letters the app has, as cheaply as the transport counts them; None if unknown."""
     rows = app.transport.counts(app.queue, app.subscribed_topics())
     counts = [row.dead_letters for row in rows]
@@ -122,7 +126,7 @@ def _total(app: Hedwig) -> int | None:
 
 def _select(args: argparse.Namespace, app: Hedwig, limit: int) -> tuple[list[DeadLetterRecord], int]:
     """Up to ``limit`` records that pass the filters and ids, and how many were read to find them."""
-    tests = _filters(args)
+    tests = record_filters(args)
     ids = getattr(args, "ids", None) or None
     if not tests:
         records = app.transport.dead_letters(app.queue, limit=limit, ids=ids)
@@ -155,7 +159,7 @@ def _table(records: Sequence[DeadLetterRecord]) -> list[str]:
 
 
 def _footer(app: Hedwig, shown: int, read: int, filtered: bool, limit: int) -> str:
-    total = _total(app)
+    total = dead_letter_total(app)
     of = f"{total:,}" if total is not None else "an unknown number of"
     if filtered:
         scanned = f"the oldest {read:,} read" if total is None or read < total else f"all {read:,} read"
@@ -171,7 +175,7 @@ def cmd_list(args: argparse.Namespace, app: Hedwig) -> int:
             print(json.dumps(as_json(record)))
     elif records:
         print("\n".join(_table(records)))
-    print(_footer(app, len(records), read, bool(_filters(args)), args.limit), file=sys.stderr)
+    print(_footer(app, len(records), read, bool(record_filters(args)), args.limit), file=sys.stderr)
     return 0
 
 
@@ -238,8 +242,8 @@ def _confirm(question: str, yes: bool) -> bool:
 
 def _plan(args: argparse.Namespace, app: Hedwig) -> tuple[list[str] | None, str]:
     """The ids to act on (None: all, up to --limit) and how many that is, in words."""
-    if not (args.ids or _filters(args)):
-        total = _total(app)
+    if not (args.ids or record_filters(args)):
+        total = dead_letter_total(app)
         if args.limit is not None:
             count = args.limit if total is None else min(args.limit, total)
             return None, f"the oldest {count:,}" if total is None else f"{count:,}"

@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from conftest import SCHEMA_FILE
 from helpers import WorkerThread, wait_for
-from postgres_server import own_schema
 from redis_server import redis_url
+from state_stores import STORES, delete_prefix, own_store, redis_prefix
 
 from hedwig_tasks import ConfigurationError, Hedwig, Message
 from hedwig_tasks.ratelimit import FleetRateLimiter, RateLimit
@@ -29,28 +28,11 @@ from hedwig_tasks.state.redis import RedisStore
 from hedwig_tasks.worker import Worker, WorkerOptions
 
 
-def _delete_prefix(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
+@pytest.fixture(params=STORES)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A state store's URL of the test's own: an SQLite file, a Redis prefix, a PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/state.db"
-    elif request.param == "redis":
-        prefix = f"hedwig-test:{uuid.uuid4().hex[:10]}:"
-        yield f"{redis_url()}?prefix={prefix}"
-        _delete_prefix(redis_url(), prefix)
-    else:
-        with own_schema() as (url, schema):
-            yield f"{url}?schema={schema}"
+    with own_store(request.param, tmp_path) as url:
+        yield url
 
 
 def _app(tmp_path: Path, state: str, starts: list[tuple[float, int]], rate: str) -> Hedwig:
@@ -170,7 +152,7 @@ def test_three_worker_processes_keep_a_fleet_limit_of_50_per_second_within_10_pe
     for n in range(506):  # ten seconds at 50/s, and the bucket's burst of five
         app.publish("user-created", "1.0", {"user_id": f"U{n}"})
     app.close()
-    prefix = f"hedwig-test:{uuid.uuid4().hex[:10]}:"
+    prefix = redis_prefix()
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
     env["HEDWIG_STATE_URL"] = f"{redis_url()}?prefix={prefix}"
     command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "tasks", "-c", "4", "-l", "WARNING"]
@@ -182,7 +164,7 @@ def test_three_worker_processes_keep_a_fleet_limit_of_50_per_second_within_10_pe
         for w in workers:
             w.send_signal(signal.SIGTERM)
         codes = [w.wait(30) for w in workers]
-        _delete_prefix(redis_url(), prefix)
+        delete_prefix(redis_url(), prefix)
     assert codes == [0, 0, 0]
     rows = [line.split() for line in starts_file.read_text().splitlines()]
     times = sorted(float(t) for t, _ in rows)

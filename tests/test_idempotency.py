@@ -12,17 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from conftest import SCHEMA_FILE
 from helpers import WorkerThread, wait_for
-from postgres_server import own_schema
-from redis_server import redis_url
+from state_stores import STORES, own_store
 
 from hedwig_tasks import ConfigurationError, Hedwig, Message, RetryPolicy, signals
 from hedwig_tasks._worker_idempotency import DONE
@@ -30,31 +27,12 @@ from hedwig_tasks.metrics import Metrics
 from hedwig_tasks.state.redis import RedisStore
 from hedwig_tasks.worker import Worker, WorkerOptions
 
-STORES = ["sqlite", "redis", "postgres"]
-
-
-def _delete_prefix(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
 
 @pytest.fixture(params=STORES)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A state store's URL of the test's own: an SQLite file, a Redis prefix, a PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/state.db"
-    elif request.param == "redis":
-        prefix = f"hedwig-test:{uuid.uuid4().hex[:10]}:"
-        yield f"{redis_url()}?prefix={prefix}"
-        _delete_prefix(redis_url(), prefix)
-    else:
-        with own_schema() as (url, schema):
-            yield f"{url}?schema={schema}"
+    with own_store(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

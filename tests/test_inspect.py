@@ -18,8 +18,8 @@ import pytest
 import redis
 from conftest import SCHEMA_FILE
 from helpers import WorkerThread, wait_for
-from postgres_server import own_schema
 from redis_server import cleanup, redis_url
+from state_stores import STORES, own_store
 
 from hedwig_tasks import Hedwig, Message
 from hedwig_tasks._cli_inspect import inspect_lines
@@ -31,28 +31,11 @@ from hedwig_tasks.transports._redis_wire import stream_key
 from hedwig_tasks.worker import Worker, WorkerOptions
 
 
-def _delete_prefix(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
+@pytest.fixture(params=STORES)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A state store's URL of the test's own: an SQLite file, a Redis prefix, a PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/state.db"
-    elif request.param == "redis":
-        prefix = f"hedwig-test:{uuid.uuid4().hex[:10]}:"
-        yield f"{redis_url()}?prefix={prefix}"
-        _delete_prefix(redis_url(), prefix)
-    else:
-        with own_schema() as (url, schema):
-            yield f"{url}?schema={schema}"
+    with own_store(request.param, tmp_path) as url:
+        yield url
 
 
 def test_a_worker_keeps_a_row_of_what_it_runs_and_forgets_it_on_a_clean_stop(tmp_path: Path, store_url: str) -> None:

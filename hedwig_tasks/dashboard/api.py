@@ -16,7 +16,14 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from hedwig_tasks._cli_dlq import DEFAULT_SCAN, _filters, _total, as_json, parse_age, type_and_version
+from hedwig_tasks._cli_dlq import (
+    DEFAULT_SCAN,
+    as_json,
+    dead_letter_total,
+    parse_age,
+    record_filters,
+    type_and_version,
+)
 from hedwig_tasks._version import __version__
 from hedwig_tasks.exceptions import ConfigurationError, HedwigError
 from hedwig_tasks.transports.base import DeadLetterRecord
@@ -205,7 +212,7 @@ class DeadLetterBrowser:
             self._read = None
 
     def matching(self, query: Mapping[str, str]) -> list[DeadLetterRecord]:
-        tests = _filters(_namespace(query))
+        tests = record_filters(_namespace(query))
         return [r for r in self._records() if all(test(r) for test in tests)]
 
     def page(self, query: Mapping[str, str]) -> dict[str, Any]:
@@ -215,8 +222,8 @@ class DeadLetterBrowser:
         ``scan`` are, once for the pages that follow (see :data:`DEAD_LETTER_CACHE_S`).
         """
         page, size = _number(query, "page", 0), min(_number(query, "size", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
-        total = _total(self.app)
-        if _filters(_namespace(query)):
+        total = dead_letter_total(self.app)
+        if record_filters(_namespace(query)):
             read = self._records()
             found = self.matching(query)
             matching, seen = len(found), len(read)

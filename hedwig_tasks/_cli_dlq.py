@@ -160,6 +160,8 @@ def _table(records: Sequence[DeadLetterRecord]) -> list[str]:
 
 def _footer(app: Hedwig, shown: int, read: int, filtered: bool, limit: int) -> str:
     total = dead_letter_total(app)
+    if total is None and not filtered and read < limit:  # uncounted, but fewer than asked came back: all
+        total = read
     of = f"{total:,}" if total is not None else "an unknown number of"
     if filtered:
         scanned = f"the oldest {read:,} read" if total is None or read < total else f"all {read:,} read"

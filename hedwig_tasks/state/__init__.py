@@ -14,12 +14,11 @@ fleet on several machines: an SQLite file is shared only by the processes of one
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import posixpath
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from hedwig_tasks._by_scheme import class_for_scheme
 from hedwig_tasks.exceptions import ConfigurationError
 from hedwig_tasks.state.base import Lease, Member, StateStore
 
@@ -44,22 +43,7 @@ def store_class(scheme: str, *, url: str | None = None) -> type[StateStore]:
     Raises :class:`ConfigurationError` for an unknown scheme (suggesting the nearest) or a
     missing driver (naming the extra to install).
     """
-    if scheme not in STORE_ALIASES:
-        close = difflib.get_close_matches(scheme, STORE_ALIASES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        known = ", ".join(sorted(STORE_ALIASES))
-        raise ConfigurationError(f"unknown state store {scheme!r} (known: {known}){hint}; the URL: {url or scheme!r}")
-    target, extra = STORE_ALIASES[scheme]
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        if extra is None or exc.name is None or exc.name.startswith("hedwig_tasks"):
-            raise
-        raise ConfigurationError(
-            f"the {scheme!r} state store needs {exc.name!r}: pip install 'hedwig-tasks[{extra}]'"
-        ) from exc
-    cls: type[StateStore] = getattr(module, class_name)
+    cls: type[StateStore] = class_for_scheme(STORE_ALIASES, scheme, kind="state store", url=url)
     return cls
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from urllib.parse import urlsplit
 
-from hedwig_tasks.exceptions import ConfigurationError
+from hedwig_tasks._by_scheme import class_for_scheme
 from hedwig_tasks.transports.base import Transport
 
 __all__ = ["DEFAULT_URL", "TRANSPORT_ALIASES", "from_url", "transport_class"]
@@ -34,22 +32,7 @@ def transport_class(scheme: str, *, url: str | None = None) -> type[Transport]:
     Raises :class:`ConfigurationError` for an unknown scheme (suggesting the nearest) or a
     missing SDK (naming the extra to install).
     """
-    if scheme not in TRANSPORT_ALIASES:
-        close = difflib.get_close_matches(scheme, TRANSPORT_ALIASES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        known = ", ".join(sorted(TRANSPORT_ALIASES))
-        raise ConfigurationError(f"unknown transport {scheme!r} in {url or scheme!r} (known: {known}){hint}")
-    target, extra = TRANSPORT_ALIASES[scheme]
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        if extra is None or exc.name is None or exc.name.startswith("hedwig_tasks"):
-            raise
-        raise ConfigurationError(
-            f"the {scheme!r} transport needs {exc.name!r}: pip install 'hedwig-tasks[{extra}]'"
-        ) from exc
-    cls: type[Transport] = getattr(module, class_name)
+    cls: type[Transport] = class_for_scheme(TRANSPORT_ALIASES, scheme, kind="transport", url=url)
     return cls
 
 

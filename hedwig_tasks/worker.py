@@ -8,8 +8,10 @@ settled (for an ack, once the batched ack is sent), so nothing is hoarded. Every
 buffered or running, has its lease extended by the keeper until it is settled or
 ``max_lease_s`` has passed.
 
-With ``pool="processes"`` each handler thread owns a child process (:mod:`hedwig_tasks.pool`)
-and hands it the delivery's bytes; the thread keeps doing the rest. Time limits: an ``async``
+With ``pool="processes"`` a handler thread does the work before the run (decode, rate limit,
+idempotency claim, signals) and hands the delivery's bytes to a child process
+(:mod:`hedwig_tasks.pool`); the pool's dispatcher thread settles the message when the child
+answers, and the handler thread takes the next delivery meanwhile. Time limits: an ``async``
 handler is cancelled; a sync one in a thread is abandoned (its message failed, its thread
 replaced, its late result discarded; see :mod:`hedwig_tasks._worker_deadlines`); a child
 process is killed and replaced. A handler's rate limit makes its thread wait for its turn
@@ -76,6 +78,8 @@ ACK_GATHER_S = 0.02
 #: How long after its due time a burst worker still waits for a retry it scheduled, in seconds
 #: (only where the broker cannot count delayed retries itself).
 BURST_RETRY_GRACE_S = 10.0
+#: What handling a delivery returns once a child process has it (it is settled on the answer).
+_SUBMITTED = "submitted"
 
 
 class Worker(Limits, Idempotency, Heartbeats):
@@ -113,7 +117,7 @@ class Worker(Limits, Idempotency, Heartbeats):
         self.abandoned_threads = 0  #: threads abandoned at a time limit whose handler has not returned
         self._local = threading.local()
         self._deadlines: Deadlines | None = None
-        self._pool: Pool | None = None  #: the children handler threads own, with pool="processes"
+        self._pool: Pool | None = None  #: the children handlers run in, with pool="processes"
         self._last_heartbeat = 0.0
         self.last_beat = time.monotonic()  #: when the receive loop last came round
         self.ready = False  #: connected and consuming: a receive has succeeded
@@ -311,16 +315,12 @@ class Worker(Limits, Idempotency, Heartbeats):
         thread.start()
 
     def _handle_loop(self) -> None:
-        pool = self._pool
-        self._local.child = pool.take() if pool is not None else None
         try:
             self._handle_until_told()
         finally:
             loop = getattr(self._local, "loop", None)
             if loop is not None:
                 loop.close()
-            if pool is not None:
-                pool.give_back(self._local.child)
 
     def _handle_until_told(self) -> None:
         while True:
@@ -332,25 +332,31 @@ class Worker(Limits, Idempotency, Heartbeats):
                 if held is None:  # released while buffered: at shutdown, or it waited past a lease
                     continue
                 held.running = True
-            self._process_safely(held)
+            if not self._process_safely(held, self._process):  # a child runs it: settled on answer
+                continue
             if held.abandoned:  # the time keeper settled it and started another thread
                 return
-            with self._held_lock:
-                self._held.pop(id(delivery), None)
-                withheld, self._withheld = self._withheld, 0
-                if held.outcome:
-                    self.counts[held.outcome] += 1
-            # an ack in the acker's queue still holds its slot until it is sent
-            self._give_back_slots(withheld + (0 if held.settled == "ack" else 1))
+            self._finished(held)
 
-    def _process_safely(self, held: _Held) -> None:
-        """Process one delivery whatever it holds.
+    def _finished(self, held: _Held) -> None:
+        """``held`` is settled: it is no longer held, and its slot comes back."""
+        with self._held_lock:
+            self._held.pop(id(held.delivery), None)
+            withheld, self._withheld = self._withheld, 0
+            if held.outcome:
+                self.counts[held.outcome] += 1
+        # an ack in the acker's queue still holds its slot until it is sent
+        self._give_back_slots(withheld + (0 if held.settled == "ack" else 1))
+
+    def _process_safely(self, held: _Held, process: Any, *args: Any) -> bool:
+        """``process(held, *args)`` whatever the delivery holds; what it returns (True unless a
+        child process took the delivery, to be settled on its answer).
 
         This is the per-delivery boundary: an error nobody expected, before the delivery was
         settled, dead-letters that one delivery with the error as the reason.
         """
         try:
-            self._process(held)
+            return bool(process(held, *args))
         except Exception as exc:
             delivery = held.delivery
             if held.settled or held.abandoned:
@@ -359,6 +365,7 @@ class Worker(Limits, Idempotency, Heartbeats):
                 logger.exception("unexpected error processing delivery %s; dead-lettering it", delivery.transport_id)
                 reason = f"unexpected error: {type(exc).__name__}: {exc}"
                 self._dead_letter(held, None, reason, logged=True)
+            return True
 
     def _ack_loop(self) -> None:
         assert self._consumer is not None
@@ -437,15 +444,16 @@ class Worker(Limits, Idempotency, Heartbeats):
 
     # -- one message --------------------------------------------------------------------------
 
-    def _process(self, held: _Held) -> None:
-        """Handle one delivery, inside its consumer span when it gets one."""
+    def _process(self, held: _Held) -> bool:
+        """Handle one delivery, inside its consumer span when it gets one; False if a child
+        process took it (it is settled when the child answers)."""
         tracing = self.app.tracing
         if not tracing.spans(held.delivery):
-            self._handle(held, None)
-            return
+            return self._handle(held, None)[0] != _SUBMITTED
         with tracing.processing(held.delivery, self.app.transport.messaging_system) as span:
             action, error, reason = self._handle(held, span)
             Tracing.outcome(span, action, error, reason)
+        return True
 
     def _handle(self, held: _Held, span: Any) -> tuple[str, BaseException | None, str]:
         """Decode, dispatch and settle one delivery; returns (action, error, reason) for its span."""
@@ -477,9 +485,9 @@ class Worker(Limits, Idempotency, Heartbeats):
             signals.send(signals.message_unknown, app, message=message)
             self._dead_letter(held, message, str(exc))
             return "dead_letter", None, str(exc)
-        return self._run(held, handler, message)
+        return self._run(held, handler, message, span)
 
-    def _run(self, held: _Held, handler: Handler, message: Message) -> tuple[str, BaseException | None, str]:
+    def _run(self, held: _Held, handler: Handler, message: Message, span: Any) -> tuple[str, BaseException | None, str]:
         if handler.limiter is not None and not self._await_turn(held, handler):
             return "release", None, "the worker stopped while the message waited for its rate limit"
         if handler.idempotency_key is not None and not self._claim(held, handler, message):
@@ -487,25 +495,42 @@ class Worker(Limits, Idempotency, Heartbeats):
         held.message, held.started_at = message, time.monotonic()
         signals.send(signals.handler_started, self.app, message=message, handler=handler)
         limit = handler.time_limit_s or self.options.time_limit_s
-        pool, child = self._pool, None
+        pool = self._pool
         if pool is None:
             error, duration_s, outcome = self._run_here(held, handler, message, limit)
-        else:
-            child = self._local.child
-            error, duration_s, outcome = pool.run(child, held.delivery, handler, limit)
-            if not self._still_held(held):  # released at shutdown, its child killed: nothing to settle
-                outcome = None
+            return self._settle_run(held, handler, message, error, duration_s, outcome, None)
+        if span is None:  # settled on the pool's thread when the child answers
+
+            def done(error: Exception | None, duration_s: float, outcome: Outcome, lost: int | None) -> None:
+                if self._process_safely(held, self._settle_run, handler, message, error, duration_s, outcome, lost):
+                    self._finished(held)
+
+            pool.submit(held.delivery, handler, limit, done)
+            return _SUBMITTED, None, ""
+        error, duration_s, outcome, lost = pool.run(held.delivery, handler, limit)  # the span ends after it
+        return self._settle_run(held, handler, message, error, duration_s, outcome, lost)
+
+    def _settle_run(
+        self,
+        held: _Held,
+        handler: Handler,
+        message: Message,
+        error: Exception | None,
+        duration_s: float,
+        outcome: Outcome | None,
+        lost: int | None,
+    ) -> tuple[str, BaseException | None, str]:
+        """Report and settle a run; ``lost``: the pid of the child process killed running it."""
+        if self._pool is not None and not self._still_held(held):  # released at shutdown: nothing to settle
+            outcome = None
         if error is not None and isinstance(error, TimeLimitExceeded) and not held.abandoned:
-            what = "" if child is None or not child.lost else f"child process {child.pid}"
-            self._timed_out(handler, message, error.time_limit_s, what)
+            self._timed_out(handler, message, error.time_limit_s, "" if lost is None else f"child process {lost}")
         if outcome is None:  # abandoned at its time limit (settled by the time keeper) or released
             return "abandoned", error, "time limit exceeded"
         report(self.app, handler, message, error, duration_s, outcome)
         if held.claim is not None:  # recorded before the ack goes out, or released for a retry
             self._end_claim(held, outcome.action == "ack", handler.idempotency_ttl_s)
         self._carry_out(outcome, held, message, handler)
-        if child is not None:
-            self._local.child = pool.renew(child)  # type: ignore[union-attr]  # a child means a pool
         return outcome.action, error, outcome.reason
 
     # -- settling -------------------------------------------------------------------------------
@@ -574,9 +599,11 @@ class Worker(Limits, Idempotency, Heartbeats):
         for thread in handlers:
             while thread.is_alive() and time.monotonic() < deadline and not self._abort.is_set():
                 thread.join(0.1)
+        if self._pool is not None:
+            self._pool.wait_idle(deadline, self._abort)  # what the children run
         self._release(running=True)
         if self._pool is not None:
-            self._pool.terminate_all()  # children still running what was just released
+            self._pool.stop()  # idle children exit; those still running what was just released are killed
         if self._deadlines is not None:
             self._deadlines.stop()
         self._acks.put(None)

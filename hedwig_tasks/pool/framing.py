@@ -6,7 +6,9 @@ a reply carries the outcome as JSON. Nothing is pickled: a child reads only byte
 and numbers, whatever a message holds.
 
 A pipe may hold several frames at once (the worker sends a child its next task before the
-current one's reply): :class:`FrameReader` keeps what one read took past a frame for the next.
+current one's reply, and a child's replies pile up while the worker is busy): :class:`FrameReader`
+keeps what one read took past a frame for the next, and :meth:`FrameReader.read_some` takes
+every whole frame one read brings.
 """
 
 from __future__ import annotations
@@ -61,6 +63,26 @@ class FrameReader:
         self._data = data[end:]
         header: dict[str, Any] = _decode(data[_LENGTHS.size : _LENGTHS.size + head_size].decode())
         return header, data[_LENGTHS.size + head_size : end]
+
+    def read_some(self) -> list[tuple[dict[str, Any], bytes]] | None:
+        """The whole frames one read brings (blocking; call once ``fd`` is readable), perhaps none
+        yet; None at end of file."""
+        chunk = os.read(self.fd, _READ_SIZE)
+        if not chunk:
+            self._data = b""
+            return None
+        data = self._data + chunk if self._data else chunk
+        frames, start, size = [], 0, len(data)
+        while size - start >= _LENGTHS.size:
+            head_size, body_size = _LENGTHS.unpack_from(data, start)
+            head_at = start + _LENGTHS.size
+            end = head_at + head_size + body_size
+            if end > size:
+                break
+            frames.append((_decode(data[head_at : head_at + head_size].decode()), data[head_at + head_size : end]))
+            start = end
+        self._data = data[start:]
+        return frames
 
     def _fill(self, data: bytes, size: int) -> bytes | None:
         """``data`` and what ``fd`` has next, up to ``size`` bytes at least; None if it ends first."""

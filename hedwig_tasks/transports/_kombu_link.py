@@ -10,6 +10,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import struct
 import threading
 import time
@@ -97,10 +98,14 @@ class Broker:
         return Link(self)
 
     def thread_link(self) -> Link:
-        """This thread's kept connection (publishing, counts): threads wait on RabbitMQ's confirms side by side."""
+        """This thread's kept connection (publishing, counts): threads wait on RabbitMQ's confirms side by side.
+
+        Its publishes go out as whole buffers and their confirms are read without py-amqp's
+        machinery (see :class:`_Wire`), on plain TCP; with TLS, through py-amqp.
+        """
         link: Link | None = getattr(self._local, "link", None)
         if link is None or getattr(self._local, "pid", None) != os.getpid():
-            link = Link(self)
+            link = Link(self, wire=True)
             self._local.link, self._local.pid = link, os.getpid()
             with self._lock:
                 self._kept.append((os.getpid(), link))
@@ -126,8 +131,9 @@ class Link:
     may do so while another reads.
     """
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, *, wire: bool = False) -> None:
         self.broker = broker
+        self._wire = wire  # publish through a _Wire when the connection is plain TCP
         self.connection: kombu.Connection | None = None
         self._channel: Any = None
         self._confirms: Confirms | None = None
@@ -146,7 +152,8 @@ class Link:
                 raw.frame_writer = _locked(raw.frame_writer, self.write_lock)
                 channel = connection.channel()
                 channel.events["basic_return"].add(on_return)
-                confirms = Confirms(channel)
+                wire = _Wire(raw, channel.channel_id, self.write_lock) if self._wire else None
+                confirms = Confirms(channel, wire if wire is not None and wire.plain else None)
             except BaseException:
                 with contextlib.suppress(Exception):
                     connection.release()
@@ -295,6 +302,34 @@ class _ChunkedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
         self._read_buffer = buffered[end + 1 :]
         return frame_type, channel, buffered[7:end]
 
+    def next_frame(self, timeout_s: float) -> tuple[int, int, bytes]:
+        """The next frame, waiting up to ``timeout_s`` for it (``TimeoutError`` if it does not come).
+
+        Waits with ``poll`` and reads with the socket left blocking: no socket timeout set and
+        unset per read. A whole frame with a bad end goes to py-amqp's ``read_frame``, which raises.
+        """
+        frame = self.buffered_frame()
+        while frame is None:
+            buffered = self._read_buffer
+            wanted = int.from_bytes(buffered[3:7], "big") + 8 if len(buffered) >= 7 else 8
+            if len(buffered) >= wanted:
+                return self.read_frame()  # type: ignore[no-any-return]
+            if not self._poller().poll(max(timeout_s, 0.0) * 1000):
+                raise TimeoutError(f"no frame within {timeout_s:g}s")
+            chunk = self.sock.recv(max(wanted - len(buffered), READ_CHUNK))
+            if not chunk:
+                raise OSError("Server unexpectedly closed connection")
+            self._read_buffer = buffered + chunk
+            frame = self.buffered_frame()
+        return frame
+
+    def _poller(self) -> Any:
+        poller = getattr(self, "_poll", None)
+        if poller is None:
+            poller = self._poll = select.poll()
+            poller.register(self.sock, select.POLLIN)
+        return poller
+
     @contextlib.contextmanager
     def having_timeout(self, timeout: float | None) -> Iterator[Any]:
         buffered = self._read_buffer
@@ -336,6 +371,36 @@ class _KombuTransport(kombu.transport.pyamqp.Transport):  # type: ignore[misc]
     """Kombu's py-amqp transport with connections that read in chunks."""
 
     Connection = _AMQPConnection
+
+
+class _Wire:
+    """A plain TCP connection's socket as the publisher writes and reads it (see ``Confirms``):
+    whole buffers out under the write lock, frames in from the chunked reader, and every frame
+    the publisher does not take handed to py-amqp's own handler."""
+
+    def __init__(self, connection: Any, channel_id: int, write_lock: threading.Lock) -> None:
+        self._connection = connection  # py-amqp's
+        self._transport = connection.transport
+        self.plain = type(self._transport) is _ChunkedTCPTransport  #: False on TLS: py-amqp's path then
+        self.channel_id = channel_id
+        self._write_lock = write_lock
+
+    @property
+    def frame_max(self) -> int:
+        return int(self._connection.frame_max)
+
+    def write(self, data: bytes) -> None:
+        with self._write_lock:
+            self._transport.write(data)
+        self._connection.bytes_sent += 1
+
+    def next_frame(self, timeout_s: float) -> tuple[int, int, bytes]:
+        frame: tuple[int, int, bytes] = self._transport.next_frame(timeout_s)
+        self._connection.bytes_recv += 1
+        return frame
+
+    def dispatch(self, frame: tuple[int, int, bytes]) -> None:
+        self._connection.on_inbound_frame(frame)
 
 
 def _locked(write: Callable[..., Any], lock: threading.Lock) -> Callable[..., Any]:

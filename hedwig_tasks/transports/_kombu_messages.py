@@ -10,17 +10,19 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import amqp
 import amqp.exceptions
 
 from hedwig_tasks.exceptions import PublishError
 from hedwig_tasks.transports._kombu_names import ATTEMPTS, FAULT, topic_of
+from hedwig_tasks.transports._kombu_wire import ACK, NACK, confirm_of, content_header, message_frames, publish_method
 
 __all__ = [
     "Confirms",
     "Reading",
+    "Wire",
     "attributes",
     "body_bytes",
     "headers_of",
@@ -60,32 +62,102 @@ def message(body: bytes, headers: Mapping[str, Any], *, message_id: Any = None, 
     if message_id:
         properties["message_id"] = message_id
     if expiration is not None:
-        properties["expiration"] = str(max(0, int(expiration * 1000)))
+        properties["expiration"] = _ttl(expiration)
     return amqp.Message(body, **properties)
+
+
+class Wire(Protocol):
+    """A connection's socket as the publisher uses it: whole buffers out, frames in."""
+
+    channel_id: int  #: the confirm channel's number
+
+    @property
+    def frame_max(self) -> int: ...
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` (whole frames) at once, under the connection's write lock."""
+
+    def next_frame(self, timeout_s: float) -> tuple[int, int, bytes]:
+        """The next frame read; ``TimeoutError`` if none came within ``timeout_s``."""
+
+    def dispatch(self, frame: tuple[int, int, bytes]) -> None:
+        """Hand a frame to py-amqp (a return, a channel or connection close, anything else)."""
 
 
 class Confirms:
     """Publisher confirms on one py-amqp channel: publish any number, then wait for them all once.
 
     The channel is put in confirm mode; the broker numbers this channel's publishes from 1 and
-    confirms them (several at once with ``multiple``), or refuses (nacks) them. Not thread-safe:
+    confirms them (several at once with ``multiple``), or refuses (nacks) them. With a ``wire``
+    (a plain TCP connection), :meth:`send` writes each message's frames as one buffer and
+    :meth:`wait` reads the acks itself; every other frame still goes to py-amqp. Not thread-safe:
     the caller holds whatever lock guards the channel's connection.
     """
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, wire: Wire | None = None) -> None:
         channel.confirm_select()
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
         self._channel = channel
+        self._wire = wire
+        self._methods: dict[tuple[str, str, bool], bytes | None] = {}  # publish method frames built
         self._sent = 0  # the broker's number of the last publish
         self._waiting: set[int] = set()
         self._nacked = 0
 
     def publish(self, message: Any, *, routing_key: str, exchange: str = "", mandatory: bool = False) -> None:
-        """Send one message, without waiting for its confirm (see :meth:`wait`)."""
+        """Send one py-amqp message, without waiting for its confirm (see :meth:`wait`)."""
         self._channel.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
         self._sent += 1
         self._waiting.add(self._sent)
+
+    def send(
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        message_id: str,
+        routing_key: str,
+        exchange: str = "",
+        mandatory: bool = False,
+        expiration: float | None = None,
+    ) -> None:
+        """Send one persistent message (as :func:`message` builds it), without waiting for its confirm."""
+        frames = self._frames(body, headers, message_id, exchange, routing_key, mandatory, expiration)
+        if frames is None:
+            built = message(body, headers, message_id=message_id, expiration=expiration)
+            self.publish(built, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+            return
+        assert self._wire is not None
+        self._wire.write(frames)
+        self._sent += 1
+        self._waiting.add(self._sent)
+
+    def _frames(
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        message_id: str,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool,
+        expiration: float | None,
+    ) -> bytes | None:
+        """The message's frames as one buffer, or None for py-amqp to send it (no wire, or unusual)."""
+        wire = self._wire
+        if wire is None or type(body) is not bytes:
+            return None
+        route = (exchange, routing_key, mandatory)
+        method = self._methods.get(route, b"")
+        if method == b"":
+            if len(self._methods) > _KEPT_METHODS:
+                self._methods.clear()
+            method = self._methods[route] = publish_method(wire.channel_id, exchange, routing_key, mandatory=mandatory)
+        ttl = None if expiration is None else _ttl(expiration)
+        header = content_header(len(body), headers, message_id, ttl) if method is not None else None
+        if header is None or method is None:
+            return None
+        return message_frames(method, wire.channel_id, header, body, wire.frame_max)
 
     def wait(self, timeout_s: float = CONFIRM_TIMEOUT_S) -> None:
         """Until the broker has confirmed every message published so far.
@@ -102,10 +174,27 @@ class Confirms:
                     f"{len(self._waiting)} publishes not confirmed within {timeout_s:g}s"
                 )
             with contextlib.suppress(TimeoutError):
-                self._channel.connection.drain_events(timeout=remaining_s)
+                if self._wire is None:
+                    self._channel.connection.drain_events(timeout=remaining_s)
+                else:
+                    self._read(self._wire, remaining_s)
         nacked, self._nacked = self._nacked, 0
         if nacked:
             raise PublishError(f"RabbitMQ refused {nacked} of the messages (nack)")
+
+    def _read(self, wire: Wire, timeout_s: float) -> None:
+        """Read one frame: a confirm of this channel's is taken here, anything else goes to py-amqp."""
+        frame = wire.next_frame(timeout_s)
+        frame_type, channel, payload = frame
+        if frame_type == 1 and channel == wire.channel_id:
+            kind = payload[:4]
+            if kind == ACK:
+                self._on_ack(*confirm_of(payload))
+                return
+            if kind == NACK:
+                self._on_nack(*confirm_of(payload))
+                return
+        wire.dispatch(frame)
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         if multiple:
@@ -117,6 +206,15 @@ class Confirms:
         before = len(self._waiting)
         self._on_ack(delivery_tag, multiple)
         self._nacked += before - len(self._waiting)
+
+
+#: Most publish method frames a channel keeps built (one per exchange and routing key).
+_KEPT_METHODS = 256
+
+
+def _ttl(expiration: float) -> str:
+    """A delay in seconds as an AMQP per-message TTL (milliseconds, as text)."""
+    return str(max(0, int(expiration * 1000)))
 
 
 def send(

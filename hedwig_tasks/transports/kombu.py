@@ -18,9 +18,12 @@ Publishing uses publisher confirms, so a publish to a topic never provisioned (o
 could not take, or refused) raises ``PublishError``, and no message is reported sent that the
 broker did not confirm. ``publish`` returns once the broker confirmed its message; ``publish_many``
 sends them all (waiting every ``CONFIRM_WINDOW``) and waits for every confirm once, before it
-returns. Both write py-amqp frames on the thread's kept channel: no Kombu ``Producer`` or
-declare per publish. Publishes are ``mandatory``: one that no queue takes comes back, and a
-warning says (once per topic per process) that the topic has no subscription.
+returns. Both go out on the thread's kept channel: no Kombu ``Producer`` or declare per publish.
+On plain TCP each message's frames are built here (``_kombu_wire``, byte for byte py-amqp's) and
+written as one buffer, and the confirms are read off the socket without py-amqp's event
+machinery; every other frame (a return, a channel closed) still goes to py-amqp, and TLS
+connections publish through py-amqp. Publishes are ``mandatory``: one that no queue takes comes
+back, and a warning says (once per topic per process) that the topic has no subscription.
 
 Delayed publishes wait in ``hedwig:publish-delay:<B>s:T``, bucketed the same way, and
 dead-letter into the topic's exchange when their TTL runs out (so the fan-out happens then;
@@ -70,7 +73,8 @@ learn which delay buckets exist, and burst workers must count what waits in them
 Modules: this one holds the transport: its settings from a URL, publishing, and handing out
 consumers and administration. ``_kombu_link`` the broker every part holds and its connections;
 ``_kombu_consumer`` the consumer; ``_kombu_admin`` provisioning, counts and dead letters;
-``_kombu_messages`` how messages are built, sent and read; ``_kombu_names`` what things are called.
+``_kombu_messages`` how messages are built, sent and read; ``_kombu_wire`` the publish and
+confirm frames the publisher writes and reads itself; ``_kombu_names`` what things are called.
 """
 
 from __future__ import annotations
@@ -88,7 +92,6 @@ from hedwig_tasks.exceptions import ConfigurationError, PublishError
 from hedwig_tasks.transports._kombu_admin import KombuAdmin
 from hedwig_tasks.transports._kombu_consumer import DEFAULT_PREFETCH, KombuConsumer
 from hedwig_tasks.transports._kombu_link import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_LEASE_S, Broker, mask
-from hedwig_tasks.transports._kombu_messages import message
 from hedwig_tasks.transports._kombu_names import (
     DELAY_BUCKETS_S,
     bucket,
@@ -230,8 +233,9 @@ class KombuTransport(Transport):
             try:
                 confirms = link.confirms
                 for n, (message_id, body, attributes) in enumerate(messages, 1):
-                    built = message(body, attributes, message_id=message_id)
-                    confirms.publish(built, exchange=exchange, routing_key=topic, mandatory=True)
+                    confirms.send(
+                        body, attributes, message_id=message_id, exchange=exchange, routing_key=topic, mandatory=True
+                    )
                     if n % CONFIRM_WINDOW == 0:
                         confirms.wait()
                 confirms.wait()
@@ -263,8 +267,7 @@ class KombuTransport(Transport):
                     self._delay_queues.add(name)
                 confirms = link.confirms
                 for message_id, body, attributes in messages:
-                    built = message(body, attributes, message_id=message_id, expiration=delay_s)
-                    confirms.publish(built, routing_key=name)
+                    confirms.send(body, attributes, message_id=message_id, routing_key=name, expiration=delay_s)
                 confirms.wait()
             except amqp.exceptions.NotFound as exc:  # the exchange: it closed the channel
                 link.reset()

@@ -1,0 +1,96 @@
+"""The AMQP frames the Kombu transport's publisher writes and reads itself: a persistent
+``basic.publish`` (method, content header and body frames, as one buffer) and the broker's
+``basic.ack`` / ``basic.nack`` of it. Byte for byte what py-amqp writes for the same message;
+py-amqp still opens the connection and channel, selects confirms and handles every other frame.
+See ``kombu.py`` for the design.
+
+Only the common case is built here: text headers whose names fit a short string, and an
+exchange, routing key and message id that do too. Anything else (:func:`content_header` returns
+None) goes through py-amqp's ``basic_publish``, which says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+__all__ = ["ACK", "NACK", "confirm_of", "content_header", "message_frames", "publish_method"]
+
+#: Method frame payload prefixes (class 60 ``basic``): ``basic.ack`` and ``basic.nack``.
+ACK = b"\x00\x3c\x00\x50"
+NACK = b"\x00\x3c\x00\x78"
+_PUBLISH = b"\x00\x3c\x00\x28\x00\x00"  # basic.publish and its reserved short
+_FRAME = struct.Struct(">BHI")
+_FRAME_END = b"\xce"
+_CONFIRM = struct.Struct(">QB")  # delivery tag, then the bits (multiple first)
+_HEADER = struct.Struct(">HHQH")  # class, weight, body size, property flags
+_LONG = struct.Struct(">I")
+#: Property flags: content type, content encoding, headers, delivery mode, expiration, message id.
+_FLAGS = 0x8000 | 0x4000 | 0x2000 | 0x1000 | 0x0080
+_EXPIRATION_FLAG = 0x0100
+#: The content type and encoding every message of ours carries (``_kombu_messages._CONTENT``).
+_CONTENT = b"\x18application/octet-stream\x06binary"
+_PERSISTENT = b"\x02"
+
+
+def _short(text: str) -> bytes | None:
+    raw = text.encode("utf-8", "surrogatepass")
+    return bytes((len(raw),)) + raw if len(raw) < 256 else None
+
+
+def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
+    """One frame: type, channel, size, ``payload`` and the frame end octet."""
+    return _FRAME.pack(frame_type, channel, len(payload)) + payload + _FRAME_END
+
+
+def publish_method(channel: int, exchange: str, routing_key: str, *, mandatory: bool) -> bytes | None:
+    """The ``basic.publish`` method frame (constant per channel, exchange and key: callers keep it),
+    or None if a name does not fit a short string."""
+    name, key = _short(exchange), _short(routing_key)
+    if name is None or key is None:
+        return None
+    return frame(1, channel, _PUBLISH + name + key + (b"\x01" if mandatory else b"\x00"))
+
+
+def content_header(
+    body_size: int, headers: Mapping[str, str], message_id: str, expiration: str | None = None
+) -> bytes | None:
+    """The content header payload of a persistent message with our content type, text ``headers``
+    and ``message_id``; None if any of it is not what this builds (py-amqp's path takes it)."""
+    parts: list[bytes] = []
+    for key, value in headers.items():
+        if type(key) is not str or type(value) is not str:
+            return None
+        name = key.encode("utf-8", "surrogatepass")
+        if len(name) > 255:
+            return None
+        raw = value.encode("utf-8", "surrogatepass")
+        parts += (bytes((len(name),)), name, b"S", _LONG.pack(len(raw)), raw)
+    table = b"".join(parts)
+    ident = _short(message_id)
+    if ident is None:
+        return None
+    flags, expires = _FLAGS, b""
+    if expiration is not None:
+        short = _short(expiration)
+        if short is None:
+            return None
+        flags, expires = flags | _EXPIRATION_FLAG, short
+    head = _HEADER.pack(60, 0, body_size, flags)
+    return b"".join((head, _CONTENT, _LONG.pack(len(table)), table, _PERSISTENT, expires, ident))
+
+
+def message_frames(method: bytes, channel: int, header: bytes, body: bytes, frame_max: int) -> bytes:
+    """``method``, the content header and ``body`` (in frames of at most ``frame_max`` bytes) as one buffer."""
+    parts = [method, _FRAME.pack(2, channel, len(header)), header, _FRAME_END]
+    chunk = frame_max - 8 if frame_max > 8 else len(body) or 1
+    for start in range(0, len(body), chunk):
+        piece = body[start : start + chunk]
+        parts += (_FRAME.pack(3, channel, len(piece)), piece, _FRAME_END)
+    return b"".join(parts)
+
+
+def confirm_of(payload: bytes) -> tuple[int, bool]:
+    """The delivery tag and ``multiple`` of a ``basic.ack`` or ``basic.nack`` method payload."""
+    tag, bits = _CONFIRM.unpack_from(payload, 4)
+    return tag, bool(bits & 1)

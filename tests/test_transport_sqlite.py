@@ -24,6 +24,7 @@ from hedwig_tasks.testing.contract import ContractClock, RealClock, TransportCon
 from hedwig_tasks.transports import _sqlite_consumer as sqlite_consumer
 from hedwig_tasks.transports import _sqlite_sql as sqlite_sql
 from hedwig_tasks.transports import from_url
+from hedwig_tasks.transports._sqlite_acks import PendingAcks
 from hedwig_tasks.transports.base import Consumer
 from hedwig_tasks.transports.sqlite import DEFAULT_LEASE_S, SQLiteTransport
 
@@ -342,6 +343,77 @@ def test_a_stale_receipt_in_an_ack_batch_deletes_nothing_of_the_new_lease(tmp_pa
     assert bus.status("q", ["t"])[0].in_flight == 1  # a kept, b gone
     consumer.ack([fresh_a])
     assert bus.status("q", ["t"])[0].in_flight == 0
+    bus.close()
+
+
+def _rows_in(bus: SQLiteTransport) -> int:
+    """Messages in the file, read on a connection of the test's own (no flush of pending acks)."""
+    with contextlib.closing(sqlite3.connect(bus.path)) as connection:
+        return int(connection.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+def _bus_with(tmp_path: Path, bodies: list[bytes]) -> SQLiteTransport:
+    bus = SQLiteTransport(tmp_path / "bus.db")
+    bus.provision("q", ["t"], [])
+    bus.publish_many("t", [(body, {}) for body in bodies])
+    return bus
+
+
+def test_the_next_claim_deletes_what_was_acknowledged_in_its_own_transaction(tmp_path: Path) -> None:
+    bus = _bus_with(tmp_path, [b"a", b"b", b"c"])
+    consumer = bus.consumer("q", ["t"])
+    consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)  # no flusher within the test
+    first = consumer.receive(2, wait_s=0)
+    consumer.ack(first)
+    assert _rows_in(bus) == 3  # handed over, not yet deleted
+    (last,) = consumer.receive(2, wait_s=0)
+    assert (last.body, _rows_in(bus)) == (b"c", 1)
+    consumer.ack([last])
+    consumer.close()  # deletes what no claim took
+    assert _rows_in(bus) == 0
+    bus.close()
+
+
+def test_an_ack_no_claim_takes_is_deleted_by_the_flusher(tmp_path: Path) -> None:
+    bus = _bus_with(tmp_path, [b"a"])
+    consumer = bus.consumer("q", ["t"])
+    consumer.ack(consumer.receive(1, wait_s=0))
+    deadline = time.monotonic() + 10
+    while _rows_in(bus) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert _rows_in(bus) == 0
+    consumer.close()
+    bus.close()
+
+
+def test_an_ack_while_the_receive_loop_waits_is_deleted_before_it_returns(tmp_path: Path) -> None:
+    bus = _bus_with(tmp_path, [b"a", b"b"])
+    consumer = bus.consumer("q", ["t"])
+    consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)
+    first, second = consumer.receive(2, wait_s=0)
+    consumer.ack([first])
+    with consumer.pending_acks.waiting():  # as receive() while it waits: no claim is coming
+        assert _rows_in(bus) == 1  # what was handed over before goes first
+        consumer.ack([second])
+        assert _rows_in(bus) == 0
+    consumer.close()
+    bus.close()
+
+
+def test_a_failed_claim_keeps_the_acks_it_took(tmp_path: Path) -> None:
+    bus = _bus_with(tmp_path, [b"a", b"b"])
+    consumer = bus.consumer("q", ["t"])
+    consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)
+    consumer.ack(consumer.receive(1, wait_s=0))
+    with contextlib.closing(sqlite3.connect(bus.path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock past the claim's busy timeout
+        bus.bus.busy_timeout_s = 0.05
+        with pytest.raises(TransportError):
+            consumer.receive(1, wait_s=0)
+        other.execute("ROLLBACK")
+    assert _rows_in(bus) == 2
+    consumer.close()
+    assert _rows_in(bus) == 1
     bus.close()
 
 

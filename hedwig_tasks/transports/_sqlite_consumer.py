@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from hedwig_tasks.transports import _sqlite_sql as sql
+from hedwig_tasks.transports._sqlite_acks import PendingAcks, delete_acked
 from hedwig_tasks.transports._sqlite_db import BusFile
 from hedwig_tasks.transports._sqlite_rows import Row, delivery
 from hedwig_tasks.transports._sqlite_wake import Listener, WakeChannel
@@ -43,6 +44,7 @@ class SQLiteConsumer(Consumer):
         self._busy = False
         self._listener: Listener | None = None
         self._listener_lock = threading.Lock()
+        self.pending_acks = PendingAcks(bus)  #: acknowledged, and deleted with the next claim
 
     def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
         """Claim up to ``max_messages``, waiting up to ``wait_s`` for a wake-up or a poll to find some.
@@ -59,10 +61,11 @@ class SQLiteConsumer(Consumer):
             if found or remaining_s <= 0:
                 return found
             listener = self._listening()
-            if listener is None:
-                time.sleep(min(pause_s, remaining_s))
-            elif not listener.wait(min(pause_s, remaining_s)):
-                pause_s = min(pause_s * 2, DEFAULT_POLL_MAX_S)
+            with self.pending_acks.waiting():
+                if listener is None:
+                    time.sleep(min(pause_s, remaining_s))
+                elif not listener.wait(min(pause_s, remaining_s)):
+                    pause_s = min(pause_s * 2, DEFAULT_POLL_MAX_S)
 
     def _listening(self) -> Listener | None:
         """This consumer's wake-up socket, bound (and kept) on its first empty claim.
@@ -90,33 +93,37 @@ class SQLiteConsumer(Consumer):
 
     def _claim(self, max_messages: int) -> list[Delivery]:
         names = self._in_turn()
-        if not self._busy:
+        if not self._busy and not self.pending_acks:
             names = self._ready(names)
             if not names:
                 return []
         claimed: list[tuple[str, list[Row]]] = []
         wanted = max_messages
+        acked = self.pending_acks.take()
         # Decode after COMMIT: every Python step inside the transaction may wait for the GIL
         # while holding the write lock that publishers in other processes are waiting for.
-        with self._bus.writing("receive") as connection:
-            now = self._bus.clock()
-            for name in names:
-                rows = _claim_rows(connection, name, now, now + self._bus.lease_s, wanted)
-                claimed.append((name, rows))
-                wanted -= len(rows)
-                if wanted <= 0:
-                    break
+        try:
+            with self._bus.writing("receive") as connection:
+                delete_acked(connection, acked)  # first, so that none of them is claimed again
+                now = self._bus.clock()
+                for name in names:
+                    rows = _claim_rows(connection, name, now, now + self._bus.lease_s, wanted)
+                    claimed.append((name, rows))
+                    wanted -= len(rows)
+                    if wanted <= 0:
+                        break
+        except BaseException:
+            self.pending_acks.give_back(acked)
+            raise
         self._busy = wanted < max_messages
         return [delivery(name, row) for name, rows in claimed for row in sorted(rows)]
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Delete them, in one transaction (a statement per 400); stale receipts delete nothing."""
-        if not deliveries:
-            return
-        with self._bus.writing("ack") as connection:
-            for start in range(0, len(deliveries), sql.ACK_CHUNK):
-                chunk = deliveries[start : start + sql.ACK_CHUNK]
-                connection.execute(sql.ack_many(len(chunk)), [part for d in chunk for part in d.receipt])
+        """Delete them with the next claim, or within ``DEFAULT_ACK_DELAY_S`` (see ``_sqlite_acks``);
+        stale receipts delete nothing. Raises ``TransportError`` only when the receive loop waits,
+        which makes the ack delete them at once."""
+        if deliveries:
+            self.pending_acks.add([d.receipt for d in deliveries])
 
     def retry_later(self, delivery: Delivery, delay_s: float) -> None:
         self._bus.write("retry later", sql.UNLEASE, [(self._bus.clock() + delay_s, *delivery.receipt)])
@@ -140,7 +147,9 @@ class SQLiteConsumer(Consumer):
             connection.execute(sql.ACK, delivery.receipt)
 
     def close(self) -> None:
-        """Unbind the wake-up socket; deliveries not settled come back when their lease runs out."""
+        """Delete what was acknowledged and unbind the wake-up socket; deliveries not settled come
+        back when their lease runs out."""
+        self.pending_acks.close()
         with self._listener_lock:
             if self._listener is not None:
                 self._listener.close()

@@ -37,12 +37,14 @@ import os
 import sqlite3
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from hedwig_tasks.exceptions import ConfigurationError, PublishError
 from hedwig_tasks.transports import _sqlite_sql as sql
+from hedwig_tasks.transports._sqlite_acks import PendingAcks
 from hedwig_tasks.transports._sqlite_admin import DeadLetters
 from hedwig_tasks.transports._sqlite_consumer import SQLiteConsumer
 from hedwig_tasks.transports._sqlite_db import BusFile
@@ -99,6 +101,7 @@ class SQLiteTransport(Transport):
         self._dead = DeadLetters(self.bus, self.wake)
         self._topics: set[str] = set()  # known to exist; topics are never removed
         self._warned: set[str] = set()  # topics already warned of as having no subscription
+        self._pending_acks: weakref.WeakSet[PendingAcks] = weakref.WeakSet()  # of this process's consumers
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteTransport:
@@ -187,7 +190,9 @@ class SQLiteTransport(Transport):
     # -- administration ---------------------------------------------------------------------
 
     def consumer(self, queue: str, topics: Sequence[str], *, max_outstanding: int | None = None) -> SQLiteConsumer:
-        return SQLiteConsumer(self.bus, self.wake, queue, list(topics))
+        consumer = SQLiteConsumer(self.bus, self.wake, queue, list(topics))
+        self._pending_acks.add(consumer.pending_acks)
+        return consumer
 
     def provision(
         self, queue: str | None, subscribe: Sequence[str], publish: Sequence[str], *, dry_run: bool = False
@@ -216,7 +221,12 @@ class SQLiteTransport(Transport):
         return actions + [f"subscribe {queue} to {topic}" for queue, topic in pairs if (queue, topic) not in have_pairs]
 
     def status(self, queue: str, topics: Sequence[str]) -> list[SubscriptionStatus]:
-        """Counts per subscription; an expired lease counts as waiting, not in flight."""
+        """Counts per subscription; an expired lease counts as waiting, not in flight.
+
+        What this process's consumers acknowledged is deleted first, so it never counts.
+        """
+        for pending in list(self._pending_acks):
+            pending.flush()
         now = self.clock()
         rows = []
         with self.bus.reading("status") as connection:

@@ -8,7 +8,6 @@ a lost connection (cut through a TCP proxy the test owns), a missing topic.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ from tcp_proxy import TcpProxy
 from hedwig_tasks.exceptions import PublishError, TransportError
 from hedwig_tasks.testing.contract import Names
 from hedwig_tasks.transports import _kombu_wire as wire
-from hedwig_tasks.transports._kombu_link import _Wire
+from hedwig_tasks.transports._kombu_link import Broker, _connection, _KombuTransport
 from hedwig_tasks.transports._kombu_messages import message
 from hedwig_tasks.transports.kombu import KombuTransport, subscription_name
 
@@ -86,8 +85,11 @@ def test_confirm_of_reads_tag_and_multiple() -> None:
 
 
 def test_a_tls_connection_keeps_py_amqps_path() -> None:
-    tls = SimpleNamespace(transport=amqp.transport.SSLTransport.__new__(amqp.transport.SSLTransport))
-    assert not _Wire(tls, 1, threading.Lock()).plain
+    tls = Broker("amqps://guest:guest@127.0.0.1:5671//", connect_timeout_s=0.01)
+    assert _connection(tls.url, tls.connect_timeout_s).transport_cls == "amqps"  # Kombu's, not the chunked reader
+    plain = Broker("amqp://guest:guest@127.0.0.1:5672//")
+    assert _connection(plain.url, 5.0).transport_cls is _KombuTransport
+    assert plain.thread_link()._wire and not plain.link()._wire  # only the publisher's links write frames
 
 
 # -- on RabbitMQ --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import kombu.exceptions
 import kombu.transport.pyamqp
 from kombu.utils.url import parse_url
 
-from hedwig_tasks.exceptions import ConfigurationError, TransportError
+from hedwig_tasks.exceptions import ConfigurationError, HedwigError, TransportError
 from hedwig_tasks.transports._boundary import boundary
 from hedwig_tasks.transports._kombu_messages import Confirms, on_return
 
@@ -152,8 +152,8 @@ class Link:
                 raw.frame_writer = _locked(raw.frame_writer, self.write_lock)
                 channel = connection.channel()
                 channel.events["basic_return"].add(on_return)
-                wire = _Wire(raw, channel.channel_id, self.write_lock) if self._wire else None
-                confirms = Confirms(channel, wire if wire is not None and wire.plain else None)
+                plain = self._wire and type(raw.transport) is _ChunkedTCPTransport  # TLS: py-amqp's path
+                confirms = Confirms(channel, _Wire(raw, channel.channel_id, self.write_lock) if plain else None)
             except BaseException:
                 with contextlib.suppress(Exception):
                     connection.release()
@@ -192,16 +192,9 @@ class Link:
             with contextlib.suppress(Exception):
                 raw.collect()  # py-amqp: close the socket without talking
 
-    @contextlib.contextmanager
-    def errors(self, doing: str, error: type[TransportError] = TransportError, *, drop: bool = True) -> Iterator[None]:
+    def errors(self, doing: str, error: type[TransportError] = TransportError, *, drop: bool = True) -> _Errors:
         """The boundary: a driver error becomes ``error`` (ours pass) and, with ``drop``, drops the connection."""
-        with boundary(f"{doing} on {mask(self.broker.url)}", DRIVER_ERRORS, error=error):
-            try:
-                yield
-            except DRIVER_ERRORS:
-                if drop:
-                    self.reset()
-                raise
+        return _Errors(self, doing, error, drop)
 
     def fresh_channel(self) -> Any:
         """A new channel on the connection, for calls that may close it (passive declares)."""
@@ -241,6 +234,27 @@ class Link:
         finally:
             _close(channel)
         return found
+
+
+class _Errors:
+    """:meth:`Link.errors`: a class rather than a generator, as every publish and receive enters
+    it; the message and ``boundary`` are made only when a driver error comes through."""
+
+    __slots__ = ("doing", "drop", "error", "link")
+
+    def __init__(self, link: Link, doing: str, error: type[TransportError], drop: bool) -> None:
+        self.link, self.doing, self.error, self.drop = link, doing, error, drop
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, trace: Any) -> None:
+        if exc is None or isinstance(exc, HedwigError) or not isinstance(exc, DRIVER_ERRORS):
+            return
+        if self.drop:
+            self.link.reset()
+        with boundary(f"{self.doing} on {mask(self.link.broker.url)}", DRIVER_ERRORS, error=self.error):
+            raise exc.with_traceback(trace)
 
 
 def _connection(url: str, connect_timeout_s: float) -> kombu.Connection:
@@ -374,16 +388,16 @@ class _KombuTransport(kombu.transport.pyamqp.Transport):  # type: ignore[misc]
 
 
 class _Wire:
-    """A plain TCP connection's socket as the publisher writes and reads it (see ``Confirms``):
-    whole buffers out under the write lock, frames in from the chunked reader, and every frame
-    the publisher does not take handed to py-amqp's own handler."""
+    """A plain TCP connection's socket (a ``_ChunkedTCPTransport``'s) as the publisher writes and
+    reads it (see ``Confirms``): whole buffers out under the write lock, frames in from the chunked
+    reader, and every frame the publisher does not take handed to py-amqp's own handler."""
 
     def __init__(self, connection: Any, channel_id: int, write_lock: threading.Lock) -> None:
         self._connection = connection  # py-amqp's
         self._transport = connection.transport
-        self.plain = type(self._transport) is _ChunkedTCPTransport  #: False on TLS: py-amqp's path then
         self.channel_id = channel_id
         self._write_lock = write_lock
+        self.next_frame: Callable[[float], tuple[int, int, bytes]] = self._transport.next_frame
 
     @property
     def frame_max(self) -> int:
@@ -393,11 +407,6 @@ class _Wire:
         with self._write_lock:
             self._transport.write(data)
         self._connection.bytes_sent += 1
-
-    def next_frame(self, timeout_s: float) -> tuple[int, int, bytes]:
-        frame: tuple[int, int, bytes] = self._transport.next_frame(timeout_s)
-        self._connection.bytes_recv += 1
-        return frame
 
     def dispatch(self, frame: tuple[int, int, bytes]) -> None:
         self._connection.on_inbound_frame(frame)

@@ -4,7 +4,6 @@ warning about publishes nobody receives. No connections of its own. See ``kombu.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
@@ -167,24 +166,26 @@ class Confirms:
         caller's boundary drops the connection.
         """
         deadline = time.monotonic() + timeout_s
+        read = self._read if self._wire is not None else self._channel.connection.drain_events
         while self._waiting:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 raise amqp.exceptions.RecoverableConnectionError(
                     f"{len(self._waiting)} publishes not confirmed within {timeout_s:g}s"
                 )
-            with contextlib.suppress(TimeoutError):
-                if self._wire is None:
-                    self._channel.connection.drain_events(timeout=remaining_s)
-                else:
-                    self._read(self._wire, remaining_s)
+            try:
+                read(timeout=remaining_s)
+            except TimeoutError:
+                continue
         nacked, self._nacked = self._nacked, 0
         if nacked:
             raise PublishError(f"RabbitMQ refused {nacked} of the messages (nack)")
 
-    def _read(self, wire: Wire, timeout_s: float) -> None:
+    def _read(self, timeout: float) -> None:
         """Read one frame: a confirm of this channel's is taken here, anything else goes to py-amqp."""
-        frame = wire.next_frame(timeout_s)
+        wire = self._wire
+        assert wire is not None
+        frame = wire.next_frame(timeout)
         frame_type, channel, payload = frame
         if frame_type == 1 and channel == wire.channel_id:
             kind = payload[:4]

@@ -11,6 +11,7 @@ None) goes through py-amqp's ``basic_publish``, which says what is wrong with it
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 
@@ -59,13 +60,11 @@ def content_header(
     and ``message_id``; None if any of it is not what this builds (py-amqp's path takes it)."""
     parts: list[bytes] = []
     for key, value in headers.items():
-        if type(key) is not str or type(value) is not str:
-            return None
-        name = key.encode("utf-8", "surrogatepass")
-        if len(name) > 255:
+        name = _header_name(key) if type(value) is str else None
+        if name is None:
             return None
         raw = value.encode("utf-8", "surrogatepass")
-        parts += (bytes((len(name),)), name, b"S", _LONG.pack(len(raw)), raw)
+        parts += (name, _LONG.pack(len(raw)), raw)
     table = b"".join(parts)
     ident = _short(message_id)
     if ident is None:
@@ -78,6 +77,15 @@ def content_header(
         flags, expires = flags | _EXPIRATION_FLAG, short
     head = _HEADER.pack(60, 0, body_size, flags)
     return b"".join((head, _CONTENT, _LONG.pack(len(table)), table, _PERSISTENT, expires, ident))
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_name(key: object) -> bytes | None:
+    """A header's name as a table key followed by the long string type; None if it is not a short string."""
+    if type(key) is not str:
+        return None
+    short = _short(key)
+    return None if short is None else short + b"S"
 
 
 def message_frames(method: bytes, channel: int, header: bytes, body: bytes, frame_max: int) -> bytes:

@@ -8,10 +8,13 @@ settled (for an ack, once the batched ack is sent), so nothing is hoarded. Every
 buffered or running, has its lease extended by the keeper until it is settled or
 ``max_lease_s`` has passed.
 
-With ``pool="processes"`` a handler thread does the work before the run (decode, rate limit,
-idempotency claim, signals) and hands the delivery's bytes to a child process
-(:mod:`hedwig_tasks.pool`); the pool's dispatcher thread settles the message when the child
-answers, and the handler thread takes the next delivery meanwhile. Time limits: an ``async``
+With ``pool="processes"`` the pool's dispatcher thread (:mod:`hedwig_tasks.pool`) takes the
+buffered deliveries as its children have room, does the work before the run (decode, signals,
+the pre-process hook) and hands the delivery's bytes to a child; it settles the message when
+the child answers. A delivery whose start may wait (a rate limit, an idempotency claim, a
+tracing span) goes to one of ``2 * concurrency`` handler threads first, which submits it to the
+pool. Pre-process hooks and signal receivers must not block there (they would hold up every
+child). Time limits: an ``async``
 handler is cancelled; a sync one in a thread is abandoned (its message failed, its thread
 replaced, its late result discarded; see :mod:`hedwig_tasks._worker_deadlines`); a child
 process is killed and replaced. A handler's rate limit makes its thread wait for its turn
@@ -108,6 +111,8 @@ class Worker(Limits, Idempotency, Heartbeats):
         self._withheld = 0  #: slots of buffered deliveries released as stale, back once a handler frees
         self._retries_due: dict[str, float] = {}  #: message key -> when a retry we scheduled is due
         self._buffer: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        #: With the process pool: deliveries whose start may wait, and how to handle each, for a handler thread.
+        self._waits: queue.SimpleQueue[tuple[_Held, Any] | None] = queue.SimpleQueue()
         self._acks: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._abort = threading.Event()
@@ -163,7 +168,7 @@ class Worker(Limits, Idempotency, Heartbeats):
         ``ConfigurationError`` if process-pool children cannot load the app or the state store's URL is bad."""
         self._check_state()
         if self.options.pool == "processes":
-            self._pool = Pool(child_spec(self.app, self.options), self.options)
+            self._pool = Pool(child_spec(self.app, self.options), self.options, feed=self._feed)
         try:
             self._consumer = self._connect()
         except BaseException:
@@ -242,6 +247,8 @@ class Worker(Limits, Idempotency, Heartbeats):
                     self._retries_due.pop(_key(delivery), None)
         for delivery in deliveries:
             self._buffer.put(delivery)
+        if self._pool is not None:
+            self._pool.wake()
 
     def _wait_after_error(self, exc: TransportError, backoff_s: float) -> float:
         self.error_count += 1
@@ -291,7 +298,10 @@ class Worker(Limits, Idempotency, Heartbeats):
     def _start_threads(self) -> None:
         if self.options.pool == "threads" and self._time_limits():
             self._deadlines = Deadlines(self._expire)
-        for _ in range(self._pool.threads if self._pool is not None else self.options.concurrency):
+        if self._pool is not None:
+            for index in range(self._pool.threads):
+                self._spawn_waiter(index)
+        for _ in range(self.options.concurrency if self._pool is None else 0):
             self._spawn_handler()
         self._spawn(self._ack_loop, "hedwig-acker")
         self._spawn(self._lease_loop, "hedwig-lease-keeper")
@@ -313,6 +323,37 @@ class Worker(Limits, Idempotency, Heartbeats):
         with self._held_lock:
             self._handler_threads.add(thread)
         thread.start()
+
+    def _spawn_waiter(self, index: int) -> None:
+        """A thread for the pool's deliveries whose start may wait."""
+        thread = threading.Thread(target=self._wait_loop, name=f"hedwig-handler-{index}", daemon=True)
+        with self._held_lock:
+            self._handler_threads.add(thread)
+        thread.start()
+
+    def _wait_loop(self) -> None:
+        while (item := self._waits.get()) is not None:
+            held, process = item
+            if self._process_safely(held, process):
+                self._finished(held)
+
+    def _feed(self) -> bool:
+        """On the pool's dispatcher: handle the next buffered delivery (a child or a handler thread
+        takes it); False if none is buffered."""
+        try:
+            delivery = self._buffer.get_nowait()
+        except queue.Empty:
+            return False
+        with self._held_lock:
+            held = self._held.get(id(delivery)) if delivery is not None else None
+            if held is None:  # released while buffered: at shutdown, or it waited past a lease
+                return True
+            held.running = True
+        if self.app.tracing.spans(held.delivery):  # the span stays open while the child runs it
+            self._waits.put((held, self._process))
+        elif self._process_safely(held, self._process):
+            self._finished(held)
+        return True
 
     def _handle_loop(self) -> None:
         try:
@@ -488,6 +529,10 @@ class Worker(Limits, Idempotency, Heartbeats):
         return self._run(held, handler, message, span)
 
     def _run(self, held: _Held, handler: Handler, message: Message, span: Any) -> tuple[str, BaseException | None, str]:
+        pool = self._pool
+        if pool is not None and pool.on_dispatcher() and (handler.limiter or handler.idempotency_key):
+            self._waits.put((held, lambda held: self._run(held, handler, message, None)[0] != _SUBMITTED))
+            return _SUBMITTED, None, ""  # its start may wait: on a handler thread
         if handler.limiter is not None and not self._await_turn(held, handler):
             return "release", None, "the worker stopped while the message waited for its rate limit"
         if handler.idempotency_key is not None and not self._claim(held, handler, message):
@@ -495,7 +540,6 @@ class Worker(Limits, Idempotency, Heartbeats):
         held.message, held.started_at = message, time.monotonic()
         signals.send(signals.handler_started, self.app, message=message, handler=handler)
         limit = handler.time_limit_s or self.options.time_limit_s
-        pool = self._pool
         if pool is None:
             error, duration_s, outcome = self._run_here(held, handler, message, limit)
             return self._settle_run(held, handler, message, error, duration_s, outcome, None)
@@ -594,7 +638,7 @@ class Worker(Limits, Idempotency, Heartbeats):
         with self._held_lock:
             handlers = list(self._handler_threads)  # abandoned threads are not waited for
         for _ in handlers:
-            self._buffer.put(None)
+            (self._buffer if self._pool is None else self._waits).put(None)
         deadline = time.monotonic() + self.options.shutdown_timeout_s
         for thread in handlers:
             while thread.is_alive() and time.monotonic() < deadline and not self._abort.is_set():

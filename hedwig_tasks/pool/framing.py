@@ -19,7 +19,7 @@ import select
 import struct
 from typing import Any
 
-__all__ = ["FrameReader", "read_frame", "wait_readable", "write_frame"]
+__all__ = ["FrameReader", "encode_frame", "read_frame", "wait_readable", "write_frame"]
 
 _LENGTHS = struct.Struct(">II")
 #: What one read asks for, in bytes: a whole frame or two, usually.
@@ -28,10 +28,15 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
 
 
+def encode_frame(header: dict[str, Any], body: bytes = b"") -> bytes:
+    """One frame's bytes."""
+    head = _encode(header).encode()
+    return _LENGTHS.pack(len(head), len(body)) + head + body
+
+
 def write_frame(fd: int, header: dict[str, Any], body: bytes = b"") -> None:
     """Write one frame to ``fd`` (blocking). Raises ``OSError`` (``BrokenPipeError``) if the reader is gone."""
-    head = _encode(header).encode()
-    data = _LENGTHS.pack(len(head), len(body)) + head + body
+    data = encode_frame(header, body)
     written = os.write(fd, data)
     if written < len(data):  # a frame past the pipe's buffer: the rest as the reader takes it
         view = memoryview(data)[written:]
@@ -65,9 +70,12 @@ class FrameReader:
         return header, data[_LENGTHS.size + head_size : end]
 
     def read_some(self) -> list[tuple[dict[str, Any], bytes]] | None:
-        """The whole frames one read brings (blocking; call once ``fd`` is readable), perhaps none
-        yet; None at end of file."""
-        chunk = os.read(self.fd, _READ_SIZE)
+        """The whole frames one read brings (call once ``fd`` is readable), perhaps none yet; None
+        at end of file."""
+        try:
+            chunk = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:  # a non-blocking fd with nothing yet
+            return []
         if not chunk:
             self._data = b""
             return None

@@ -1,29 +1,31 @@
 """The worker's side of the process pool: start children, hand them deliveries, read the outcomes.
 
-The pool has one *seat* per child process (``concurrency`` seats) and holds at most
-:data:`LANES` tasks per seat: while a child runs one task, the next waits in its pipe, so a
-child never idles while the worker settles the last message and takes the next. Handler
-threads do the work before a run (decode, handler lookup, rate limit, idempotency claim,
-signals) and :meth:`Pool.submit` the delivery: it waits for a seat with room, writes the frame to
-its child and returns at once. One *dispatcher* thread waits on every child's reply pipe
-(``poll``) and finishes tasks as replies come (several per wake-up when the worker is busy):
-it frees the seat, then calls the task's ``done`` with the outcome, which settles the message
-on that thread. Replies come back in the order the tasks were sent (see
-:mod:`~hedwig_tasks.pool.framing` for the bytes between them). A thread per run blocking on
-its own reply, and the wake-ups and hand-offs that takes, is what this saves.
+One *dispatcher* thread does all the talking to the children. It waits (``poll``) on every
+child's reply pipe, on input pipes that are full and on a wake-up pipe, and in each round:
+finishes the tasks whose replies came (several per wake-up when the worker is busy), fills
+every child's room with the next tasks, writes what fits in their pipes, and kills a child
+whose task passed its time limit (the poll's timeout is the earliest such deadline). The pool
+has one *seat* per child process and at most :data:`LANES` tasks per seat: while a child runs
+one task, the next waits in its pipe, so a child never idles while the worker settles the last
+message and takes the next. No thread waits on a child: the wake-ups and GIL hand-offs of a
+thread per run, blocking on its own reply, are what this saves (see
+:mod:`~hedwig_tasks.pool.framing` for the bytes between them).
 
-Time limits are the dispatcher's too: its ``poll`` times out at the earliest deadline of a
-task first in line in its child (a task's time limit starts when the one before it ends), and
-it kills (SIGKILL) a child whose task passed it. Every end of a child is seen the same way, as
-the end of its reply pipe. A task waiting in a child's pipe has not started: if the child
-dies, is killed at a time limit or retires (``--max-memory-per-child``) before its turn, the
-task goes to the child that replaces it as if just taken; only the task a child was running
-fails (``WorkerLost`` or ``TimeLimitExceeded``, retried by policy). A replacement starts at
-once, in the background; tasks for its seat wait for it to be ready (a child that retires
-after ``--max-tasks-per-child`` answers what it has while its replacement starts). A child is
-a fresh interpreter (``python -m hedwig_tasks.pool.child``), never a fork of the threaded
-worker, so it inherits no lock another thread held; it builds its app from the worker's
-``-A``/``--settings`` spec.
+Where the tasks come from: the worker's ``feed`` (called on the dispatcher when a seat has
+room) takes a delivery, does the work before a run on that thread and :meth:`Pool.submit`\\ s
+it, or hands it to a thread of its own when the work may wait (a rate limit, an idempotency
+claim, a tracing span); :meth:`Pool.submit` from such a thread wakes the dispatcher. A task's
+``done`` is called on the dispatcher with the outcome, once the next task has gone out.
+
+A task waiting in a child's pipe has not started: if the child dies, is killed at a time limit
+or retires (``--max-memory-per-child``) before its turn, the task goes to the child that
+replaces it as if just taken; only the task a child was running fails (``WorkerLost`` or
+``TimeLimitExceeded``, retried by policy). A waiting task's time limit starts when the one
+before it ends. A replacement starts at once, in the background (a child that retires after
+``--max-tasks-per-child`` answers what it has meanwhile); tasks for its seat wait for it to be
+ready. A child is a fresh interpreter (``python -m hedwig_tasks.pool.child``), never a fork of
+the threaded worker, so it inherits no lock another thread held; it builds its app from the
+worker's ``-A``/``--settings`` spec.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from hedwig_tasks.exceptions import (
     TimeLimitExceeded,
     WorkerLost,
 )
-from hedwig_tasks.pool.framing import FrameReader, wait_readable, write_frame
+from hedwig_tasks.pool.framing import FrameReader, encode_frame, wait_readable
 from hedwig_tasks.retry import Outcome, decide
 from hedwig_tasks.transports.base import Delivery
 
@@ -78,7 +80,7 @@ TRANSPORT_ENV = "HEDWIG_POOL_TRANSPORT"
 LANES = 2
 
 #: What a task's end is told: the error (or None), the run time in seconds, the outcome, and the
-#: pid of the child that died or was killed running it (None otherwise). Called on a pool thread.
+#: pid of the child that died or was killed running it (None otherwise). Called on the dispatcher.
 Done = Callable[[Exception | None, float, Outcome, int | None], None]
 
 
@@ -106,21 +108,32 @@ class ChildSpec:
 class _Task:
     """A delivery for a child: its frame, its limits, and who is told of its end."""
 
-    __slots__ = ("attempt", "body", "done", "header", "kill_after_s", "policy", "seat", "started_at", "transport_id")
+    __slots__ = (
+        "attempt",
+        "done",
+        "frame",
+        "kill_after_s",
+        "policy",
+        "seat",
+        "started_at",
+        "time_limit_s",
+        "transport_id",
+    )
 
     def __init__(self, delivery: Delivery, handler: Handler, time_limit_s: float | None, done: Done) -> None:
         attributes = delivery.attributes
-        self.header: dict[str, Any] = {
+        header: dict[str, Any] = {
             "sub": delivery.subscription,
             "attempt": delivery.attempt,
             "id": delivery.transport_id,
             "attrs": attributes if isinstance(attributes, dict) else dict(attributes),
         }
+        self.time_limit_s = time_limit_s
         self.kill_after_s: float | None = None
         if time_limit_s is not None:
-            self.header["limit"] = time_limit_s
+            header["limit"] = time_limit_s
             self.kill_after_s = time_limit_s + (ASYNC_CANCEL_GRACE_S if handler.is_async else 0.0)
-        self.body = delivery.body
+        self.frame = encode_frame(header, delivery.body)
         self.policy = handler.retry_policy
         self.attempt = delivery.attempt
         self.transport_id = delivery.transport_id
@@ -132,21 +145,22 @@ class _Task:
     def deadline(self) -> float:
         return math.inf if self.kill_after_s is None else self.started_at + self.kill_after_s
 
-    def fail(self, error: Exception, started: float, pid: int | None) -> None:
+    def fail(self, error: Exception, pid: int | None = None) -> None:
         """Tell ``done`` the task failed with ``error``, decided by its handler's retry policy."""
         outcome = decide(self.policy, error, self.attempt)
-        self.done(error, max(0.0, time.monotonic() - started), outcome, pid)
+        duration_s = time.monotonic() - self.started_at if self.started_at else 0.0
+        self.done(error, duration_s, outcome, pid)
 
 
 class Child:
     """One child process, its pipes, and the tasks it was sent and has not answered, in order.
 
-    The pool's lock guards its state; one writer at a time (its seat's) writes its input;
-    only the dispatcher reads its replies.
+    Only the dispatcher touches it once the pool runs.
     """
 
-    def __init__(self, spec: ChildSpec) -> None:
+    def __init__(self, spec: ChildSpec, seat: _Seat | None = None) -> None:
         self.spec = spec
+        self.seat = seat  #: the seat it was started for
         self.tasks = 0  #: tasks it has answered
         self.sent = 0  #: tasks it was sent
         self.rss_kb = 0  #: its peak resident memory, as it last reported, in KiB (with --max-memory-per-child)
@@ -154,10 +168,10 @@ class Child:
         self.accepting = True  #: it takes more tasks (False once worn out, dead or stopping)
         self.why = ""  #: why it stopped taking tasks
         self.killed: _Task | None = None  #: the task it was killed for passing its time limit
-        self.seat: _Seat | None = None  #: the seat it was started for
+        self.dying = False  #: it was killed, or said it cannot start: its pipe's end is awaited
         self.waiting: collections.deque[_Task] = collections.deque()  #: sent and not answered
+        self.outbox: collections.deque[memoryview] = collections.deque()  #: bytes its pipe had no room for
         self.started = time.monotonic()
-        self.task_w, task_r = -1, -1
         task_r, self.task_w = os.pipe()
         self.reply_r, reply_w = os.pipe()
         self.reader = FrameReader(self.reply_r)
@@ -169,12 +183,13 @@ class Child:
                 spec.command(task_r, reply_w), pass_fds=(task_r, reply_w), stdin=subprocess.DEVNULL, env=env
             )
         except BaseException:
-            self.close_input()
+            os.close(self.task_w)
             os.close(self.reply_r)
             raise
         finally:
             os.close(task_r)
             os.close(reply_w)
+        os.set_blocking(self.task_w, False)
         self.pid = self.process.pid
 
     def wait_ready(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> None:
@@ -189,22 +204,40 @@ class Child:
     @property
     def deadline(self) -> float:
         """When it is killed unless it answers first: its start-up's limit, or its running task's."""
+        if self.dying:
+            return math.inf
         if not self.ready:
             return self.started + DEFAULT_START_TIMEOUT_S
         return self.waiting[0].deadline if self.waiting else math.inf
 
-    def write(self, task: _Task) -> None:
-        """Write ``task``'s frame (blocking while the pipe is full); a gone child is ignored (its
-        reply pipe's end tells the dispatcher)."""
-        if self.task_w < 0:
-            return
+    def send(self, frame: bytes) -> None:
+        """Queue ``frame`` and write what its pipe has room for."""
+        self.outbox.append(memoryview(frame))
+        if len(self.outbox) == 1:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write what waits while its pipe has room; True once all is written (its input is closed
+        then if it takes no more). A gone child's bytes are dropped (its pipe's end tells the rest)."""
+        outbox = self.outbox
         try:
-            write_frame(self.task_w, task.header, task.body)
+            while outbox:
+                data = outbox[0]
+                written = os.write(self.task_w, data)
+                if written < len(data):
+                    outbox[0] = data[written:]
+                    return False
+                outbox.popleft()
+        except BlockingIOError:
+            return False
         except OSError:
-            pass
+            outbox.clear()
+        if not self.accepting:
+            self.close_input()
+        return True
 
     def close_input(self) -> None:
-        """Close its input (hold its seat's write lock): it exits once it has answered what it read."""
+        """Close its input: it exits once it has answered what it read."""
         if self.task_w >= 0:
             os.close(self.task_w)
             self.task_w = -1
@@ -219,7 +252,7 @@ class Child:
             self.reply_r = -1
 
     def terminate(self) -> None:
-        """SIGKILL the child, from any thread: its reply pipe ends."""
+        """SIGKILL the child: its reply pipe ends."""
         if self.process.poll() is None:
             try:
                 self.process.kill()
@@ -281,75 +314,66 @@ def outcome_of(reply: dict[str, Any]) -> tuple[Exception | None, float, Outcome]
 class _Seat:
     """A place for one child at a time (a retiring one may still answer beside its replacement)."""
 
-    def __init__(self, child: Child) -> None:
-        self.child: Child | None = child  #: None once it took no more and no replacement was started
+    __slots__ = ("child", "count", "pending")
+
+    def __init__(self) -> None:
+        self.child: Child | None = None  #: None while no child takes its tasks and none is starting
         self.count = 0  #: its tasks not yet done, whichever child has them
         self.pending: collections.deque[_Task] = collections.deque()  #: for its next child, once ready
-        self.write_lock = threading.Lock()  #: frames go whole and in the order of ``Child.waiting``
 
 
 class Pool:
-    """The children of a worker, :data:`LANES` tasks each at most; replaced as they wear out."""
+    """The children of a worker, :data:`LANES` tasks each at most, talked to by one dispatcher
+    thread; replaced as they wear out. ``feed`` (called on the dispatcher while a seat has room)
+    takes the next delivery and submits it, or returns False if there is none."""
 
-    def __init__(self, spec: ChildSpec, options: WorkerOptions) -> None:
+    def __init__(self, spec: ChildSpec, options: WorkerOptions, feed: Callable[[], bool] | None = None) -> None:
         self.spec = spec
         self.max_tasks = options.max_tasks_per_child
         self.closing = False  #: the worker is stopping: no child is started any more
-        self._cond = threading.Condition(threading.Lock())
-        self._all: set[Child] = set()  #: every child not yet reaped
-        self._changed = True  #: a child came or went: the dispatcher polls a new set
-        self._wake_at = math.inf  #: the dispatcher's next deadline
-        self._stopped = False
-        children = [self._new() for _ in range(options.concurrency)]
+        self._feed = feed or (lambda: False)
+        self._seats = [_Seat() for _ in range(options.concurrency)]
+        self._all: frozenset[Child] = frozenset()  #: every child not yet reaped (replaced whole: others read it)
+        self._ready: collections.deque[_Task] = collections.deque()  #: submitted from other threads
+        self._stop_by = math.inf  #: when children still running at a stop are killed
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
+        self._fds: dict[int, Child] = {}  #: reply pipes (and input pipes that are full) polled
+        self._thread: threading.Thread | None = None
         try:
-            for child in children:
-                child.wait_ready()
+            for seat in self._seats:
+                seat.child = self._start(seat)
+            for seat in self._seats:
+                assert seat.child is not None
+                seat.child.wait_ready()
+                os.set_blocking(seat.child.reply_r, False)
         except BaseException:
             self.close()
             raise
-        self._seats = [_Seat(child) for child in children]
-        for seat in self._seats:
-            assert seat.child is not None
-            seat.child.seat = seat
-        self.threads = LANES * len(children)  #: handler threads that keep it busy
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        self._dispatcher = threading.Thread(target=self._dispatch, name="hedwig-pool-dispatcher", daemon=True)
-        self._dispatcher.start()
-        logger.info("process pool: %d children ready (pids %s)", len(children), ", ".join(str(c.pid) for c in children))
+        self.threads = LANES * len(self._seats)  #: threads for runs whose start may wait
+        self._thread = threading.Thread(target=self._dispatch, name="hedwig-pool-dispatcher", daemon=True)
+        self._thread.start()
+        pids = ", ".join(str(child.pid) for child in self._all)
+        logger.info("process pool: %d children ready (pids %s)", len(self._seats), pids)
 
-    def _new(self) -> Child:
-        child = Child(self.spec)
-        self._all.add(child)
-        self._changed = True
-        return child
-
-    # -- handler threads ----------------------------------------------------------------------
+    # -- any thread ---------------------------------------------------------------------------
 
     def submit(self, delivery: Delivery, handler: Handler, time_limit_s: float | None, done: Done) -> None:
-        """Send ``delivery`` to a child once a seat has room (blocking until then); ``done`` is
-        told its end on the dispatcher's thread (a time limit or a dead child fails it by
-        ``handler``'s retry policy; so does the worker stopping before a child took it)."""
-        task = _Task(delivery, handler, time_limit_s, done)
-        with self._cond:
-            while not self.closing:
-                seat = min(self._seats, key=_load)
-                if seat.count < LANES:
-                    seat.count += 1
-                    break
-                self._cond.wait()
-            else:
-                seat = None
-        if seat is None:
-            task.fail(WorkerLost("the worker is stopping"), time.monotonic(), None)
-            return
-        task.seat = seat
-        self._send(seat, task)
+        """Run ``delivery`` in a child once a seat has room; ``done`` is told its end on the
+        dispatcher (a time limit or a dead child fails it by ``handler``'s retry policy; so does
+        the worker stopping before a child took it). Returns at once."""
+        self._ready.append(_Task(delivery, handler, time_limit_s, done))
+        if threading.current_thread() is not self._thread:
+            self._wake()
+            if self._thread is not None and not self._thread.is_alive():  # stopped meanwhile
+                self._fail_submitted()
 
     def run(
         self, delivery: Delivery, handler: Handler, time_limit_s: float | None
     ) -> tuple[Exception | None, float, Outcome, int | None]:
-        """:meth:`submit` and wait for the end, on this thread."""
+        """:meth:`submit` and wait for the end, on this thread (never the dispatcher)."""
         ended = threading.Event()
         result: list[tuple[Exception | None, float, Outcome, int | None]] = []
 
@@ -361,87 +385,126 @@ class Pool:
         ended.wait()
         return result[0]
 
-    def _send(self, seat: _Seat, task: _Task) -> None:
-        with seat.write_lock:
-            with self._cond:
-                child = seat.child
-                if child is None or not child.ready or seat.pending:  # its next child is not ready
-                    seat.pending.append(task)
-                    if child is None:
-                        self._replace(seat)
-                    return
-                self._enqueue(seat, child, task)
-                wake = bool(task.started_at) and task.deadline < self._wake_at
-            if wake:
-                self._wake()
-            child.write(task)
-            if not child.accepting:
-                child.close_input()
+    def on_dispatcher(self) -> bool:
+        """Whether this is the dispatcher's thread."""
+        return threading.current_thread() is self._thread
 
-    def _enqueue(self, seat: _Seat, child: Child, task: _Task) -> None:
-        """``task`` is now ``child``'s; one that has had its tasks retires (hold the lock)."""
-        child.waiting.append(task)
-        child.sent += 1
-        if len(child.waiting) == 1:
-            task.started_at = time.monotonic()
-        if self.max_tasks is not None and child.sent >= self.max_tasks:
-            self._retire(seat, child, f"it ran {child.sent} messages (--max-tasks-per-child)")
-
-    def _retire(self, seat: _Seat, child: Child, why: str) -> None:
-        """``child`` takes no more tasks; another takes its seat (hold the lock)."""
-        if child.accepting:
-            child.accepting, child.why = False, why
-        if seat.child is child:
-            logger.info("replacing child process %d: %s", child.pid, why)
-            seat.child = None
-            self._replace(seat)
-
-    def _replace(self, seat: _Seat) -> None:
-        """Start a child for ``seat``; the dispatcher sends it the seat's pending tasks once it is
-        ready (hold the lock)."""
-        if self.closing:
-            return
-        try:
-            seat.child = self._new()
-            seat.child.seat = seat
-        except OSError as exc:  # cannot fork: the seat's tasks fail, and the next one tries again
-            logger.error("could not start a process-pool child: %s", exc)
-            return
+    def wake(self) -> None:
+        """Have the dispatcher look for work (the worker received some)."""
         self._wake()
+
+    def busy(self) -> bool:
+        """Whether a task is in a child or waits for one."""
+        return bool(self._ready) or any(seat.count for seat in self._seats)
+
+    def wait_idle(self, deadline: float, abort: threading.Event) -> bool:
+        """Wait until no task is in a child or waits for one (False if ``deadline`` or ``abort`` came first)."""
+        while self.busy():
+            if time.monotonic() >= deadline or abort.wait(min(0.05, deadline - time.monotonic())):
+                return False
+        return True
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop the pool: children with nothing to do finish and exit, those still running what the
+        worker released are killed (after ``timeout_s`` any left are); what they had fails."""
+        self._stop_by = time.monotonic() + timeout_s
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout_s + STOP_TIMEOUT_S)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def close(self) -> None:
+        """Kill and reap every child at once (start-up failed)."""
+        if self._thread is not None:
+            self.stop(0.0)
+            return
+        self.closing = True
+        children, self._all = self._all, frozenset()
+        for child in children:
+            child.kill()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:  # it has been woken already
+            pass
 
     # -- the dispatcher -----------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        polled: dict[int, Child] = {}
-        while True:
-            with self._cond:
-                if self._stopped:
-                    return
-                if self._changed:
-                    self._changed = False
-                    self._repoll(poller, polled)
-                self._wake_at = min((child.deadline for child in polled.values()), default=math.inf)
-            timeout_ms = None if self._wake_at == math.inf else max(0, (self._wake_at - time.monotonic()) * 1000)
-            for fd, _ in poller.poll(None if timeout_ms is None else math.ceil(timeout_ms)):
-                if fd == self._wake_r:
-                    os.read(fd, 4096)
-                elif (child := polled.get(fd)) is not None:
-                    self._read(child)
-            if self._wake_at <= time.monotonic():
-                with self._cond:
-                    self._expire(time.monotonic(), polled.values())
+        while self._all or not self.closing:
+            try:
+                if self._stop_by != math.inf and not self.closing:
+                    self._close_children()
+                self._fill()
+                self._poll()
+            except Exception:  # a bug here must not stop the pool: the worker would hang
+                logger.exception("process pool dispatcher: unexpected error")
+        self._fail_submitted()
 
-    def _repoll(self, poller: select.poll, polled: dict[int, Child]) -> None:
-        """Poll the reply pipes of the children there are now (hold the lock)."""
-        live = {child.reply_r: child for child in self._all if child.reply_r >= 0}
-        for fd in polled.keys() - live.keys():
-            poller.unregister(fd)
-        for fd in live.keys() - polled.keys():
-            poller.register(fd, select.POLLIN)
-        polled.clear()
-        polled.update(live)
+    def _fail_submitted(self) -> None:
+        while True:
+            try:
+                task = self._ready.popleft()
+            except IndexError:
+                return
+            task.fail(WorkerLost("the worker is stopping"))
+
+    def _poll(self) -> None:
+        deadline = min(self._stop_by, min((child.deadline for child in self._all), default=math.inf))
+        timeout_ms = None if deadline == math.inf else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        for fd, _ in self._poller.poll(timeout_ms):
+            if fd == self._wake_r:
+                os.read(fd, 4096)
+            elif (child := self._fds.get(fd)) is None:
+                continue
+            elif fd == child.reply_r:
+                self._read(child)
+            elif child.flush():  # its input had room again
+                self._unpoll(fd)
+        now = time.monotonic()
+        if deadline <= now:
+            self._expire(now)
+
+    def _fill(self) -> None:
+        """Give every seat with room its next tasks: submitted ones first, then what ``feed`` brings."""
+        while True:
+            seat = min(self._seats, key=_load)
+            if seat.count >= LANES or self.closing:
+                return
+            if self._ready:
+                self._send(seat, self._ready.popleft())
+            elif not self._feed():
+                return
+
+    def _send(self, seat: _Seat, task: _Task) -> None:
+        seat.count += 1
+        task.seat = seat
+        child = seat.child
+        if child is None:
+            child = self._replace(seat)
+        if child is None:
+            self._fail([task], WorkerLost("no process-pool child could be started"))
+        elif not child.ready or seat.pending:  # its next child is not ready
+            seat.pending.append(task)
+        else:
+            self._enqueue(seat, child, task)
+
+    def _enqueue(self, seat: _Seat, child: Child, task: _Task) -> None:
+        """Send ``task`` to ``child``; one that has had its tasks retires."""
+        child.waiting.append(task)
+        child.sent += 1
+        if len(child.waiting) == 1:
+            task.started_at = time.monotonic()
+        child.send(task.frame)
+        if child.outbox:
+            self._poller.register(child.task_w, select.POLLOUT)
+            self._fds[child.task_w] = child
+        if self.max_tasks is not None and child.sent >= self.max_tasks:
+            self._retire(seat, child, f"it ran {child.sent} messages (--max-tasks-per-child)")
 
     def _read(self, child: Child) -> None:
         frames = child.reader.read_some()
@@ -455,183 +518,149 @@ class Pool:
                 self._started(child, header)
 
     def _answered(self, child: Child, reply: dict[str, Any]) -> None:
-        """A reply came: free the seat first (the next task goes out), then finish the task."""
-        with self._cond:
-            task = child.waiting.popleft()
-            child.tasks += 1
-            child.rss_kb = int(reply.get("rss_kb", child.rss_kb))
-            seat = task.seat
-            assert seat is not None
-            if reply.get("retire"):  # past --max-memory-per-child: it exits without reading more
-                self._retire(seat, child, f"its memory reached {child.rss_kb} KiB (--max-memory-per-child)")
-                self._hand_on(seat, child)
-            elif child.waiting:
-                child.waiting[0].started_at = time.monotonic()
-            seat.count -= 1
-            self._cond.notify()
+        """A reply came: free the seat and send the next task first, then finish this one."""
+        task = child.waiting.popleft()
+        child.tasks += 1
+        if "rss_kb" in reply:
+            child.rss_kb = int(reply["rss_kb"])
+        seat = task.seat
+        assert seat is not None
+        if reply.get("retire"):  # past --max-memory-per-child: it exits without reading more
+            self._retire(seat, child, f"its memory reached {child.rss_kb} KiB (--max-memory-per-child)")
+            self._hand_on(seat, child)
+        elif child.waiting:
+            child.waiting[0].started_at = time.monotonic()
+        seat.count -= 1
+        self._fill()
         task.done(*outcome_of(reply), None)
 
     def _started(self, child: Child, frame: dict[str, Any]) -> None:
         """A replacement said it is ready (or why it is not): its seat's pending tasks go to it."""
         if "ready" not in frame:
             child.why = f"a process-pool child could not load the app: {frame.get('error')}"
+            child.dying = True
             child.terminate()  # its pipe's end fails the seat's pending tasks
             return
-        with self._cond:
-            child.ready = True
-            seat = child.seat
-            flush = seat is not None and seat.child is child and bool(seat.pending)
-        if flush:  # on a thread of its own: a frame past the pipe's buffer waits for the child
-            threading.Thread(target=self._flush, args=(seat,), name="hedwig-pool-flush", daemon=True).start()
+        child.ready = True
+        seat = child.seat
+        assert seat is not None
+        while seat.child is child and seat.pending:  # it may retire after a few (--max-tasks-per-child)
+            self._enqueue(seat, child, seat.pending.popleft())
 
-    def _flush(self, seat: _Seat) -> None:
-        """Send ``seat``'s pending tasks to its child, in order."""
-        with seat.write_lock:
-            with self._cond:
-                child, sent = seat.child, []
-                while child is not None and child.ready and child.accepting and seat.pending:
-                    task = seat.pending.popleft()
-                    self._enqueue(seat, child, task)
-                    sent.append(task)
-                self._wake()  # a first task's time limit runs
-            if child is not None:
-                for task in sent:
-                    child.write(task)
-                if not child.accepting:
-                    child.close_input()
+    def _retire(self, seat: _Seat, child: Child, why: str) -> None:
+        """``child`` takes no more tasks (its input closes once written); another takes its seat."""
+        if child.accepting:
+            child.accepting, child.why = False, why
+            if not child.outbox:
+                child.close_input()
+        if seat.child is child:
+            logger.info("replacing child process %d: %s", child.pid, why)
+            seat.child = None
+            self._replace(seat)
 
-    def _expire(self, now: float, children: Any) -> None:
-        """Kill each child past its start-up's or its running task's deadline (hold the lock)."""
-        for child in list(children):
-            if child.deadline <= now and child.killed is None:
+    def _replace(self, seat: _Seat) -> Child | None:
+        """Start a child for ``seat``; it gets the seat's pending tasks once it is ready."""
+        if self.closing:
+            return None
+        try:
+            seat.child = self._start(seat)
+            os.set_blocking(seat.child.reply_r, False)  # a stale poll event of a reused fd must not block
+        except OSError as exc:  # cannot fork now: the seat's next task tries again
+            logger.error("could not start a process-pool child: %s", exc)
+        return seat.child
+
+    def _start(self, seat: _Seat) -> Child:
+        child = Child(self.spec, seat)
+        self._all = self._all | {child}
+        self._poller.register(child.reply_r, select.POLLIN)
+        self._fds[child.reply_r] = child
+        return child
+
+    def _expire(self, now: float) -> None:
+        """Kill each child past its start-up's or its running task's deadline, or the stop's."""
+        for child in self._all:
+            if child.deadline <= now:
                 if child.ready:
                     child.killed = child.waiting[0]
                 else:
-                    why = f"no answer in {DEFAULT_START_TIMEOUT_S:g}s"
-                    child.why = f"a process-pool child could not load the app: {why}"
+                    child.why = (
+                        f"a process-pool child could not load the app: no answer in {DEFAULT_START_TIMEOUT_S:g}s"
+                    )
+                child.dying = True
+                child.terminate()
+            elif self._stop_by <= now:
+                child.dying = True
                 child.terminate()
 
     def _ended(self, child: Child) -> None:
         """A child's reply pipe ended (it exited, died or was killed): the task it ran fails, the
         ones waiting behind it go to its replacement (started now, unless it never started itself)."""
         code = child.process.wait()
-        now = time.monotonic()
+        self._unpoll(child.reply_r)
+        self._unpoll(child.task_w)
+        os.close(child.reply_r)
+        child.reply_r = -1
+        child.close_input()
+        self._all = self._all - {child}
         seat = child.seat
         assert seat is not None
-        with self._cond:
-            self._all.discard(child)
-            self._changed = True
-            os.close(child.reply_r)
-            child.reply_r = -1
-            running = child.waiting.popleft() if child.ready and child.waiting else None
-            failed: list[_Task] = []
-            if not child.ready:  # no replacement: the next task tries again
-                why = child.why or f"a process-pool child could not load the app: exit code {code}"
-                child.accepting = False
-                if seat.child is child:
-                    seat.child, failed = None, list(seat.pending)
-            else:
-                why = "the worker is stopping"
-                self._retire(seat, child, "it died")
-                self._hand_on(seat, child)
-                if self.closing:
-                    failed = list(seat.pending)
-            if failed:
+        running = child.waiting.popleft() if child.ready and child.waiting else None
+        if not child.ready:  # no replacement: the seat's next task tries again
+            child.accepting = False
+            why = child.why or f"a process-pool child could not load the app: exit code {code}"
+            if seat.child is child:
+                seat.child = None
+                self._fail(list(seat.pending), WorkerLost(why))
                 seat.pending.clear()
-            seat.count -= len(failed) + (running is not None)
-            self._cond.notify_all()
-        self._close_input(seat, child)
+        else:
+            self._retire(seat, child, "it was killed" if child.dying else "it died")
+            self._hand_on(seat, child)
+            if seat.child is None:  # stopping, or no child could be started
+                self._fail(list(seat.pending), WorkerLost("the worker is stopping"))
+                seat.pending.clear()
         if running is not None:
-            self._lost(child, running, code, now)
-        for task in failed:
-            task.fail(WorkerLost(why), now, None)
+            seat.count -= 1
+            self._lost(child, running, code)
 
-    def _lost(self, child: Child, task: _Task, code: int, started: float) -> None:
+    def _lost(self, child: Child, task: _Task, code: int) -> None:
         if child.killed is task and task.kill_after_s is not None:
-            error: Exception = TimeLimitExceeded(float(task.header.get("limit", task.kill_after_s)))
+            error: Exception = TimeLimitExceeded(task.time_limit_s or task.kill_after_s)
         else:
             cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             error = WorkerLost(f"child process {child.pid} died ({cause})")
             logger.warning("%s while running a message (transport id %s)", error, task.transport_id)
-        task.fail(error, task.started_at or started, child.pid)
+        task.fail(error, child.pid)
 
     def _hand_on(self, seat: _Seat, child: Child) -> None:
-        """What waits in ``child``'s pipe never started: its seat's next child takes it first (hold the lock)."""
+        """What waits in ``child``'s pipe never started: its seat's next child takes it first."""
         if child.waiting:
             seat.pending.extendleft(reversed(child.waiting))
             child.waiting.clear()
+            child.outbox.clear()
 
-    def _close_input(self, seat: _Seat, child: Child) -> None:
-        """Close a gone child's input once no writer of its seat is busy (on a thread of its own if
-        one is: a write may wait on a busy child)."""
-        if seat.write_lock.acquire(blocking=False):
-            try:
-                child.close_input()
-            finally:
-                seat.write_lock.release()
-        else:
-            threading.Thread(target=_close_input, args=(seat, child), name="hedwig-pool-close", daemon=True).start()
+    def _fail(self, tasks: list[_Task], error: Exception) -> None:
+        for task in tasks:
+            assert task.seat is not None
+            task.seat.count -= 1
+            task.fail(error)
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except BlockingIOError:  # it has been woken already
-            pass
-
-    # -- shutdown -----------------------------------------------------------------------------
-
-    def wait_idle(self, deadline: float, abort: threading.Event) -> bool:
-        """Wait until no task is in a child or waiting for one (False if ``deadline`` came first)."""
-        with self._cond:
-            while any(seat.count for seat in self._seats):
-                left = deadline - time.monotonic()
-                if left <= 0 or abort.is_set():
-                    return False
-                self._cond.wait(min(left, 0.1))
-        return True
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Stop the pool: children with nothing to do finish and exit, those still running what the
-        worker released are killed; the dispatcher fails what they had."""
-        with self._cond:
-            self.closing = True
-            children = list(self._all)
-            self._cond.notify_all()
-        for child in children:
+    def _close_children(self) -> None:
+        """The worker stops: idle children finish and exit, those still running something are killed."""
+        self.closing = True
+        for seat in self._seats:
+            self._fail(list(seat.pending), WorkerLost("the worker is stopping"))
+            seat.pending.clear()
+        for child in self._all:
+            child.accepting = False
             if child.waiting or not child.ready:
                 child.terminate()
-        for child in children:
-            if child.seat is not None:
-                _close_input(child.seat, child)
-        deadline = time.monotonic() + timeout_s
-        for child in children:
-            try:
-                child.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.terminate()
-                child.process.wait()
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while self._all and time.monotonic() < deadline:  # the dispatcher reads their pipes' ends
-                self._cond.wait(0.1)
-            self._stopped = True
-        self._wake()
-        self._dispatcher.join(timeout_s)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            elif not child.outbox:
+                child.close_input()
 
-    def close(self) -> None:
-        """Kill and reap every child (start-up failed)."""
-        self.closing = True
-        children, self._all = list(self._all), set()
-        for child in children:
-            child.kill()
+    def _unpoll(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            self._poller.unregister(fd)
 
 
 def _load(seat: _Seat) -> int:
     return seat.count
-
-
-def _close_input(seat: _Seat, child: Child) -> None:
-    with seat.write_lock:
-        child.close_input()

@@ -1,4 +1,4 @@
-"""The Kombu transport's own publish frames (``_kombu_wire``) and the publisher that writes them.
+"""The Kombu transport's own frames (``_kombu_wire``): publishes and the publisher that writes them, and acks.
 
 The frames must be byte for byte what py-amqp writes for the same message (checked against
 py-amqp's own frame writer, no server); on real RabbitMQ a publish through them arrives with
@@ -77,6 +77,17 @@ def test_what_the_wire_does_not_build_is_left_to_py_amqp() -> None:
     assert wire.content_header(1, {}, "m" * 256) is None
     assert wire.publish_method(1, "e" * 256, "k", mandatory=False) is None
     assert wire.content_header(1, {"k" * 255: "v"}, "m") is not None
+
+
+def test_ack_frames_are_py_amqps_basic_acks_in_one_buffer() -> None:
+    written: list[bytes] = []
+    transport = SimpleNamespace(write=lambda data: written.append(bytes(data)))
+    writer = amqp.method_framing.frame_writer(SimpleNamespace(frame_max=131072, bytes_sent=0), transport)
+    plan = [(5, True), (2**33, False)]
+    for tag, multiple in plan:
+        writer(1, 3, (60, 80), amqp.serialization.dumps("Lb", (tag, multiple)), None)
+    assert wire.ack_frames(3, plan) == b"".join(written)
+    assert wire.ack_frames(3, []) == b""
 
 
 def test_confirm_of_reads_tag_and_multiple() -> None:

@@ -37,6 +37,7 @@ from hedwig_tasks.transports._kombu_names import (
     delay_queue_name,
     dlq_name,
 )
+from hedwig_tasks.transports._kombu_wire import ack_frames
 from hedwig_tasks.transports.base import Consumer, Delivery
 
 __all__ = ["DEFAULT_PREFETCH", "KombuConsumer"]
@@ -248,7 +249,8 @@ class KombuConsumer(Consumer):
         return held
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack each; contiguous ones in one ``multiple`` ack. Writes only: never waits for a receive."""
+        """Ack each; contiguous ones in one ``multiple`` ack, every ack frame in one write. Writes
+        only: never waits for a receive."""
         # Acks are planned and written in one order, so a ``multiple`` one never covers a tag
         # that another thread planned to ack on its own and has not written yet.
         with self._ack_lock:
@@ -261,9 +263,9 @@ class KombuConsumer(Consumer):
                         tags.append(held.tag)
                 plan = ack_plan(tags, self._unacked) if channel is not None else []
             # A failure leaves the connection to the receive, which reads the same error and drops it.
-            with self._link.errors("ack", drop=False):
-                for tag, multiple in plan:
-                    channel.basic_ack(tag, multiple=multiple)
+            if plan:
+                with self._link.errors("ack", drop=False):
+                    self._link.write(ack_frames(channel.channel_id, plan))
 
     def _ack_one(self, held: _Held) -> None:
         with self._ack_lock:

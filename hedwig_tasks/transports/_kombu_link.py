@@ -196,6 +196,19 @@ class Link:
         """The boundary: a driver error becomes ``error`` (ours pass) and, with ``drop``, drops the connection."""
         return _Errors(self, doing, error, drop)
 
+    def write(self, frames: bytes) -> None:
+        """Write whole frames built elsewhere (``_kombu_wire``) at once, under the write lock.
+
+        Raises a driver error if there is no connection (it was dropped) or the socket fails.
+        """
+        connection = self.connection
+        if connection is None:
+            raise amqp.exceptions.RecoverableConnectionError("connection already closed")
+        raw = connection.connection
+        with self.write_lock:
+            raw.transport.write(frames)
+        raw.bytes_sent += 1
+
     def fresh_channel(self) -> Any:
         """A new channel on the connection, for calls that may close it (passive declares)."""
         self.channel  # noqa: B018 - connects

@@ -1,6 +1,6 @@
-"""The AMQP frames the Kombu transport's publisher writes and reads itself: a persistent
-``basic.publish`` (method, content header and body frames, as one buffer) and the broker's
-``basic.ack`` / ``basic.nack`` of it. Byte for byte what py-amqp writes for the same message;
+"""The AMQP frames the Kombu transport writes and reads itself: a persistent ``basic.publish``
+(method, content header and body frames, as one buffer) and the broker's ``basic.ack`` /
+``basic.nack`` of it; a consumer's ``basic.ack`` frames. Byte for byte what py-amqp writes for the same message;
 py-amqp still opens the connection and channel, selects confirms and handles every other frame.
 See ``kombu.py`` for the design.
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-__all__ = ["ACK", "NACK", "confirm_of", "content_header", "message_frames", "publish_method"]
+__all__ = ["ACK", "NACK", "ack_frames", "confirm_of", "content_header", "message_frames", "publish_method"]
 
 #: Method frame payload prefixes (class 60 ``basic``): ``basic.ack`` and ``basic.nack``.
 ACK = b"\x00\x3c\x00\x50"
@@ -24,6 +24,7 @@ _PUBLISH = b"\x00\x3c\x00\x28\x00\x00"  # basic.publish and its reserved short
 _FRAME = struct.Struct(">BHI")
 _FRAME_END = b"\xce"
 _CONFIRM = struct.Struct(">QB")  # delivery tag, then the bits (multiple first)
+_ACK_FRAME = struct.Struct(">BHIHHQ?B")  # a whole basic.ack frame: header, class, method, tag, multiple, end
 _HEADER = struct.Struct(">HHQH")  # class, weight, body size, property flags
 _LONG = struct.Struct(">I")
 #: Property flags: content type, content encoding, headers, delivery mode, expiration, message id.
@@ -96,6 +97,11 @@ def message_frames(method: bytes, channel: int, header: bytes, body: bytes, fram
         piece = body[start : start + chunk]
         parts += (_FRAME.pack(3, channel, len(piece)), piece, _FRAME_END)
     return b"".join(parts)
+
+
+def ack_frames(channel: int, plan: Sequence[tuple[int, bool]]) -> bytes:
+    """``basic.ack`` frames, one per ``(delivery tag, multiple)``, as one buffer."""
+    return b"".join(_ACK_FRAME.pack(1, channel, 13, 60, 80, tag, multiple, 0xCE) for tag, multiple in plan)
 
 
 def confirm_of(payload: bytes) -> tuple[int, bool]:

@@ -17,7 +17,7 @@ from hedwig_tasks._publish_timing import EXPIRES_AT_ATTRIBUTE, timing
 from hedwig_tasks.exceptions import ConfigurationError, HandlerNotFound, PublishError, RoutingError
 from hedwig_tasks.handler import DEFAULT_IDEMPOTENCY_TTL_S, Handler
 from hedwig_tasks.instrumentation import Tracing
-from hedwig_tasks.message import Message, Version, VersionLike, delivered
+from hedwig_tasks.message import Message, Version, VersionLike
 from hedwig_tasks.periodic import Schedule
 from hedwig_tasks.registry import Registry, parse_majors
 from hedwig_tasks.retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -499,8 +499,8 @@ class Hedwig:
 
         Raises ``DecodeError`` saying what is wrong (the worker dead-letters it with that reason).
         """
-        body = from_transport(delivery.body, delivery.attributes)
-        return delivered(self.validator.decode(body, delivery.attributes), delivery)
+        attributes = delivery.attributes
+        return self.validator.decode_delivery(from_transport(delivery.body, attributes), attributes, delivery)
 
     def __repr__(self) -> str:
         return f"<Hedwig {self.name!r} queue={self.queue!r} handlers={len(self.registry)}>"

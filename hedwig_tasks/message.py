@@ -91,15 +91,16 @@ class Metadata:
             object.__setattr__(self, "headers", _freeze(self.headers))
 
     @classmethod
-    def received(cls, timestamp: int, publisher: str, headers: dict[str, str]) -> Metadata:
+    def received(cls, timestamp: int, publisher: str, headers: dict[str, str], delivery: Any = None) -> Metadata:
         """Metadata read off the wire by a validator, which has checked the fields' types.
 
         ``headers`` must be a fresh dict: it is frozen as it is, not copied. A worker builds one
         per message, and a frozen dataclass's ``__init__`` costs several times this.
         """
         metadata = object.__new__(cls)
-        metadata.__dict__.update(timestamp=timestamp, publisher=publisher, headers=MappingProxyType(headers))
-        metadata.__dict__["delivery"] = None
+        metadata.__dict__.update(
+            timestamp=timestamp, publisher=publisher, headers=MappingProxyType(headers), delivery=delivery
+        )
         return metadata
 
 
@@ -148,6 +149,17 @@ class Message:
             id=id or str(uuid.uuid4()),
             metadata=metadata,
         )
+
+    @classmethod
+    def received(cls, type: str, version: Version, data: Any, id: str, metadata: Metadata) -> Message:
+        """A message read off the wire by a validator, which has checked every field.
+
+        What ``Message(...)`` builds, without its checks: a worker builds one per message, and a
+        frozen dataclass's ``__init__`` costs several times this.
+        """
+        message = object.__new__(cls)
+        message.__dict__.update(type=type, version=version, data=data, id=id, metadata=metadata)
+        return message
 
     @property
     def major_version(self) -> int:

@@ -9,6 +9,7 @@ import pytest
 from conftest import SCHEMA_FILE, authedwig_settings
 
 from hedwig_tasks import DecodeError, Message, SchemaError, ValidationError, Version
+from hedwig_tasks.transports.base import Delivery
 from hedwig_tasks.validators.base import Encoded
 from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
 
@@ -324,3 +325,40 @@ def test_a_body_nested_too_deep_to_parse_is_a_decode_error() -> None:
     }
     with pytest.raises(DecodeError, match="nested too deep to parse"):
         validator.decode(b"[" * 100_000, attributes)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"user_id":"U_1"}',
+        b' \n{"user_id": "U_1"}\t',  # whitespace around the value
+        b'\xef\xbb\xbf{"user_id":"U_1"}',  # a UTF-8 byte order mark
+        '{"user_id":"U_1"}'.encode("utf-16"),
+        '{"user_id":"U_1"}'.encode("utf-32-le"),
+    ],
+)
+def test_decode_reads_every_body_json_loads_reads(validator: JSONSchemaValidator, body: bytes) -> None:
+    assert json.loads(body) == {"user_id": "U_1"}
+    assert validator.decode(body, good_attributes()).data == {"user_id": "U_1"}
+
+
+@pytest.mark.parametrize("body", [b'{"user_id":"U_1"} x', b'{"user_id":"U_1"', b"\xff{}", b""])
+def test_decode_refuses_every_body_json_loads_refuses(validator: JSONSchemaValidator, body: bytes) -> None:
+    with pytest.raises(ValueError) as refused:
+        json.loads(body)
+    with pytest.raises(DecodeError, match="body is not valid JSON") as ours:
+        validator.decode(body, good_attributes())
+    assert str(refused.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_decode_delivery_attaches_the_delivery_as_it_builds_the_message(
+    validator: JSONSchemaValidator, container: bool
+) -> None:
+    message = user_created()
+    encoded = validator.encode(message, container=container)
+    delivery = Delivery(encoded.body, dict(encoded.attributes), attempt=3, receipt=None, subscription="s")
+    got = validator.decode_delivery(encoded.body, encoded.attributes, delivery)
+    assert got == message
+    assert got.delivery is delivery and got.attempt == 3
+    assert validator.decode(encoded.body, encoded.attributes).delivery is None

@@ -15,6 +15,7 @@ import pytest
 from conftest import authedwig_settings
 
 from hedwig_tasks import DecodeError, Message, SchemaError, ValidationError, Version
+from hedwig_tasks.transports.base import Delivery
 from hedwig_tasks.validators.protobuf import ProtobufValidator, messages_of
 from hedwig_tasks.validators.protobuf_container_pb2 import PayloadV1
 
@@ -481,3 +482,16 @@ def test_we_decode_authedwigs_newer_minor(validator: ProtobufValidator, containe
     got = validator.decode(body, attributes)
     assert (got.version, got.id, got.data.user_id) == (Version(1, 3), sent.id, "U_1")
     assert got.data.SerializeToString() == sent.data.SerializeToString()
+
+
+@pytest.mark.parametrize("container_form", [False, True])
+def test_decode_delivery_attaches_the_delivery_as_it_builds_the_message(
+    validator: ProtobufValidator, container_form: bool
+) -> None:
+    message = user_created(request_id="req-42")
+    encoded = validator.encode(message, container=container_form)
+    delivery = Delivery(encoded.body, dict(encoded.attributes), attempt=2, receipt=None, subscription="s")
+    got = validator.decode_delivery(encoded.body, encoded.attributes, delivery)
+    assert got == message
+    assert got.delivery is delivery and got.attempt == 2
+    assert validator.decode(encoded.body, encoded.attributes).delivery is None

@@ -207,15 +207,18 @@ class ProtobufValidator(Validator):
         return body
 
     def decode(self, body: bytes, attributes: Mapping[str, str]) -> Message:
+        return self.decode_delivery(body, attributes, None)
+
+    def decode_delivery(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
         if "hedwig_schema" in attributes or "hedwig_id" in attributes:
-            message_id, metadata, schema = read_meta_attributes(attributes)
+            message_id, metadata, schema = read_meta_attributes(attributes, delivery)
             message_type, version, cls = self._resolve(schema)
             data = _parse(cls, body, "body")
         else:
-            message_id, metadata, schema, packed = self._open_container(body)
+            message_id, metadata, schema, packed = self._open_container(body, delivery)
             message_type, version, cls = self._resolve(schema)
             data = self._unpack(cls, packed, schema)
-        return Message(type=message_type, version=version, data=data, id=message_id, metadata=metadata)
+        return Message.received(message_type, version, data, message_id, metadata)
 
     def _resolve(self, schema: str) -> tuple[str, Version, ProtoClass]:
         """Type, version and class of a schema string; :class:`DecodeError` if the type or major is
@@ -228,7 +231,7 @@ class ProtobufValidator(Validator):
         return message_type, version, cls
 
     @staticmethod
-    def _open_container(body: bytes) -> tuple[str, Metadata, str, Any]:
+    def _open_container(body: bytes, delivery: Any) -> tuple[str, Metadata, str, Any]:
         try:
             payload = PayloadV1.FromString(body)
         except ProtoDecodeError as exc:
@@ -248,6 +251,7 @@ class ProtobufValidator(Validator):
             timestamp=payload.metadata.timestamp.ToMilliseconds(),
             publisher=payload.metadata.publisher,
             headers=headers,
+            delivery=delivery,
         )
         return payload.id, metadata, payload.schema, payload.data
 

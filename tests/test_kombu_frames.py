@@ -1,4 +1,5 @@
-"""The Kombu transport's reading of frames already in hand (``_ChunkedTCPTransport.buffered_frame``).
+"""The Kombu transport's reading of frames already in hand (``_ChunkedTCPTransport.buffered_frame``
+and ``buffered_delivery``, the properties ``_kombu_wire`` reads itself).
 
 A frame is taken from the read buffer only when all of it, frame end included, has arrived;
 anything else is left to py-amqp's ``read_frame`` (whole-path behaviour: tests/test_kombu_workers.py).
@@ -8,6 +9,11 @@ from __future__ import annotations
 
 import struct
 
+import amqp
+import amqp.serialization
+import pytest
+
+from hedwig_tasks.transports import _kombu_wire as wire
 from hedwig_tasks.transports._kombu_link import _ChunkedTCPTransport
 
 
@@ -42,3 +48,67 @@ def test_an_empty_payload_heartbeat() -> None:
     transport = _transport(_frame(8, 0, b""))
     assert transport.buffered_frame() == (8, 0, b"")
     assert transport._read_buffer == b""
+
+
+# -- whole deliveries (``buffered_delivery``) and their properties (``_kombu_wire.properties_of``) --
+
+
+def _delivery(channel: int, body: bytes, *, frame_max: int = 131072, **properties: object) -> bytes:
+    """A ``basic.deliver`` as RabbitMQ writes it: method, content header, body frames."""
+    args = amqp.serialization.dumps("sLbss", ("ctag-1", 7, True, "hedwig-t", "t"))
+    header = struct.pack(">HHQ", 60, 0, len(body)) + amqp.Message(body, **properties)._serialize_properties()
+    chunk = frame_max - 8
+    bodies = b"".join(_frame(3, channel, body[i : i + chunk]) for i in range(0, len(body), chunk))
+    return _frame(1, channel, wire.DELIVER + args) + _frame(2, channel, header) + bodies
+
+
+def test_a_whole_delivery_is_taken_with_its_body_joined_and_the_rest_kept() -> None:
+    body = bytes(range(256)) * 20
+    second = _delivery(1, b"next", message_id="m2")
+    transport = _transport(_delivery(1, body, frame_max=1024, message_id="m1") + second[:10])
+    method, header, found = transport.buffered_delivery(1) or (b"", b"", b"")
+    assert found == body
+    assert wire.deliver_args(method) == ("ctag-1", 7, True)
+    assert wire.properties_of(header) == {"message_id": "m1"}
+    assert transport.buffered_delivery(1) is None  # partial: nothing taken
+    assert transport._read_buffer == second[:10]
+
+
+def test_anything_but_a_whole_delivery_on_the_channel_is_left_to_py_amqp() -> None:
+    whole = _delivery(1, b"body")
+    for buffered in (whole[:-1], _delivery(2, b"body"), _frame(1, 1, b"\x00\x3c\x00\x50" + bytes(9)), b""):
+        transport = _transport(buffered)
+        assert transport.buffered_delivery(1) is None
+        assert transport._read_buffer == buffered
+    empty = _transport(_delivery(1, b""))
+    assert empty.buffered_delivery(1) is not None and empty._read_buffer == b""  # no body frame at all
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"content_type": "application/octet-stream", "content_encoding": "binary", "delivery_mode": 2},
+        {"application_headers": {"hedwig_id": "café", "x-hedwig-attempts": 3, "": ""}, "message_id": "m"},
+        {"expiration": "2500", "application_headers": {}},
+        {},
+    ],
+)
+def test_usual_properties_read_as_py_amqp_reads_them(properties: dict[str, object]) -> None:
+    serialized = amqp.Message(b"", **properties)._serialize_properties()
+    header = struct.pack(">HHQ", 60, 0, 0) + serialized
+    assert wire.properties_of(header) == amqp.serialization.decode_properties_basic(serialized, 0)[0]
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"priority": 5},
+        {"application_headers": {"x-death": [{"count": 1}]}},
+        {"application_headers": {"big": 2**40}},
+        {"application_headers": {"flag": True}},
+        {"timestamp": 1700000000},
+    ],
+)
+def test_unusual_properties_are_left_to_py_amqp(properties: dict[str, object]) -> None:
+    header = struct.pack(">HHQ", 60, 0, 0) + amqp.Message(b"", **properties)._serialize_properties()
+    assert wire.properties_of(header) is None

@@ -22,6 +22,7 @@ from tcp_proxy import TcpProxy
 
 from hedwig_tasks.exceptions import PublishError, TransportError
 from hedwig_tasks.testing.contract import Names
+from hedwig_tasks.transports import _kombu_consumer
 from hedwig_tasks.transports import _kombu_wire as wire
 from hedwig_tasks.transports._kombu_link import Broker, _connection, _KombuTransport
 from hedwig_tasks.transports._kombu_messages import message
@@ -117,11 +118,14 @@ def rabbit() -> Iterator[tuple[KombuTransport, Names]]:
     cleanup(url, [names.queue], [names.topic])
 
 
-def _get_all(url: str, queue: str, count: int) -> list[Any]:
+def _connect(url: str) -> amqp.Connection:
+    """A bare py-amqp connection to the test's broker (another client's)."""
     parts = urlsplit(url)
-    with amqp.Connection(
-        f"{parts.hostname}:{parts.port or 5672}", userid=parts.username, password=parts.password
-    ) as connection:
+    return amqp.Connection(f"{parts.hostname}:{parts.port or 5672}", userid=parts.username, password=parts.password)
+
+
+def _get_all(url: str, queue: str, count: int) -> list[Any]:
+    with _connect(url) as connection:
         channel = connection.channel()
         found: list[Any] = []
         for _ in range(count):
@@ -186,3 +190,34 @@ def test_a_refusal_and_a_missing_topic_leave_the_publisher_usable(rabbit: tuple[
         bus.publish(f"never-{uuid.uuid4().hex[:8]}", b"nowhere", {})
     bus.publish(names.topic, b"after", {})
     assert [m.body for m in _get_all(bus.url, subscription_name(names.queue, names.topic), 1)] == [b"after"]
+
+
+def test_a_consumer_reads_usual_deliveries_itself_and_unusual_ones_through_py_amqp(
+    rabbit: tuple[KombuTransport, Names], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bus, names = rabbit
+    read: list[dict[str, Any] | None] = []  # what the consumer's own reading made of each delivery
+
+    def properties_of(header: bytes) -> dict[str, Any] | None:
+        read.append(wire.properties_of(header))
+        return read[-1]
+
+    monkeypatch.setattr(_kombu_consumer, "properties_of", properties_of)
+    bus.publish_many(names.topic, [(b"ours", {"hedwig_id": "1"})])
+    with _connect(bus.url) as connection:  # another publisher
+        channel = connection.channel()
+        odd = amqp.Message(b"theirs", priority=4, application_headers={"hedwig_id": "2", "x-list": [1]})
+        channel.basic_publish(odd, exchange=f"hedwig-{names.topic}", routing_key="")
+    consumer = bus.consumer(names.queue, [names.topic])
+    taken: list[Any] = []
+    try:
+        while len(taken) < 2:
+            taken += consumer.receive(2, wait_s=5)
+        ours, theirs = taken
+        assert (ours.body, ours.attributes, ours.attempt, ours.fault) == (b"ours", {"hedwig_id": "1"}, 1, "")
+        assert (theirs.body, theirs.attributes) == (b"theirs", {"hedwig_id": "2"})
+        assert theirs.fault == "headers that are not text: x-list (list)"  # as py-amqp read it
+        assert read[0] is not None and read[1] is None  # ours read here; theirs left to py-amqp
+        consumer.ack(taken)
+    finally:
+        consumer.close()

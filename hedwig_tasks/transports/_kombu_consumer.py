@@ -24,8 +24,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hedwig_tasks.transports._kombu_link import Broker
-from hedwig_tasks.transports._kombu_messages import Reading, read, send
+import amqp
+
+from hedwig_tasks.transports._kombu_link import Broker, chunked
+from hedwig_tasks.transports._kombu_messages import Reading, Received, read, send
 from hedwig_tasks.transports._kombu_names import (
     ATTEMPTS,
     DEAD_AT,
@@ -37,7 +39,7 @@ from hedwig_tasks.transports._kombu_names import (
     delay_queue_name,
     dlq_name,
 )
-from hedwig_tasks.transports._kombu_wire import ack_frames
+from hedwig_tasks.transports._kombu_wire import ack_frames, deliver_args, properties_of
 from hedwig_tasks.transports.base import Consumer, Delivery
 
 __all__ = ["DEFAULT_PREFETCH", "KombuConsumer"]
@@ -50,6 +52,7 @@ DEFAULT_PREFETCH = 64
 DRAIN_SLICE_S = 0.05
 #: Seconds between checks that a missing subscription queue was provisioned.
 EXISTENCE_CHECK_S = 5.0
+_DELIVER = (60, 60)  # basic.deliver's method signature
 
 
 @dataclasses.dataclass
@@ -104,6 +107,7 @@ class KombuConsumer(Consumer):
         self._tokens = itertools.count(1)
         self._consuming = 0  # the link generation consumption was set up on
         self._declared: set[str] = set()
+        self._tags: dict[str, str] = {}  # consumer tag -> subscription, on this generation's channel
         self._missing: list[str] = []  # subscriptions whose queue does not exist (yet)
         self._warned: set[str] = set()
         self._next_existence_check = 0.0
@@ -152,6 +156,7 @@ class KombuConsumer(Consumer):
             return
         self._buffer.clear()
         self._declared.clear()
+        self._tags.clear()
         with self._held_lock:
             self._unacked.clear()
             # the connection they came on is gone; the broker gives them back
@@ -170,7 +175,8 @@ class KombuConsumer(Consumer):
                     logger.warning("queue %s does not exist (not provisioned?): nothing to receive from it", name)
                     self._warned.add(name)
                 continue
-            self._link.channel.basic_consume(name, callback=self._collector(name), no_ack=False)
+            tag = self._link.channel.basic_consume(name, callback=self._collector(name), no_ack=False)
+            self._tags[tag] = name
             self._missing.remove(name)
 
     def _collector(self, name: str) -> Callable[[Any], None]:
@@ -182,13 +188,43 @@ class KombuConsumer(Consumer):
         return collect
 
     def _drain(self) -> bool:
-        """Handle one method the broker already sent (a delivery, a confirm); False if none."""
+        """Handle one method the broker already sent (a delivery, a confirm); False if none.
+
+        A delivery that arrived whole is read here (:meth:`_take`); the rest goes to py-amqp.
+        """
         assert self._link.connection is not None
+        raw = self._link.connection.connection
+        transport = chunked(raw)
+        if transport is not None:
+            channel = self._link.channel
+            found = transport.buffered_delivery(channel.channel_id)
+            if found is not None:
+                raw.bytes_recv += 1
+                self._take_delivery(channel, *found)
+                return True
         try:
-            self._link.connection.connection.drain_events(timeout=0)
+            raw.drain_events(timeout=0)
         except TimeoutError:
             return False
         return True
+
+    def _take_delivery(self, channel: Any, method: bytes, header: bytes, body: bytes) -> None:
+        """Buffer a delivery read whole off the socket; py-amqp reads one with unusual properties."""
+        consumer_tag, tag, redelivered = deliver_args(method)
+        name = self._tags.get(consumer_tag)
+        properties = properties_of(header) if name is not None and channel.is_open else None
+        if properties is None or properties.get("content_encoding", "binary") != "binary":
+            message = amqp.Message(frame_method=_DELIVER, frame_args=method)
+            message.inbound_header(header)
+            if body:
+                message.inbound_body(body)
+            channel.dispatch_method(_DELIVER, method, message)  # as py-amqp's reader would
+            return
+        assert name is not None
+        info = {"consumer_tag": consumer_tag, "delivery_tag": tag, "redelivered": redelivered}
+        with self._held_lock:
+            self._unacked.add(tag)
+        self._buffer.append((name, Received(body, properties, info)))
 
     def _hand_out(self, max_messages: int) -> list[Delivery]:
         found: list[Delivery] = []

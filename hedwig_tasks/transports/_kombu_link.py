@@ -28,8 +28,9 @@ from kombu.utils.url import parse_url
 from hedwig_tasks.exceptions import ConfigurationError, HedwigError, TransportError
 from hedwig_tasks.transports._boundary import boundary
 from hedwig_tasks.transports._kombu_messages import Confirms, on_return
+from hedwig_tasks.transports._kombu_wire import DELIVER
 
-__all__ = ["DRIVER_ERRORS", "Broker", "Link", "mask"]
+__all__ = ["DRIVER_ERRORS", "Broker", "Link", "chunked", "mask"]
 
 logger = logging.getLogger("hedwig_tasks.transports.kombu")  # one logger for the whole transport
 
@@ -270,6 +271,12 @@ class _Errors:
             raise exc.with_traceback(trace)
 
 
+def chunked(connection: Any) -> Any:
+    """The py-amqp connection's transport if it reads in chunks (plain TCP), else None (TLS)."""
+    transport = connection.transport
+    return transport if type(transport) is _ChunkedTCPTransport else None
+
+
 def _connection(url: str, connect_timeout_s: float) -> kombu.Connection:
     """A Kombu connection to ``url``, reading in chunks unless it is TLS or lists several brokers."""
     if ";" in url:  # failover: Kombu picks the broker
@@ -329,6 +336,28 @@ class _ChunkedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
         self._read_buffer = buffered[end + 1 :]
         return frame_type, channel, buffered[7:end]
 
+    def buffered_delivery(self, channel: int) -> tuple[bytes, bytes, bytes] | None:
+        """A ``basic.deliver`` on ``channel`` that arrived whole at the front of what was read: its
+        method and content header payloads and its body. None (nothing taken) for anything else,
+        which py-amqp's reader then takes frame by frame."""
+        buffered = self._read_buffer
+        method, at = _payload(buffered, 0, 1, channel)
+        if method is None or method[:4] != DELIVER:
+            return None
+        header, at = _payload(buffered, at, 2, channel)
+        if header is None or len(header) < 14:
+            return None
+        size = int.from_bytes(header[4:12], "big")
+        pieces: list[bytes] = []
+        while size > 0:
+            piece, at = _payload(buffered, at, 3, channel)
+            if piece is None or not piece:
+                return None
+            pieces.append(piece)
+            size -= len(piece)
+        self._read_buffer = buffered[at:]
+        return method, header, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
     def next_frame(self, timeout_s: float) -> tuple[int, int, bytes]:
         """The next frame, waiting up to ``timeout_s`` for it (``TimeoutError`` if it does not come).
 
@@ -367,6 +396,18 @@ class _ChunkedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
                 return
         with super().having_timeout(timeout) as sock:
             yield sock
+
+
+def _payload(buffered: bytes, at: int, frame_type: int, channel: int) -> tuple[bytes | None, int]:
+    """The payload of the whole frame of ``frame_type`` on ``channel`` at ``at``, and where the next
+    frame starts; None if the frame there is another, partial or ends badly."""
+    if len(buffered) < at + 7:
+        return None, at
+    kind, on, size = _FRAME_HEADER.unpack_from(buffered, at)
+    end = at + 7 + size
+    if kind != frame_type or on != channel or len(buffered) <= end or buffered[end] != _FRAME_END:
+        return None, at
+    return buffered[at + 7 : end], end + 1
 
 
 class _AMQPConnection(kombu.transport.pyamqp.Connection):  # type: ignore[misc]

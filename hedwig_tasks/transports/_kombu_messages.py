@@ -21,6 +21,7 @@ from hedwig_tasks.transports._kombu_wire import ACK, NACK, confirm_of, content_h
 __all__ = [
     "Confirms",
     "Reading",
+    "Received",
     "Wire",
     "attributes",
     "body_bytes",
@@ -253,6 +254,17 @@ def on_return(exc: Any, exchange: str, routing_key: str, message: Any) -> None:
 
 
 # -- reading what a broker hands over --------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class Received:
+    """A delivery read off the socket by the consumer itself (``_kombu_wire.properties_of``): the
+    fields :func:`read` and the consumer use of a py-amqp message, with the body as bytes (py-amqp
+    would not decode it either: it carries no content encoding, or ``binary``)."""
+
+    body: bytes
+    properties: dict[str, Any]
+    delivery_info: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)

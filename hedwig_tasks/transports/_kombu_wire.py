@@ -14,22 +14,47 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["ACK", "NACK", "ack_frames", "confirm_of", "content_header", "message_frames", "publish_method"]
+__all__ = [
+    "ACK",
+    "DELIVER",
+    "NACK",
+    "ack_frames",
+    "confirm_of",
+    "content_header",
+    "deliver_args",
+    "message_frames",
+    "properties_of",
+    "publish_method",
+]
 
 #: Method frame payload prefixes (class 60 ``basic``): ``basic.ack`` and ``basic.nack``.
 ACK = b"\x00\x3c\x00\x50"
 NACK = b"\x00\x3c\x00\x78"
+DELIVER = b"\x00\x3c\x00\x3c"
 _PUBLISH = b"\x00\x3c\x00\x28\x00\x00"  # basic.publish and its reserved short
 _FRAME = struct.Struct(">BHI")
 _FRAME_END = b"\xce"
 _CONFIRM = struct.Struct(">QB")  # delivery tag, then the bits (multiple first)
 _ACK_FRAME = struct.Struct(">BHIHHQ?B")  # a whole basic.ack frame: header, class, method, tag, multiple, end
 _HEADER = struct.Struct(">HHQH")  # class, weight, body size, property flags
+_FLAGS_AT = struct.Struct(">H")
 _LONG = struct.Struct(">I")
 #: Property flags: content type, content encoding, headers, delivery mode, expiration, message id.
 _FLAGS = 0x8000 | 0x4000 | 0x2000 | 0x1000 | 0x0080
 _EXPIRATION_FLAG = 0x0100
+#: Properties :func:`properties_of` reads (short strings but the headers and delivery mode), by flag.
+_READ = (
+    (0x8000, "content_type"),
+    (0x4000, "content_encoding"),
+    (0x2000, "application_headers"),
+    (0x1000, "delivery_mode"),
+    (0x0100, "expiration"),
+    (0x0080, "message_id"),
+)
+_READABLE = 0x8000 | 0x4000 | 0x2000 | 0x1000 | 0x0100 | 0x0080
+_INT = struct.Struct(">i")
 #: The content type and encoding every message of ours carries (``_kombu_messages._CONTENT``).
 _CONTENT = b"\x18application/octet-stream\x06binary"
 _PERSISTENT = b"\x02"
@@ -108,3 +133,68 @@ def confirm_of(payload: bytes) -> tuple[int, bool]:
     """The delivery tag and ``multiple`` of a ``basic.ack`` or ``basic.nack`` method payload."""
     tag, bits = _CONFIRM.unpack_from(payload, 4)
     return tag, bool(bits & 1)
+
+
+# -- reading deliveries -------------------------------------------------------------------------
+
+
+def deliver_args(payload: bytes) -> tuple[str, int, bool]:
+    """The consumer tag, delivery tag and ``redelivered`` of a ``basic.deliver`` method payload."""
+    size = payload[4]
+    tag, bits = _CONFIRM.unpack_from(payload, 5 + size)
+    return payload[5 : 5 + size].decode("utf-8", "surrogatepass"), tag, bool(bits & 1)
+
+
+def properties_of(header: bytes) -> dict[str, Any] | None:
+    """A content header's properties as py-amqp reads them, for the usual ones (a few short
+    strings, the delivery mode, headers of text and 32-bit integers); None for anything else,
+    for py-amqp to read."""
+    (flags,) = _FLAGS_AT.unpack_from(header, 12)
+    if flags & ~_READABLE:
+        return None
+    properties: dict[str, Any] = {}
+    at = 14
+    try:
+        for flag, name in _READ:
+            if not flags & flag:
+                continue
+            if flag == 0x2000:
+                properties[name], at = _table(header, at)
+            elif flag == 0x1000:
+                properties[name] = header[at]
+                at += 1
+            else:
+                size = header[at]
+                properties[name] = header[at + 1 : at + 1 + size].decode("utf-8", "surrogatepass")
+                at += 1 + size
+    except (_Unusual, UnicodeDecodeError, IndexError, struct.error):
+        return None
+    return properties
+
+
+class _Unusual(Exception):
+    """A table value :func:`_table` leaves to py-amqp."""
+
+
+def _table(buffer: bytes, at: int) -> tuple[dict[str, Any], int]:
+    (size,) = _LONG.unpack_from(buffer, at)
+    at += 4
+    end = at + size
+    table: dict[str, Any] = {}
+    while at < end:
+        length = buffer[at]
+        key = buffer[at + 1 : at + 1 + length].decode("utf-8", "surrogatepass")
+        at += 1 + length
+        kind = buffer[at]
+        if kind == 0x53:  # S: a long string
+            (length,) = _LONG.unpack_from(buffer, at + 1)
+            table[key] = buffer[at + 5 : at + 5 + length].decode("utf-8", "surrogatepass")
+            at += 5 + length
+        elif kind == 0x49:  # I: a signed 32-bit integer (our attempt count)
+            (table[key],) = _INT.unpack_from(buffer, at + 1)
+            at += 5
+        else:
+            raise _Unusual
+    if at != end:
+        raise _Unusual
+    return table, end

@@ -60,8 +60,10 @@ side). Each consumer owns one connection and channel: ``receive`` holds the cons
 to read what already arrived and waits for the socket without it; acks take no part of that
 lock (frames are written one at a time under the connection's write lock, acks in the order
 they were planned), so acking never waits on a receive. Contiguous acks go as one ``multiple``
-ack. Broker errors become ``TransportError`` (or ``PublishError``); the connection is dropped
-and the next call reconnects.
+ack, and the ack frames of one ``ack`` call as one write. On plain TCP the consumer reads a
+delivery that arrived whole itself (its usual properties: text and integer headers, a few short
+strings); any other goes through py-amqp's reader as before. Broker errors become
+``TransportError`` (or ``PublishError``); the connection is dropped and the next call reconnects.
 
 Counts: ``status`` (the ``status`` command) counts dead letters per subscription by reading up
 to a thousand of them (RabbitMQ takes them unacked and gives them back). ``counts`` (burst
@@ -73,8 +75,8 @@ learn which delay buckets exist, and burst workers must count what waits in them
 Modules: this one holds the transport: its settings from a URL, publishing, and handing out
 consumers and administration. ``_kombu_link`` the broker every part holds and its connections;
 ``_kombu_consumer`` the consumer; ``_kombu_admin`` provisioning, counts and dead letters;
-``_kombu_messages`` how messages are built, sent and read; ``_kombu_wire`` the publish and
-confirm frames the publisher writes and reads itself; ``_kombu_names`` what things are called.
+``_kombu_messages`` how messages are built, sent and read; ``_kombu_wire`` the frames written
+and read without py-amqp (publishes, confirms, acks, deliveries); ``_kombu_names`` what things are called.
 """
 
 from __future__ import annotations

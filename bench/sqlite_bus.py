@@ -36,7 +36,8 @@ Usage::
 A table goes to stderr; the last line on stdout is one JSON object whose ``ratio`` holds
 ``drain_vs_plain_sqlite3``, ``two_workers_vs_one``, ``drain_cpu_vs_plain_sqlite3`` (the loop's CPU
 per message over the worker's) and, with ``--celery``, the throughput against each Celery
-variant, and whose ``latency`` holds p50/p99 in ms and the idle CPU share.
+variant, whose ``latency`` holds p50/p99 in ms and the idle CPU share, and whose ``load_avg`` is the
+machine's load average before and after (on two cores, a load near 2 means other work shared them).
 """
 
 from __future__ import annotations
@@ -349,8 +350,14 @@ def celery_args(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="hedwig-bench-"))
+    load_before = os.getloadavg()
     try:
         out = report(args, *run_rounds(args, root))
+        # the machine's load (1, 5, 15 minutes) before and after: the figures are worth less on a busy one
+        out["load_avg"] = {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in os.getloadavg()],
+        }
         if args.celery:
             celery = versus_celery(celery_args(args), root / "celery")
             out["end_to_end"] = celery

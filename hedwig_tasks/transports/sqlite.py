@@ -10,8 +10,9 @@ datagram socket beside the file (``<bus>.wake/``), and polls (20 ms doubling to 
 what comes due by the clock or where sockets are missing.
 
 Modules: ``_sqlite_db`` (the file, its connections and transactions), ``_sqlite_sql`` (tables
-and statements), ``_sqlite_consumer``, ``_sqlite_rows`` (rows into deliveries), ``_sqlite_wake``
-(the wake-up sockets) and ``_sqlite_admin`` (dead letters).
+and statements), ``_sqlite_consumer``, ``_sqlite_acks`` (acks deleted by the next claim),
+``_sqlite_rows`` (rows into deliveries), ``_sqlite_wake`` (the wake-up sockets) and
+``_sqlite_admin`` (dead letters).
 
 Like the cloud transports, publishing never provisions: a publish to a topic that does not
 exist raises ``PublishError``, and one to a topic no queue subscribes to is kept nowhere (with

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -362,3 +363,17 @@ def test_decode_delivery_attaches_the_delivery_as_it_builds_the_message(
     assert got == message
     assert got.delivery is delivery and got.attempt == 3
     assert validator.decode(encoded.body, encoded.attributes).delivery is None
+
+
+def test_decode_delivery_asks_a_subclass_that_decodes_its_own_way() -> None:
+    class Tagging(JSONSchemaValidator):
+        def decode(self, body: bytes, attributes: Mapping[str, str]) -> Message:
+            decoded = super().decode(body, attributes)
+            return Message.new(decoded.type, decoded.version, {**decoded.data, "tagged": "yes"}, id=decoded.id)
+
+    validator = Tagging(SCHEMA_FILE)
+    encoded = validator.encode(user_created())
+    delivery = Delivery(encoded.body, dict(encoded.attributes), attempt=1, receipt=None, subscription="s")
+    got = validator.decode_delivery(encoded.body, encoded.attributes, delivery)
+    assert got.data["tagged"] == "yes"
+    assert got.delivery is delivery

@@ -265,9 +265,14 @@ class JSONSchemaValidator(Validator):
             raise ValidationError(f"{message.type} {message.version}: data is not JSON: {exc}") from exc
 
     def decode(self, body: bytes, attributes: Mapping[str, str]) -> Message:
-        return self.decode_delivery(body, attributes, None)
+        return self._decode(body, attributes, None)
 
     def decode_delivery(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
+        if type(self).decode is not JSONSchemaValidator.decode:  # a subclass decodes its own way: ask it
+            return super().decode_delivery(body, attributes, delivery)
+        return self._decode(body, attributes, delivery)
+
+    def _decode(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
         try:
             payload = _loads(body)
         except ValueError as exc:

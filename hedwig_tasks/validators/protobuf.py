@@ -207,9 +207,14 @@ class ProtobufValidator(Validator):
         return body
 
     def decode(self, body: bytes, attributes: Mapping[str, str]) -> Message:
-        return self.decode_delivery(body, attributes, None)
+        return self._decode(body, attributes, None)
 
     def decode_delivery(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
+        if type(self).decode is not ProtobufValidator.decode:  # a subclass decodes its own way: ask it
+            return super().decode_delivery(body, attributes, delivery)
+        return self._decode(body, attributes, delivery)
+
+    def _decode(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
         if "hedwig_schema" in attributes or "hedwig_id" in attributes:
             message_id, metadata, schema = read_meta_attributes(attributes, delivery)
             message_type, version, cls = self._resolve(schema)

@@ -28,6 +28,13 @@ SCHEMAS: list[dict[str, Any]] = [
     {"enum": ["a", 1, None, True]},
     {"type": "string", "format": "email"},
     {"$ref": "#/definitions/node"},
+    {  # the fused shapes: an object, and a string with its length and pattern
+        "type": "object",
+        "required": ["s"],
+        "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 3, "pattern": "^x"}},
+        "additionalProperties": False,
+    },
+    {"type": "object", "properties": {"n": {"type": "integer"}}, "additionalProperties": {"type": "string"}},
 ]
 
 VALUES: list[Any] = [
@@ -59,6 +66,15 @@ VALUES: list[Any] = [
     {"child": {"child": {}}},
     {"child": 3},
     [1, 2],
+    {"s": "xy"},
+    {"s": "x"},
+    {"s": "xyzw"},
+    {"s": "yy"},
+    {"s": 12},
+    {"s": "xy", "t": 1},
+    {"n": 1, "t": "u"},
+    {"n": 1, "t": 2},
+    {"n": "1"},
 ]
 
 
@@ -105,6 +121,8 @@ def test_subclasses_and_decimals_are_checked_not_waved_through() -> None:
         ({"properties": {"n": {"minimum": 0}}}, {"n": Decimal("-1")}),
         ({"properties": {"s": {"minLength": 3}}}, {"s": Colour.RED}),
         ({"pattern": "^b"}, Colour.RED),
+        ({"type": "string", "minLength": 2}, Colour.RED),
+        ({"type": "object", "required": ["a"]}, OrderedDict()),
     ]
     for schema, value in cases:
         check = compile_check(schema, ROOT)

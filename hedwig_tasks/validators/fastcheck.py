@@ -67,13 +67,43 @@ class _Compiler:
             raise _Unsupported
         if "$ref" in schema:
             return self._ref(schema["$ref"])
-        found = [self._keyword(key, value, schema) for key, value in schema.items() if not _ignored(key)]
+        keywords = {key: value for key, value in schema.items() if not _ignored(key)}
+        fused = self._fused(keywords, schema)
+        if fused is not None:
+            return fused
+        found = [self._keyword(key, value, schema) for key, value in keywords.items()]
         checks = [c for c in found if c is not None]
         if not checks:
             return lambda value: True
         if len(checks) == 1:
             return checks[0]
         return _all_of(tuple(checks))
+
+    def _fused(self, keywords: Mapping[str, Any], schema: Mapping[str, Any]) -> Check | None:
+        """One function for the usual shapes, an object or a string with its usual keywords, instead of
+        one per keyword (each keeping its guard for the other types); None for any other shape.
+
+        Each keyword is compiled as alone (so checked the same), and the type is tested once up front:
+        past it, every guard would pass.
+        """
+        kind = keywords.get("type")
+        if kind == "object" and keywords.keys() <= _OBJECT_KEYWORDS:
+            self._k_required(keywords.get("required", []), schema)  # refuses what it refuses alone
+            required = frozenset(keywords.get("required", ()))
+            props = keywords.get("properties", {})
+            if not isinstance(props, Mapping):
+                raise _Unsupported
+            compiled = tuple((name, self.compile(sub)) for name, sub in props.items())
+            extra = None
+            if "additionalProperties" in keywords:
+                extra = self._k_additionalProperties(keywords["additionalProperties"], schema)
+            return _object(required, compiled, extra)
+        if kind == "string" and keywords.keys() <= _STRING_KEYWORDS:
+            low, high = keywords.get("minLength", 0), keywords.get("maxLength")
+            pattern = keywords.get("pattern")
+            search = None if pattern is None else self._k_pattern(pattern, schema)
+            return _string(low, high, search)
+        return None
 
     def _ref(self, ref: Any) -> Check:
         if not isinstance(ref, str) or not ref.startswith("#/definitions/") or "~" in ref or "%" in ref:
@@ -194,6 +224,31 @@ class _Compiler:
             raise _Unsupported
         conforms = self.format_checker.conforms
         return lambda v: bool(conforms(v, value))
+
+
+_OBJECT_KEYWORDS = frozenset({"type", "required", "properties", "additionalProperties"})
+_STRING_KEYWORDS = frozenset({"type", "minLength", "maxLength", "pattern"})
+
+
+def _object(required: frozenset[str], properties: tuple[tuple[str, Check], ...], extra: Check | None) -> Check:
+    def check(value: Any) -> bool:
+        if type(value) is not dict or not required <= value.keys():
+            return False
+        for name, one in properties:
+            if name in value and not one(value[name]):
+                return False
+        return extra is None or extra(value)
+
+    return check
+
+
+def _string(low: Any, high: Any, search: Check | None) -> Check:
+    def check(value: Any) -> bool:
+        if type(value) is not str or len(value) < low or (high is not None and len(value) > high):
+            return False
+        return search is None or search(value)
+
+    return check
 
 
 def _all_of(checks: tuple[Check, ...]) -> Check:

@@ -21,7 +21,7 @@ from hedwig_tasks.exceptions import StateError, TimeLimitExceeded
 from hedwig_tasks.handler import Handler
 from hedwig_tasks.message import Message
 from hedwig_tasks.ratelimit import FleetRateLimiter
-from hedwig_tasks.retry import Outcome, decide
+from hedwig_tasks.retry import ACK, Outcome, decide
 from hedwig_tasks.transports.base import Delivery
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ ASYNC_CANCEL_GRACE_S = 1.0
 STORE_RETRY_S = 1.0
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)  # slots: one is built per message, and read often
 class _Held:
     """A delivery the worker holds, and what became of it."""
 
@@ -145,6 +145,8 @@ class Limits:
             held.abandoned = True
             self._discard_late(message, duration_s)
             return error, duration_s, None
+        if error is None:  # what decide() says, without asking for the handler's policy
+            return None, duration_s, ACK
         return error, duration_s, decide(handler.retry_policy, error, held.delivery.attempt)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:

@@ -114,6 +114,8 @@ class Worker(Limits, Idempotency, Heartbeats):
         #: With the process pool: deliveries whose start may wait, and how to handle each, for a handler thread.
         self._waits: queue.SimpleQueue[tuple[_Held, Any] | None] = queue.SimpleQueue()
         self._acks: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._ack_due = threading.Event()  #: the acker's batch is full, or nothing is held: send it
+        self._ack_wanted = 1  #: acks the acker's batch still lacks
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -386,6 +388,8 @@ class Worker(Limits, Idempotency, Heartbeats):
             withheld, self._withheld = self._withheld, 0
             if held.outcome:
                 self.counts[held.outcome] += 1
+            if not self._held:  # no more acks to wait for
+                self._ack_due.set()
         # an ack in the acker's queue still holds its slot until it is sent
         self._give_back_slots(withheld + (0 if held.settled == "ack" else 1))
 
@@ -437,11 +441,20 @@ class Worker(Limits, Idempotency, Heartbeats):
             wait_s = deadline - time.monotonic()
             if len(batch) >= self._ack_batch or wait_s <= 0 or not self._held or self._stopping.is_set():
                 return batch, False
+            self._ack_wanted = self._ack_batch - len(batch)  # not woken by each ack: by enough of them
+            self._ack_due.clear()
+            if self._acks.qsize() < self._ack_wanted and self._held:
+                self._ack_due.wait(wait_s)
             try:
-                item = self._acks.get(timeout=wait_s)
+                item = self._acks.get_nowait()
             except queue.Empty:
                 return batch, False
         return batch, True
+
+    def _queue_ack(self, delivery: Delivery) -> None:
+        self._acks.put(delivery)
+        if self._acks.qsize() >= self._ack_wanted:
+            self._ack_due.set()
 
     def _lease_loop(self) -> None:
         assert self._consumer is not None
@@ -587,7 +600,7 @@ class Worker(Limits, Idempotency, Heartbeats):
             if post:
                 self._call_hook("post-process", post, delivery=delivery, message=message)
             held.settled, held.outcome = "ack", "handled"
-            self._acks.put(delivery)
+            self._queue_ack(delivery)
         elif outcome.action == "retry":
             delay_s = outcome.delay_s if self._max_delay_s is None else min(outcome.delay_s, self._max_delay_s)
             held.settled = "retry"
@@ -651,6 +664,7 @@ class Worker(Limits, Idempotency, Heartbeats):
         if self._deadlines is not None:
             self._deadlines.stop()
         self._acks.put(None)
+        self._ack_due.set()
         for thread in self._threads:
             thread.join(5.0)
         self._consumer.close()

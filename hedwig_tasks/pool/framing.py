@@ -19,7 +19,7 @@ import select
 import struct
 from typing import Any
 
-__all__ = ["FrameReader", "encode_frame", "read_frame", "wait_readable", "write_frame"]
+__all__ = ["FrameReader", "encode_frame", "frame_of", "read_frame", "wait_readable", "write_frame"]
 
 _LENGTHS = struct.Struct(">II")
 #: What one read asks for, in bytes: a whole frame or two, usually.
@@ -30,7 +30,11 @@ _decode = json.JSONDecoder().decode
 
 def encode_frame(header: dict[str, Any], body: bytes = b"") -> bytes:
     """One frame's bytes."""
-    head = _encode(header).encode()
+    return frame_of(_encode(header).encode(), body)
+
+
+def frame_of(head: bytes, body: bytes = b"") -> bytes:
+    """One frame's bytes, its header already JSON (UTF-8)."""
     return _LENGTHS.pack(len(head), len(body)) + head + body
 
 

@@ -78,6 +78,12 @@ ASYNC_CANCEL_GRACE_S = 1.0
 TRANSPORT_ENV = "HEDWIG_POOL_TRANSPORT"
 #: Tasks a child holds at most: one running, the next waiting in its pipe.
 LANES = 2
+#: Tasks a child holds at most while its runs are quick (see :data:`QUICK_RUN_S`): more wait
+#: in its pipe, so it reads and the worker writes several at a time, and neither waits for the
+#: other after each one.
+QUICK_LANES = 4
+#: Runs shorter than this on average (seconds) make a child quick; one long run makes it not.
+QUICK_RUN_S = 0.002
 
 #: What a task's end is told: the error (or None), the run time in seconds, the outcome, and the
 #: pid of the child that died or was killed running it (None otherwise). Called on the dispatcher.
@@ -314,11 +320,13 @@ def outcome_of(reply: dict[str, Any]) -> tuple[Exception | None, float, Outcome]
 class _Seat:
     """A place for one child at a time (a retiring one may still answer beside its replacement)."""
 
-    __slots__ = ("child", "count", "pending")
+    __slots__ = ("child", "count", "lanes", "pending", "run_s")
 
     def __init__(self) -> None:
         self.child: Child | None = None  #: None while no child takes its tasks and none is starting
         self.count = 0  #: its tasks not yet done, whichever child has them
+        self.lanes = LANES  #: how many it takes: QUICK_LANES while its runs are quick
+        self.run_s = QUICK_RUN_S * 2  #: its runs' average length, recent ones weighing more (seconds)
         self.pending: collections.deque[_Task] = collections.deque()  #: for its next child, once ready
 
 
@@ -473,7 +481,7 @@ class Pool:
         """Give every seat with room its next tasks: submitted ones first, then what ``feed`` brings."""
         while True:
             seat = min(self._seats, key=_load)
-            if seat.count >= LANES or self.closing:
+            if seat.count >= seat.lanes or self.closing:
                 return
             if self._ready:
                 self._send(seat, self._ready.popleft())
@@ -531,8 +539,11 @@ class Pool:
         elif child.waiting:
             child.waiting[0].started_at = time.monotonic()
         seat.count -= 1
+        error, duration_s, outcome = outcome_of(reply)
+        seat.run_s += (duration_s - seat.run_s) / 4
+        seat.lanes = QUICK_LANES if seat.run_s < QUICK_RUN_S else LANES
         self._fill()
-        task.done(*outcome_of(reply), None)
+        task.done(error, duration_s, outcome, None)
 
     def _started(self, child: Child, frame: dict[str, Any]) -> None:
         """A replacement said it is ready (or why it is not): its seat's pending tasks go to it."""
@@ -663,4 +674,4 @@ class Pool:
 
 
 def _load(seat: _Seat) -> int:
-    return seat.count
+    return seat.count - seat.lanes

@@ -7,6 +7,7 @@ anything else is left to py-amqp's ``read_frame`` (whole-path behaviour: tests/t
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import amqp
@@ -112,3 +113,24 @@ def test_usual_properties_read_as_py_amqp_reads_them(properties: dict[str, objec
 def test_unusual_properties_are_left_to_py_amqp(properties: dict[str, object]) -> None:
     header = struct.pack(">HHQ", 60, 0, 0) + amqp.Message(b"", **properties)._serialize_properties()
     assert wire.properties_of(header) is None
+
+
+def test_fill_takes_what_arrived_without_waiting_and_says_when_the_broker_closed() -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        transport = _transport(b"")
+        transport.sock = ours
+        assert not transport.fill() and not transport.holding()  # nothing arrived: no wait
+        delivery = _delivery(1, b"body")
+        theirs.sendall(delivery[:20])
+        assert transport.fill() and transport.holding()
+        assert transport.buffered_delivery(1) is None  # a part of one
+        theirs.sendall(delivery[20:])
+        assert transport.fill()
+        assert transport.buffered_delivery(1) is not None and not transport.holding()
+        theirs.close()
+        with pytest.raises(OSError, match="closed"):
+            transport.fill()
+    finally:
+        ours.close()
+        theirs.close()

@@ -198,10 +198,14 @@ class KombuConsumer(Consumer):
         if transport is not None:
             channel = self._link.channel
             found = transport.buffered_delivery(channel.channel_id)
+            if found is None and transport.fill():  # the rest of a delivery, or the next ones
+                found = transport.buffered_delivery(channel.channel_id)
             if found is not None:
                 raw.bytes_recv += 1
                 self._take_delivery(channel, *found)
                 return True
+            if not transport.holding():
+                return False  # nothing arrived: no socket timeout set and reset to learn that
         try:
             raw.drain_events(timeout=0)
         except TimeoutError:

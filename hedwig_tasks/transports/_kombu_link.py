@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import select
+import socket
 import struct
 import threading
 import time
@@ -357,6 +358,21 @@ class _ChunkedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
             size -= len(piece)
         self._read_buffer = buffered[at:]
         return method, header, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def holding(self) -> bool:
+        """Whether anything read is still to be handled (a frame, or part of one)."""
+        return bool(self._read_buffer)
+
+    def fill(self) -> bool:
+        """Take whatever arrived on the socket since, without waiting; False if nothing had."""
+        try:
+            chunk = self.sock.recv(READ_CHUNK, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not chunk:
+            raise OSError("Server unexpectedly closed connection")
+        self._read_buffer += chunk
+        return True
 
     def next_frame(self, timeout_s: float) -> tuple[int, int, bytes]:
         """The next frame, waiting up to ``timeout_s`` for it (``TimeoutError`` if it does not come).

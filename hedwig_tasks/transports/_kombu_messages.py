@@ -5,6 +5,7 @@ warning about publishes nobody receives. No connections of its own. See ``kombu.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -46,6 +47,12 @@ _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "bin
 def _is_attribute(key: str, value: Any) -> bool:
     """Whether a header is a Hedwig attribute: not ours, not the broker's."""
     return not (key.startswith(_OURS) or key.startswith(_BROKERS) or (key == "redelivered" and value is True))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_attribute(key: Any) -> bool:
+    """Whether a header of this name is a Hedwig attribute whatever its value (not ``redelivered``)."""
+    return type(key) is str and key != "redelivered" and _is_attribute(key, None)
 
 
 def attributes(headers: Mapping[str, Any]) -> dict[str, str]:
@@ -338,7 +345,9 @@ def _text_attributes(headers: Mapping[Any, Any], faults: list[str]) -> dict[str,
     found: dict[str, str] = {}
     odd: list[str] = []
     for key, value in headers.items():
-        if not isinstance(key, str):
+        if type(value) is str and _plain_attribute(key):  # the usual header: looked at once per name
+            found[key] = value
+        elif not isinstance(key, str):
             odd.append(_short(key))
         elif not _is_attribute(key, value):
             continue

@@ -186,3 +186,41 @@ def test_frames_carry_bytes_and_json_and_end_cleanly() -> None:
     os.close(write_fd)
     assert read_frame(read_fd) is None
     os.close(read_fd)
+
+
+def test_a_rate_limited_handler_waits_in_the_worker_and_runs_in_a_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(worker_contract.RATE_ENV, "50/s")  # its start waits on a handler thread
+    pool = Pool(tmp_path, monkeypatch)
+    try:
+        pool.start(concurrency=2)
+        pool.publish(*[f"U{n}" for n in range(8)])
+        wait_for(lambda: len(pool.events("end")) == 8, 30)
+        pool.running.stop()  # type: ignore[union-attr]
+        assert {e["pid"] for e in pool.events("start")}.isdisjoint({os.getpid()})
+        assert pool.running.worker.counts == {"handled": 8, "retried": 0, "dead_lettered": 0}  # type: ignore[union-attr]
+    finally:
+        pool.app.close()
+
+
+def test_a_message_past_the_pipe_buffer_reaches_its_child_whole(pool: Pool) -> None:
+    big = "B" * 300_000  # several times a pipe's buffer: written as the child reads
+    worker = pool.start()
+    pool.publish("U1", big, "U2")
+    wait_for(lambda: len(pool.events("end")) == 3, 30)
+    pool.running.stop()  # type: ignore[union-attr]
+    assert sorted(len(e["user_id"]) for e in pool.events("end")) == [2, 2, len(big)]
+    assert worker.counts["handled"] == 3
+
+
+def test_a_traced_delivery_keeps_its_span_open_while_a_child_runs_it(pool: Pool) -> None:
+    worker = pool.start()
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    pool.app.publish("user-created", "1.0", {"user_id": "T1"}, headers={"traceparent": traceparent})
+    pool.publish("U1")
+    wait_for(lambda: len(pool.events("end")) == 2, 30)
+    pool.running.stop()  # type: ignore[union-attr]
+    assert {e["user_id"] for e in pool.events("end")} == {"T1", "U1"}
+    assert {e["pid"] for e in pool.events("start")}.isdisjoint({os.getpid()})
+    assert worker.counts["handled"] == 2

@@ -92,6 +92,13 @@ def test_anything_but_a_whole_delivery_on_the_channel_is_left_to_py_amqp() -> No
         {"application_headers": {"hedwig_id": "café", "x-hedwig-attempts": 3, "": ""}, "message_id": "m"},
         {"expiration": "2500", "application_headers": {}},
         {},
+        {  # every property our publishes carry, in the order they are read
+            "content_type": "application/octet-stream",
+            "content_encoding": "binary",
+            "application_headers": {"hedwig_id": "x", "x-hedwig-attempts": 2},
+            "delivery_mode": 2,
+            "message_id": "id-1",
+        },
     ],
 )
 def test_usual_properties_read_as_py_amqp_reads_them(properties: dict[str, object]) -> None:
@@ -108,6 +115,13 @@ def test_usual_properties_read_as_py_amqp_reads_them(properties: dict[str, objec
         {"application_headers": {"big": 2**40}},
         {"application_headers": {"flag": True}},
         {"timestamp": 1700000000},
+        {
+            "content_type": "a",
+            "content_encoding": "b",
+            "delivery_mode": 2,
+            "message_id": "m",
+            "application_headers": {"x-death": [{"count": 1}]},
+        },  # ours, but with a header of another type
     ],
 )
 def test_unusual_properties_are_left_to_py_amqp(properties: dict[str, object]) -> None:

@@ -122,8 +122,7 @@ class KombuConsumer(Consumer):
             with self._lock, self._link.errors("receive"):
                 self._ensure_consuming()
                 self._housekeep()
-                while len(self._buffer) < max_messages and self._drain():
-                    pass  # take what the broker already pushed, without waiting
+                self._take_arrived(max_messages)
                 if self._buffer and max_messages > 0:
                     return self._hand_out(max_messages)
                 sock = self._socket()
@@ -187,25 +186,31 @@ class KombuConsumer(Consumer):
 
         return collect
 
-    def _drain(self) -> bool:
-        """Handle one method the broker already sent (a delivery, a confirm); False if none.
+    def _take_arrived(self, max_messages: int) -> None:
+        """Buffer up to ``max_messages`` deliveries the broker already pushed, without waiting.
 
-        A delivery that arrived whole is read here (:meth:`_take`); the rest goes to py-amqp.
+        On plain TCP a delivery that arrived whole is read here (:meth:`_take_delivery`); any
+        other frame goes to py-amqp (:meth:`_drain`).
         """
         assert self._link.connection is not None
         raw = self._link.connection.connection
         transport = chunked(raw)
-        if transport is not None:
-            channel = self._link.channel
-            found = transport.buffered_delivery(channel.channel_id)
-            if found is None and transport.fill():  # the rest of a delivery, or the next ones
-                found = transport.buffered_delivery(channel.channel_id)
+        channel = self._link.channel
+        number = channel.channel_id
+        while len(self._buffer) < max_messages:
+            found = transport.buffered_delivery(number) if transport is not None else None
+            if found is None and transport is not None and transport.fill():  # the rest, or the next ones
+                found = transport.buffered_delivery(number)
             if found is not None:
                 raw.bytes_recv += 1
                 self._take_delivery(channel, *found)
-                return True
-            if not transport.holding():
-                return False  # nothing arrived: no socket timeout set and reset to learn that
+            elif transport is not None and not transport.holding():
+                return  # nothing arrived: no socket timeout set and reset to learn that
+            elif not self._drain(raw):
+                return
+
+    def _drain(self, raw: Any) -> bool:
+        """Handle one method the broker already sent (a delivery, a confirm); False if none."""
         try:
             raw.drain_events(timeout=0)
         except TimeoutError:

@@ -152,6 +152,8 @@ def properties_of(header: bytes) -> dict[str, Any] | None:
     (flags,) = _FLAGS_AT.unpack_from(header, 12)
     if flags & ~_READABLE:
         return None
+    if flags == _FLAGS:  # ours: content type and encoding, headers, delivery mode, message id
+        return _ours(header)
     properties: dict[str, Any] = {}
     at = 14
     try:
@@ -170,6 +172,28 @@ def properties_of(header: bytes) -> dict[str, Any] | None:
     except (_Unusual, UnicodeDecodeError, IndexError, struct.error):
         return None
     return properties
+
+
+def _ours(header: bytes) -> dict[str, Any] | None:
+    """:func:`properties_of` for the properties this transport's publishes carry, in their order."""
+    try:
+        at = 15 + header[14]
+        content_type = header[15:at].decode("utf-8", "surrogatepass")
+        end = at + 1 + header[at]
+        encoding = header[at + 1 : end].decode("utf-8", "surrogatepass")
+        table, at = _table(header, end)
+        size = header[at + 1]
+        ident = header[at + 2 : at + 2 + size].decode("utf-8", "surrogatepass")
+        mode = header[at]
+    except (_Unusual, UnicodeDecodeError, IndexError, struct.error):
+        return None
+    return {
+        "content_type": content_type,
+        "content_encoding": encoding,
+        "application_headers": table,
+        "delivery_mode": mode,
+        "message_id": ident,
+    }
 
 
 class _Unusual(Exception):

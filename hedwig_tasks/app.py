@@ -321,7 +321,7 @@ class Hedwig:
 
     def handler_for(self, message: Message) -> Handler:
         """The handler for a message; :class:`HandlerNotFound` if none takes it."""
-        return self.registry.lookup(message.type, message.major_version)
+        return self.registry.lookup(message.type, message.version.major)
 
     # -- periodic tasks -----------------------------------------------------------------------
 

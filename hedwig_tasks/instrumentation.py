@@ -84,7 +84,12 @@ class Tracing:
         """Whether handling ``delivery`` gets a span: tracing is on, and an SDK records it or the
         delivery carries trace context to pass on. The worker asks first, so a message costs no
         span machinery at all when neither holds."""
-        return self.enabled and (not self._noop() or not _CARRIED.isdisjoint(delivery.attributes))
+        if not self.enabled:
+            return False
+        # not self._noop(), without calling it per message while its "no SDK" answer is kept
+        if self._own_provider or (time.monotonic() >= self._noop_until and not self._noop()):
+            return True  # an SDK records it
+        return not _CARRIED.isdisjoint(delivery.attributes)
 
     @contextlib.contextmanager
     def processing(self, delivery: Delivery, system: str) -> Iterator[Span | None]:

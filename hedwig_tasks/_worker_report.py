@@ -26,7 +26,8 @@ def report(
     """Signal and log how the handler's run ended: one log line per message, a traceback
     only for an error nobody raised on purpose."""
     if error is None or isinstance(error, Ignore):
-        signals.send(signals.handler_succeeded, app, message=message, handler=handler, duration_s=duration_s)
+        if signals.handler_succeeded.receivers:  # else not even the call: this runs per message
+            signals.send(signals.handler_succeeded, app, message=message, handler=handler, duration_s=duration_s)
         if logger.isEnabledFor(logging.INFO):  # the line and its fields cost more than the handler often
             tag, fields = describe(message, error, duration_s, outcome)
             logger.info("handled %s%s", tag, " (ignored)" if error else "", extra=fields)

@@ -2,7 +2,8 @@
 
 Both comparisons run in one process, round after round, the order of the contenders rotated
 each round; every figure is the median over the rounds, with the spread (lowest and highest
-round ratio) beside it.
+round ratio) beside it. Within a publish round the publishers take turns, ``--batch`` messages
+each (the order rotated every turn), so that all of them see the same load on a shared machine.
 
 Drain (``drain``): ``--messages`` valid ``user-created`` messages wait in a subscription queue
 before the consumer starts; the clock runs from the first message handled to the last, as seen
@@ -26,10 +27,14 @@ messages to a durable queue nobody consumes, persistent, with publisher confirms
 * ``dramatiq``: ``RabbitmqBroker(confirm_delivery=True)`` with its default middleware, and
   ``actor.send()`` per message (returns once RabbitMQ confirmed that message); Dramatiq has no
   batch send.
-* ``floor`` (not a contender, the floor under any client): py-amqp's bare ``basic_publish`` of
-  a persistent message on a confirm channel, waiting for each confirm. ``publish`` reports
-  hedwig-tasks's rate over it as ``ratio_to_floor``: one confirmed message at a time, the time
-  goes to RabbitMQ's confirm (it writes a persistent message to disk first).
+* ``floor`` (not a contender): py-amqp's bare ``basic_publish`` of a persistent message on a
+  confirm channel, waiting for each confirm. ``publish`` reports hedwig-tasks's rate over it as
+  ``ratio_to_floor``.
+* ``broker`` (not a contender, RabbitMQ's own time): the frames of a small persistent message,
+  built once, written to a bare socket and read back to the ``basic.ack``: no client library.
+  ``us_per_publish`` gives each publisher's microseconds per confirmed message: ``broker``'s is
+  RabbitMQ's round trip (it writes a persistent message before confirming it), and the rest of
+  any other's is what that client adds.
 
 Usage::
 
@@ -46,7 +51,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -217,35 +224,38 @@ def drain_pika(workdir: Path, messages: int) -> tuple[float, float]:
         fixture.close()
 
 
-def publish_hedwig(workdir: Path, messages: int, batch: int) -> float:
+#: A publisher opened for a round: ``send(numbers)`` publishes those messages, ``close()`` cleans up.
+Opened = tuple[Callable[[range], None], Callable[[], None]]
+
+
+def open_hedwig(workdir: Path, batch: int) -> Opened:
     fixture = Fixture(workdir, "publish-hedwig")
-    try:
-        fixture.app.publish("user-created", "1.0", _data(-1))  # connects
-        started = time.perf_counter()
-        for n in range(messages):
-            fixture.app.publish("user-created", "1.0", _data(n))
-        return messages / (time.perf_counter() - started)
-    finally:
-        fixture.close()
+    app = fixture.app
+    app.publish("user-created", "1.0", _data(-1))  # connects
+
+    def send(numbers: range) -> None:
+        for n in numbers:
+            app.publish("user-created", "1.0", _data(n))
+
+    return send, fixture.close
 
 
-def publish_hedwig_many(workdir: Path, messages: int, batch: int) -> float:
+def open_hedwig_many(workdir: Path, batch: int) -> Opened:
     fixture = Fixture(workdir, "publish-many")
     app = fixture.app
-    try:
-        app.publish("user-created", "1.0", _data(-1))
-        started = time.perf_counter()
-        for start in range(0, messages, batch):
-            chunk = range(start, min(messages, start + batch))
+    app.publish("user-created", "1.0", _data(-1))
+
+    def send(numbers: range) -> None:
+        for start in range(numbers.start, numbers.stop, batch):
+            chunk = range(start, min(numbers.stop, start + batch))
             app.transport.publish_many(
                 fixture.tag, [app.encode(app.message("user-created", "1.0", _data(n))) for n in chunk]
             )
-        return messages / (time.perf_counter() - started)
-    finally:
-        fixture.close()
+
+    return send, fixture.close
 
 
-def publish_dramatiq(workdir: Path, messages: int, batch: int) -> float:
+def open_dramatiq(workdir: Path, batch: int) -> Opened:
     import dramatiq
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
@@ -256,20 +266,21 @@ def publish_dramatiq(workdir: Path, messages: int, batch: int) -> float:
     def user_created(user_id: str, email: str) -> None:
         pass
 
-    actor = user_created
-    try:
-        actor.send(**_data(-1))  # connects and declares
-        started = time.perf_counter()
-        for n in range(messages):
-            actor.send(**_data(n))
-        return messages / (time.perf_counter() - started)
-    finally:
+    user_created.send(**_data(-1))  # connects and declares
+
+    def send(numbers: range) -> None:
+        for n in numbers:
+            user_created.send(**_data(n))
+
+    def close() -> None:
         broker.close()
         _cleanup([queue, f"{queue}.DQ", f"{queue}.XQ"], [])
 
+    return send, close
 
-def publish_floor(workdir: Path, messages: int, batch: int) -> float:
-    """The least any client does: py-amqp's ``basic_publish`` and a wait for its confirm, per message."""
+
+def open_floor(workdir: Path, batch: int) -> Opened:
+    """The least py-amqp does: its ``basic_publish`` and a wait for the confirm, per message."""
     import amqp
 
     queue = f"bench-floor-{uuid.uuid4().hex[:8]}"
@@ -281,18 +292,125 @@ def publish_floor(workdir: Path, messages: int, batch: int) -> float:
         confirm_publish=True,
     )
     connection.connect()
-    try:
-        channel = connection.channel()
-        channel.queue_declare(queue, durable=True, auto_delete=False)
-        body = json.dumps(_data(0)).encode()
-        channel.basic_publish(amqp.Message(body, delivery_mode=2), routing_key=queue)
-        started = time.perf_counter()
-        for _ in range(messages):
+    channel = connection.channel()
+    channel.queue_declare(queue, durable=True, auto_delete=False)
+    body = json.dumps(_data(0)).encode()
+    channel.basic_publish(amqp.Message(body, delivery_mode=2), routing_key=queue)
+
+    def send(numbers: range) -> None:
+        for _ in numbers:
             channel.basic_publish(amqp.Message(body, delivery_mode=2), routing_key=queue)
-        return messages / (time.perf_counter() - started)
-    finally:
+
+    def close() -> None:
         connection.close()
         _cleanup([queue], [])
+
+    return send, close
+
+
+def open_broker(workdir: Path, batch: int) -> Opened:
+    """RabbitMQ's own time: prebuilt frames of a persistent message written to a socket, read to the confirm."""
+    queue = f"bench-broker-{uuid.uuid4().hex[:8]}"
+    link = _RawAMQP(URL)
+    link.call(50, 10, b"\x00\x00" + _short(queue) + b"\x02\x00\x00\x00\x00", 11)  # durable queue
+    body = json.dumps(_data(0)).encode()
+    method = _frame(1, 1, b"\x00\x3c\x00\x28\x00\x00" + _short("") + _short(queue) + b"\x01")
+    header = _frame(2, 1, struct.pack(">HHQH", 60, 0, len(body), 0x1000) + b"\x02")  # delivery mode 2
+    message = method + header + _frame(3, 1, body)
+    link.sock.sendall(message)
+    link.expect(60, 80)
+
+    def send(numbers: range) -> None:
+        for _ in numbers:
+            link.sock.sendall(message)
+            link.expect(60, 80)
+
+    def close() -> None:
+        link.sock.close()
+        _cleanup([queue], [])
+
+    return send, close
+
+
+def _frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", kind, channel, len(payload)) + payload + b"\xce"
+
+
+def _short(text: str) -> bytes:
+    return bytes((len(text.encode()),)) + text.encode()
+
+
+class _RawAMQP:
+    """An AMQP 0-9-1 connection spoken over a bare socket: channel 1 open, in confirm mode."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+        self.sock.sendall(b"AMQP\x00\x00\x09\x01")
+        self.expect(10, 10)
+        login = f"\x00{parts.username or 'guest'}\x00{parts.password or 'guest'}".encode()
+        plain = b"\x00\x00\x00\x00" + _short("PLAIN") + struct.pack(">I", len(login)) + login + _short("en_US")
+        tune = self.call(10, 11, plain, 30, channel=0)
+        self.send(0, 10, 31, tune[4:10] + b"\x00\x00")  # channel max and frame max as offered, no heartbeat
+        vhost = parts.path[1:] if parts.path not in ("", "/", "//") else "/"
+        self.call(10, 40, _short(vhost) + _short("") + b"\x00", 41, channel=0)
+        self.call(20, 10, _short(""), 11)
+        self.call(85, 10, b"\x00", 11)  # confirm.select
+
+    def send(self, channel: int, class_id: int, method_id: int, args: bytes) -> None:
+        self.sock.sendall(_frame(1, channel, struct.pack(">HH", class_id, method_id) + args))
+
+    def call(self, class_id: int, method_id: int, args: bytes, reply: int, channel: int = 1) -> bytes:
+        self.send(channel, class_id, method_id, args)
+        return self.expect(class_id, reply)
+
+    def expect(self, class_id: int, method_id: int) -> bytes:
+        """Read frames until the method ``class_id.method_id``; a close from the broker raises."""
+        while True:
+            while len(self.buffer) < 7 or len(self.buffer) < 8 + int.from_bytes(self.buffer[3:7], "big"):
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("RabbitMQ closed the connection")
+                self.buffer += chunk
+            size = int.from_bytes(self.buffer[3:7], "big")
+            kind, payload, self.buffer = self.buffer[0], self.buffer[7 : 7 + size], self.buffer[8 + size :]
+            if kind == 1 and payload[:4] == struct.pack(">HH", class_id, method_id):
+                return payload
+            if kind == 1 and payload[:4] in (b"\x00\x0a\x00\x32", b"\x00\x14\x00\x28"):
+                raise ConnectionError(f"RabbitMQ closed: {payload[6:].decode(errors='replace')}")
+
+
+PUBLISHERS: dict[str, Callable[[Path, int], Opened]] = {
+    "hedwig": open_hedwig,
+    "hedwig_many": open_hedwig_many,
+    "dramatiq": open_dramatiq,
+    "floor": open_floor,
+    "broker": open_broker,
+}
+
+
+def publish_round(workdir: Path, messages: int, batch: int, round_: int) -> dict[str, float]:
+    """Every publisher's rate in one round: each sends ``batch`` messages in turn (the order
+    rotated each turn) until each sent ``messages``, so all of them see the same load."""
+    opened: dict[str, Opened] = {}
+    spent = dict.fromkeys(PUBLISHERS, 0.0)
+    try:
+        for name, open_ in PUBLISHERS.items():
+            opened[name] = open_(workdir, batch)
+        names = list(PUBLISHERS)
+        for turn, start in enumerate(range(0, messages, batch)):
+            numbers = range(start, min(messages, start + batch))
+            shift = (turn + round_) % len(names)
+            for name in names[shift:] + names[:shift]:
+                started = time.perf_counter()
+                opened[name][0](numbers)
+                spent[name] += time.perf_counter() - started
+    finally:
+        for _, close in opened.values():
+            close()
+    return {name: messages / spent[name] for name in PUBLISHERS}
 
 
 def _cleanup(queues: list[str], exchanges: list[str]) -> None:
@@ -357,19 +475,19 @@ def main() -> None:
             row["pika_cpu_us_per_msg"] = round(statistics.median(c for _, c in drained["pika"]), 1)
             comparisons.append(row)
         if args.only != "drain":
-            published = rounds(
-                {
-                    "hedwig": lambda: publish_hedwig(workdir, n, batch),
-                    "hedwig_many": lambda: publish_hedwig_many(workdir, n, batch),
-                    "dramatiq": lambda: publish_dramatiq(workdir, n, batch),
-                    "floor": lambda: publish_floor(workdir, n, batch),
-                },
-                args.rounds,
-                "publish",
-            )
+            published: dict[str, list[float]] = {name: [] for name in PUBLISHERS}
+            for round_ in range(args.rounds):
+                rates = publish_round(workdir, n, batch, round_)
+                log(f"publish round {round_ + 1}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()))
+                for name, rate in rates.items():
+                    published[name].append(rate)
             row = comparison("publish", published["hedwig"], published["dramatiq"], 1.5, "dramatiq")
-            row["floor_per_s"] = round(statistics.median(published["floor"]), 1)
-            row["ratio_to_floor"] = round(row["hedwig_per_s"] / row["floor_per_s"], 3)
+            for reference in ("floor", "broker"):
+                row[f"{reference}_per_s"] = round(statistics.median(published[reference]), 1)
+                row[f"ratio_to_{reference}"] = round(row["hedwig_per_s"] / row[f"{reference}_per_s"], 3)
+            # Where one confirmed publish's time goes: RabbitMQ's round trip, then what the client adds.
+            per_message_us = {name: round(1e6 / statistics.median(rates), 1) for name, rates in published.items()}
+            row["us_per_publish"] = per_message_us
             comparisons.append(row)
             many = comparison("publish_many", published["hedwig_many"], published["dramatiq"], 1.5, "dramatiq")
             comparisons.append({**many, "batch": batch})

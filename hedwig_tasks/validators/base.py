@@ -21,7 +21,7 @@ import base64
 import binascii
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from hedwig_tasks.exceptions import DecodeError, ValidationError
 from hedwig_tasks.message import Message, Metadata, Version, delivered
@@ -150,13 +150,15 @@ def headers_from_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
 def read_meta_attributes(attributes: Mapping[str, str], delivery: Any = None) -> tuple[str, Metadata, str]:
     """``(id, metadata, schema)`` from transport attributes, the metadata carrying ``delivery``;
     :class:`DecodeError` if any is missing."""
-    get = attributes.get
-    format_version = get("hedwig_format_version")
-    message_id = get("hedwig_id")
-    timestamp_text = get("hedwig_message_timestamp")
-    publisher = get("hedwig_publisher")
-    schema = get("hedwig_schema")
-    # a worker does this per message: one chain of type tests (no generator) before anything else
+    # a worker does this per message: subscripts and one chain of type tests, the errors aside
+    try:
+        format_version = attributes["hedwig_format_version"]
+        message_id = attributes["hedwig_id"]
+        timestamp_text = attributes["hedwig_message_timestamp"]
+        publisher = attributes["hedwig_publisher"]
+        schema = attributes["hedwig_schema"]
+    except KeyError:
+        raise _missing(attributes) from None
     if not (
         type(format_version) is str
         and type(message_id) is str
@@ -164,13 +166,8 @@ def read_meta_attributes(attributes: Mapping[str, str], delivery: Any = None) ->
         and type(publisher) is str
         and type(schema) is str
     ):
-        values = (format_version, message_id, timestamp_text, publisher, schema)
-        missing = [name for name, value in zip(META_ATTRIBUTES, values, strict=True) if not isinstance(value, str)]
-        if missing:
-            raise DecodeError(f"missing Hedwig attribute(s): {', '.join(missing)}")
-    format_version, message_id, timestamp_text, publisher, schema = cast(
-        "tuple[str, str, str, str, str]", (format_version, message_id, timestamp_text, publisher, schema)
-    )
+        if any(not isinstance(attributes.get(name), str) for name in META_ATTRIBUTES):  # a str subclass passes
+            raise _missing(attributes)
     if format_version != FORMAT_VERSION:
         raise DecodeError(f"unknown hedwig_format_version {format_version!r}")
     try:
@@ -179,6 +176,12 @@ def read_meta_attributes(attributes: Mapping[str, str], delivery: Any = None) ->
         raise DecodeError(f"hedwig_message_timestamp is not an integer: {timestamp_text!r}") from None
     metadata = Metadata.received(timestamp, publisher, headers_from_attributes(attributes), delivery)
     return message_id, metadata, schema
+
+
+def _missing(attributes: Mapping[str, Any]) -> DecodeError:
+    """The error naming the meta attributes that are missing or not strings."""
+    missing = [name for name in META_ATTRIBUTES if not isinstance(attributes.get(name), str)]
+    return DecodeError(f"missing Hedwig attribute(s): {', '.join(missing)}")
 
 
 def parse_schema_tail(schema: str) -> tuple[str, Version]:

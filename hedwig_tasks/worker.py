@@ -83,6 +83,8 @@ ACK_GATHER_S = 0.02
 BURST_RETRY_GRACE_S = 10.0
 #: What handling a delivery returns once a child process has it (it is settled on the answer).
 _SUBMITTED = "submitted"
+#: An ack count never reached: the acker is not gathering.
+_NEVER = 1 << 62
 
 
 class Worker(Limits, Idempotency, Heartbeats):
@@ -115,7 +117,7 @@ class Worker(Limits, Idempotency, Heartbeats):
         self._waits: queue.SimpleQueue[tuple[_Held, Any] | None] = queue.SimpleQueue()
         self._acks: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._ack_due = threading.Event()  #: the acker's batch is full, or nothing is held: send it
-        self._ack_wanted = 1  #: acks the acker's batch still lacks
+        self._ack_wanted = _NEVER  #: acks the acker's batch still lacks, while it gathers
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -342,10 +344,9 @@ class Worker(Limits, Idempotency, Heartbeats):
     def _feed(self) -> bool:
         """On the pool's dispatcher: handle the next buffered delivery (a child or a handler thread
         takes it); False if none is buffered."""
-        try:
-            delivery = self._buffer.get_nowait()
-        except queue.Empty:
+        if self._buffer.empty():
             return False
+        delivery = self._buffer.get_nowait()  # the dispatcher is its only taker
         with self._held_lock:
             held = self._held.get(id(delivery)) if delivery is not None else None
             if held is None:  # released while buffered: at shutdown, or it waited past a lease
@@ -445,6 +446,7 @@ class Worker(Limits, Idempotency, Heartbeats):
             self._ack_due.clear()
             if self._acks.qsize() < self._ack_wanted and self._held:
                 self._ack_due.wait(wait_s)
+            self._ack_wanted = _NEVER  # until it gathers again, acks need not wake it
             try:
                 item = self._acks.get_nowait()
             except queue.Empty:

@@ -216,12 +216,6 @@ class Child:
             return self.started + DEFAULT_START_TIMEOUT_S
         return self.waiting[0].deadline if self.waiting else math.inf
 
-    def send(self, frame: bytes) -> None:
-        """Queue ``frame`` and write what its pipe has room for."""
-        self.outbox.append(memoryview(frame))
-        if len(self.outbox) == 1:
-            self.flush()
-
     def flush(self) -> bool:
         """Write what waits while its pipe has room; True once all is written (its input is closed
         then if it takes no more). A gone child's bytes are dropped (its pipe's end tells the rest)."""
@@ -349,6 +343,7 @@ class Pool:
         self._poller = select.poll()
         self._poller.register(self._wake_r, select.POLLIN)
         self._fds: dict[int, Child] = {}  #: reply pipes (and input pipes that are full) polled
+        self._unsent: list[Child] = []  #: children with frames queued this round, to write at its end
         self._thread: threading.Thread | None = None
         try:
             for seat in self._seats:
@@ -464,15 +459,20 @@ class Pool:
     def _poll(self) -> None:
         deadline = min(self._stop_by, min((child.deadline for child in self._all), default=math.inf))
         timeout_ms = None if deadline == math.inf else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        answered: list[tuple[_Task, dict[str, Any]]] = []
         for fd, _ in self._poller.poll(timeout_ms):
             if fd == self._wake_r:
                 os.read(fd, 4096)
             elif (child := self._fds.get(fd)) is None:
                 continue
             elif fd == child.reply_r:
-                self._read(child)
+                self._read(child, answered)
             elif child.flush():  # its input had room again
                 self._unpoll(fd)
+        if answered:
+            self._fill()  # the next tasks go out first, then the answered ones are settled
+            for task, reply in answered:
+                task.done(*outcome_of(reply), None)
         now = time.monotonic()
         if deadline <= now:
             self._expire(now)
@@ -482,11 +482,24 @@ class Pool:
         while True:
             seat = min(self._seats, key=_load)
             if seat.count >= seat.lanes or self.closing:
-                return
+                break
             if self._ready:
                 self._send(seat, self._ready.popleft())
             elif not self._feed():
-                return
+                break
+        self._write_out()
+
+    def _write_out(self) -> None:
+        """Write what this round queued for each child, in one write each where its pipe has room."""
+        for child in self._unsent:
+            if len(child.outbox) > 1:
+                joined = memoryview(b"".join(child.outbox))
+                child.outbox.clear()
+                child.outbox.append(joined)
+            if not child.flush():
+                self._poller.register(child.task_w, select.POLLOUT)
+                self._fds[child.task_w] = child
+        self._unsent.clear()
 
     def _send(self, seat: _Seat, task: _Task) -> None:
         seat.count += 1
@@ -507,26 +520,25 @@ class Pool:
         child.sent += 1
         if len(child.waiting) == 1:
             task.started_at = time.monotonic()
-        child.send(task.frame)
-        if child.outbox:
-            self._poller.register(child.task_w, select.POLLOUT)
-            self._fds[child.task_w] = child
+        if not child.outbox:  # else it is already written as its pipe has room
+            self._unsent.append(child)
+        child.outbox.append(memoryview(task.frame))
         if self.max_tasks is not None and child.sent >= self.max_tasks:
             self._retire(seat, child, f"it ran {child.sent} messages (--max-tasks-per-child)")
 
-    def _read(self, child: Child) -> None:
+    def _read(self, child: Child, answered: list[tuple[_Task, dict[str, Any]]]) -> None:
         frames = child.reader.read_some()
         if frames is None:
             self._ended(child)
             return
         for header, _ in frames:
             if child.ready:
-                self._answered(child, header)
+                answered.append((self._answered(child, header), header))
             else:
                 self._started(child, header)
 
-    def _answered(self, child: Child, reply: dict[str, Any]) -> None:
-        """A reply came: free the seat and send the next task first, then finish this one."""
+    def _answered(self, child: Child, reply: dict[str, Any]) -> _Task:
+        """A reply came: free the seat; the task is finished once the next ones went out."""
         task = child.waiting.popleft()
         child.tasks += 1
         if "rss_kb" in reply:
@@ -539,11 +551,9 @@ class Pool:
         elif child.waiting:
             child.waiting[0].started_at = time.monotonic()
         seat.count -= 1
-        error, duration_s, outcome = outcome_of(reply)
-        seat.run_s += (duration_s - seat.run_s) / 4
+        seat.run_s += (float(reply.get("duration_s", 0.0)) - seat.run_s) / 4
         seat.lanes = QUICK_LANES if seat.run_s < QUICK_RUN_S else LANES
-        self._fill()
-        task.done(error, duration_s, outcome, None)
+        return task
 
     def _started(self, child: Child, frame: dict[str, Any]) -> None:
         """A replacement said it is ready (or why it is not): its seat's pending tasks go to it."""

@@ -2,14 +2,17 @@
 
 One *dispatcher* thread does all the talking to the children. It waits (``poll``) on every
 child's reply pipe, on input pipes that are full and on a wake-up pipe, and in each round:
-finishes the tasks whose replies came (several per wake-up when the worker is busy), fills
-every child's room with the next tasks, writes what fits in their pipes, and kills a child
-whose task passed its time limit (the poll's timeout is the earliest such deadline). The pool
-has one *seat* per child process and at most :data:`LANES` tasks per seat: while a child runs
-one task, the next waits in its pipe, so a child never idles while the worker settles the last
-message and takes the next. No thread waits on a child: the wake-ups and GIL hand-offs of a
-thread per run, blocking on its own reply, are what this saves (see
-:mod:`~hedwig_tasks.pool.framing` for the bytes between them).
+reads the replies that came (several per wake-up when the worker is busy), frees their seats,
+fills every seat's room with the next tasks and writes them (one write per child per round),
+then finishes the answered tasks; and it kills a child whose task passed its time limit (the
+poll's timeout is the earliest such deadline). The pool has one *seat* per child process and at
+most :data:`LANES` tasks per seat (:data:`QUICK_LANES` while the child's runs are short): while
+a child runs one task, the next waits in its pipe, so a child never idles while the worker
+settles the last message and takes the next. No thread waits on a child: on a small machine
+each wake-up of a thread and each GIL hand-off cost about what a message's own work does, and
+a thread per run blocking on its own reply cost several per message (profiled: the worker's
+CPU per no-op message went from ~150 to ~105 us at ``-c 2``; see ``bench/pool.py``).
+:mod:`~hedwig_tasks.pool.framing` has the bytes between worker and children.
 
 Where the tasks come from: the worker's ``feed`` (called on the dispatcher when a seat has
 room) takes a delivery, does the work before a run on that thread and :meth:`Pool.submit`\\ s

@@ -578,7 +578,8 @@ class Pool:
             if not child.outbox:
                 child.close_input()
         if seat.child is child:
-            logger.info("replacing child process %d: %s", child.pid, why)
+            if not self.closing:
+                logger.info("replacing child process %d: %s", child.pid, why)
             seat.child = None
             self._replace(seat)
 
@@ -632,6 +633,8 @@ class Pool:
         if not child.ready:  # no replacement: the seat's next task tries again
             child.accepting = False
             why = child.why or f"a process-pool child could not load the app: exit code {code}"
+            if not self.closing:
+                logger.error("%s (its seat's next message starts another)", why)
             if seat.child is child:
                 seat.child = None
                 self._fail(list(seat.pending), WorkerLost(why))

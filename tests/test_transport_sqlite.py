@@ -21,6 +21,7 @@ import pytest
 
 from hedwig_tasks.exceptions import ConfigurationError, PublishError, TransportError
 from hedwig_tasks.testing.contract import ContractClock, RealClock, TransportContract
+from hedwig_tasks.transports import _sqlite_acks as sqlite_acks
 from hedwig_tasks.transports import _sqlite_consumer as sqlite_consumer
 from hedwig_tasks.transports import _sqlite_sql as sqlite_sql
 from hedwig_tasks.transports import from_url
@@ -359,6 +360,19 @@ def _bus_with(tmp_path: Path, bodies: list[bytes]) -> SQLiteTransport:
     return bus
 
 
+@contextlib.contextmanager
+def _write_lock_held(bus: SQLiteTransport) -> Iterator[None]:
+    """Another connection holds the bus's write lock; the bus's own writers give up after 50 ms."""
+    with contextlib.closing(sqlite3.connect(bus.path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        busy_timeout_s, bus.bus.busy_timeout_s = bus.bus.busy_timeout_s, 0.05
+        try:
+            yield
+        finally:
+            bus.bus.busy_timeout_s = busy_timeout_s
+            other.execute("ROLLBACK")
+
+
 def test_the_next_claim_deletes_what_was_acknowledged_in_its_own_transaction(tmp_path: Path) -> None:
     bus = _bus_with(tmp_path, [b"a", b"b", b"c"])
     consumer = bus.consumer("q", ["t"])
@@ -405,15 +419,47 @@ def test_a_failed_claim_keeps_the_acks_it_took(tmp_path: Path) -> None:
     consumer = bus.consumer("q", ["t"])
     consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)
     consumer.ack(consumer.receive(1, wait_s=0))
-    with contextlib.closing(sqlite3.connect(bus.path, isolation_level=None)) as other:
-        other.execute("BEGIN IMMEDIATE")  # holds the write lock past the claim's busy timeout
-        bus.bus.busy_timeout_s = 0.05
-        with pytest.raises(TransportError):
-            consumer.receive(1, wait_s=0)
-        other.execute("ROLLBACK")
+    with _write_lock_held(bus), pytest.raises(TransportError):
+        consumer.receive(1, wait_s=0)
     assert _rows_in(bus) == 2
     consumer.close()
     assert _rows_in(bus) == 1
+    bus.close()
+
+
+def test_an_ack_close_cannot_delete_is_logged_not_dropped_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = _bus_with(tmp_path, [b"a"])
+    consumer = bus.consumer("q", ["t"])
+    consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)
+    consumer.ack(consumer.receive(1, wait_s=0))
+    with _write_lock_held(bus):
+        consumer.close()
+    assert "1 acknowledged messages in" in caplog.text
+    assert "come back when their lease runs out" in caplog.text
+    assert _rows_in(bus) == 1
+    bus.close()
+
+
+def test_the_flusher_tries_again_after_a_failed_delete(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_acks, "RETRY_PAUSE_S", 0.01)
+    bus = _bus_with(tmp_path, [b"a"])
+    consumer = bus.consumer("q", ["t"])
+    consumer.pending_acks = PendingAcks(bus.bus, delay_s=0.001)
+    (delivery,) = consumer.receive(1, wait_s=0)
+    deadline = time.monotonic() + 10
+    with _write_lock_held(bus):
+        consumer.ack([delivery])
+        while "could not delete 1 acknowledged messages" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.005)
+    while _rows_in(bus) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert "could not delete 1 acknowledged messages" in caplog.text
+    assert _rows_in(bus) == 0
+    consumer.close()
     bus.close()
 
 

@@ -112,23 +112,25 @@ class PendingAcks:
                 self._waiting = False
 
     def close(self) -> None:
-        """Stop the flusher and delete the rest; one that cannot is logged (it comes back after its lease)."""
+        """Stop the flusher and delete the rest; those it cannot are logged, and come back after their lease."""
         with self._changed:
             flusher, self._closing = self._flusher, True
             self._changed.notify()
+        taken: list[Receipt] = []
         try:
             if flusher is not None and flusher.is_alive() and flusher is not threading.current_thread():
                 flusher.join()
             taken = self.take()
-            try:
-                self._delete(taken, "ack at close")
-            except TransportError as exc:
-                logger.error(
-                    "%d acknowledged messages in %s were not deleted (they come back when their lease runs out): %s",
-                    len(taken),
-                    self._bus.path,
-                    exc,
-                )
+            if taken:
+                with self._bus.writing("ack at close") as connection:
+                    delete_acked(connection, taken)
+        except TransportError as exc:
+            logger.error(
+                "%d acknowledged messages in %s were not deleted (they come back when their lease runs out): %s",
+                len(taken),
+                self._bus.path,
+                exc,
+            )
         finally:
             with self._changed:
                 self._closing = False
@@ -146,17 +148,20 @@ class PendingAcks:
     # -- the flusher ------------------------------------------------------------------------------
 
     def _wake_flusher(self) -> None:
-        """Start the flusher, or wake it if it waits for receipts (called holding the lock).
+        """Start the flusher (again, after a fork or an error that ended it), or wake it if it waits
+        for receipts (called holding the lock).
 
         A flusher already waiting for a deadline is left to wake by itself: waking it for every
         ack would cost more than the transactions it saves.
         """
-        if self._flusher is None or self._flusher_pid != os.getpid():
-            self._flusher = threading.Thread(target=self._flush_loop, name="hedwig-sqlite-acks", daemon=True)
-            self._flusher_pid, self._flusher_idle = os.getpid(), False
-            self._flusher.start()
-        elif self._flusher_idle:
-            self._changed.notify()
+        flusher = self._flusher
+        if flusher is not None and flusher.is_alive() and self._flusher_pid == os.getpid():
+            if self._flusher_idle:
+                self._changed.notify()
+            return
+        self._flusher = threading.Thread(target=self._flush_loop, name="hedwig-sqlite-acks", daemon=True)
+        self._flusher_pid, self._flusher_idle = os.getpid(), False
+        self._flusher.start()
 
     def _flush_loop(self) -> None:
         while (due := self._next_due()) is not None:

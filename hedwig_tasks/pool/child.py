@@ -35,8 +35,8 @@ from hedwig_tasks.exceptions import (
     Retry,
     TimeLimitExceeded,
 )
+from hedwig_tasks.pool.children import TRANSPORT_ENV
 from hedwig_tasks.pool.framing import FrameReader, frame_of, write_frame
-from hedwig_tasks.pool.processes import TRANSPORT_ENV
 from hedwig_tasks.retry import decide
 from hedwig_tasks.transports.base import Delivery
 

@@ -12,7 +12,8 @@ settles the last message and takes the next. No thread waits on a child: on a sm
 each wake-up of a thread and each GIL hand-off cost about what a message's own work does, and
 a thread per run blocking on its own reply cost several per message (profiled: the worker's
 CPU per no-op message went from ~150 to ~105 us at ``-c 2``; see ``bench/pool.py``).
-:mod:`~hedwig_tasks.pool.framing` has the bytes between worker and children.
+:mod:`~hedwig_tasks.pool.children` has a child's pipes and tasks, and
+:mod:`~hedwig_tasks.pool.framing` the bytes between worker and children.
 
 Where the tasks come from: the worker's ``feed`` (called on the dispatcher when a seat has
 room) takes a delivery, does the work before a run on that thread and :meth:`Pool.submit`\\ s
@@ -34,51 +35,39 @@ worker's ``-A``/``--settings`` spec.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import os
 import select
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hedwig_tasks.exceptions import (
-    ConfigurationError,
-    DeadLetter,
-    Ignore,
-    RemoteError,
-    Retry,
-    TimeLimitExceeded,
-    WorkerLost,
+from hedwig_tasks.exceptions import TimeLimitExceeded, WorkerLost
+from hedwig_tasks.pool.children import (
+    DEFAULT_START_TIMEOUT_S,
+    Child,
+    ChildSpec,
+    Done,
+    Task,
+    child_spec,
+    outcome_of,
 )
-from hedwig_tasks.pool.framing import FrameReader, encode_frame, wait_readable
-from hedwig_tasks.retry import Outcome, decide
+from hedwig_tasks.retry import Outcome
 from hedwig_tasks.transports.base import Delivery
 
 if TYPE_CHECKING:
     from hedwig_tasks._worker_options import WorkerOptions
-    from hedwig_tasks.app import Hedwig
     from hedwig_tasks.handler import Handler
 
-__all__ = ["LANES", "Child", "ChildSpec", "Done", "Pool", "child_spec", "outcome_of"]
+__all__ = ["LANES", "QUICK_LANES", "Child", "ChildSpec", "Done", "Pool", "child_spec", "outcome_of"]
 
 logger = logging.getLogger(__name__)
 
-#: Longest a child may take to import the app and say it is ready, in seconds.
-DEFAULT_START_TIMEOUT_S = 60.0
 #: How long a child that was told to stop may take to exit before it is killed, in seconds.
 STOP_TIMEOUT_S = 5.0
-#: How long after its time limit a child whose ``async`` handler did not let itself be
-#: cancelled (it blocks its event loop) is killed, in seconds.
-ASYNC_CANCEL_GRACE_S = 1.0
-#: The variable that hands a child the worker's transport URL (out of its command line, which
-#: ``ps`` shows).
-TRANSPORT_ENV = "HEDWIG_POOL_TRANSPORT"
 #: Tasks a child holds at most: one running, the next waiting in its pipe.
 LANES = 2
 #: Tasks a child holds at most while its runs are quick (see :data:`QUICK_RUN_S`): more wait
@@ -87,231 +76,6 @@ LANES = 2
 QUICK_LANES = 4
 #: Runs shorter than this on average (seconds) make a child quick; one long run makes it not.
 QUICK_RUN_S = 0.002
-
-#: What a task's end is told: the error (or None), the run time in seconds, the outcome, and the
-#: pid of the child that died or was killed running it (None otherwise). Called on the dispatcher.
-Done = Callable[[Exception | None, float, Outcome, int | None], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class ChildSpec:
-    """How to start a child: the app (``-A``) or settings module, a transport URL override, its
-    log level, and the peak memory past which it retires (KiB)."""
-
-    app: str | None = None
-    settings: str | None = None
-    transport: str | None = dataclasses.field(default=None, repr=False)
-    loglevel: str = "WARNING"
-    max_memory_kb: int | None = None
-
-    def command(self, fd_in: int, fd_out: int) -> list[str]:
-        command = [sys.executable, "-m", "hedwig_tasks.pool.child", "--in", str(fd_in), "--out", str(fd_out)]
-        for option, value in (("--app", self.app), ("--settings", self.settings)):
-            if value:
-                command += [option, value]
-        if self.max_memory_kb is not None:
-            command += ["--max-memory-kb", str(self.max_memory_kb)]
-        return [*command, "--loglevel", self.loglevel]
-
-
-class _Task:
-    """A delivery for a child: its frame, its limits, and who is told of its end."""
-
-    __slots__ = (
-        "attempt",
-        "done",
-        "frame",
-        "kill_after_s",
-        "policy",
-        "seat",
-        "started_at",
-        "time_limit_s",
-        "transport_id",
-    )
-
-    def __init__(self, delivery: Delivery, handler: Handler, time_limit_s: float | None, done: Done) -> None:
-        attributes = delivery.attributes
-        header: dict[str, Any] = {
-            "sub": delivery.subscription,
-            "attempt": delivery.attempt,
-            "id": delivery.transport_id,
-            "attrs": attributes if isinstance(attributes, dict) else dict(attributes),
-        }
-        self.time_limit_s = time_limit_s
-        self.kill_after_s: float | None = None
-        if time_limit_s is not None:
-            header["limit"] = time_limit_s
-            self.kill_after_s = time_limit_s + (ASYNC_CANCEL_GRACE_S if handler.is_async else 0.0)
-        self.frame = encode_frame(header, delivery.body)
-        self.policy = handler.retry_policy
-        self.attempt = delivery.attempt
-        self.transport_id = delivery.transport_id
-        self.done = done
-        self.seat: _Seat | None = None
-        self.started_at = 0.0  #: when its child began it (the reply before it came), once first in line
-
-    @property
-    def deadline(self) -> float:
-        return math.inf if self.kill_after_s is None else self.started_at + self.kill_after_s
-
-    def fail(self, error: Exception, pid: int | None = None) -> None:
-        """Tell ``done`` the task failed with ``error``, decided by its handler's retry policy."""
-        outcome = decide(self.policy, error, self.attempt)
-        duration_s = time.monotonic() - self.started_at if self.started_at else 0.0
-        self.done(error, duration_s, outcome, pid)
-
-
-class Child:
-    """One child process, its pipes, and the tasks it was sent and has not answered, in order.
-
-    Only the dispatcher touches it once the pool runs.
-    """
-
-    def __init__(self, spec: ChildSpec, seat: _Seat | None = None) -> None:
-        self.spec = spec
-        self.seat = seat  #: the seat it was started for
-        self.tasks = 0  #: tasks it has answered
-        self.sent = 0  #: tasks it was sent
-        self.rss_kb = 0  #: its peak resident memory, as it last reported, in KiB (with --max-memory-per-child)
-        self.ready = False  #: it has built its app and said so
-        self.accepting = True  #: it takes more tasks (False once worn out, dead or stopping)
-        self.why = ""  #: why it stopped taking tasks
-        self.killed: _Task | None = None  #: the task it was killed for passing its time limit
-        self.dying = False  #: it was killed, or said it cannot start: its pipe's end is awaited
-        self.waiting: collections.deque[_Task] = collections.deque()  #: sent and not answered
-        self.outbox: collections.deque[memoryview] = collections.deque()  #: bytes its pipe had no room for
-        self.started = time.monotonic()
-        task_r, self.task_w = os.pipe()
-        self.reply_r, reply_w = os.pipe()
-        self.reader = FrameReader(self.reply_r)
-        env = dict(os.environ)
-        if spec.transport:
-            env[TRANSPORT_ENV] = spec.transport
-        try:
-            self.process = subprocess.Popen(
-                spec.command(task_r, reply_w), pass_fds=(task_r, reply_w), stdin=subprocess.DEVNULL, env=env
-            )
-        except BaseException:
-            os.close(self.task_w)
-            os.close(self.reply_r)
-            raise
-        finally:
-            os.close(task_r)
-            os.close(reply_w)
-        os.set_blocking(self.task_w, False)
-        self.pid = self.process.pid
-
-    def wait_ready(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> None:
-        """Wait for the child to have built its app; ``ConfigurationError`` with its reason if it could not."""
-        frame = self.reader.read() if wait_readable(self.reply_r, timeout_s) else None
-        if frame is None or "ready" not in frame[0]:
-            self.kill()
-            why = frame[0].get("error") if frame else f"no answer in {timeout_s:g}s (exit code {self.process.poll()})"
-            raise ConfigurationError(f"a process-pool child could not load the app: {why}")
-        self.ready = True
-
-    @property
-    def deadline(self) -> float:
-        """When it is killed unless it answers first: its start-up's limit, or its running task's."""
-        if self.dying:
-            return math.inf
-        if not self.ready:
-            return self.started + DEFAULT_START_TIMEOUT_S
-        return self.waiting[0].deadline if self.waiting else math.inf
-
-    def flush(self) -> bool:
-        """Write what waits while its pipe has room; True once all is written (its input is closed
-        then if it takes no more). A gone child's bytes are dropped (its pipe's end tells the rest)."""
-        outbox = self.outbox
-        try:
-            while outbox:
-                data = outbox[0]
-                written = os.write(self.task_w, data)
-                if written < len(data):
-                    outbox[0] = data[written:]
-                    return False
-                outbox.popleft()
-        except BlockingIOError:
-            return False
-        except OSError:
-            outbox.clear()
-        if not self.accepting:
-            self.close_input()
-        return True
-
-    def close_input(self) -> None:
-        """Close its input: it exits once it has answered what it read."""
-        if self.task_w >= 0:
-            os.close(self.task_w)
-            self.task_w = -1
-
-    def kill(self) -> None:
-        """Kill the child at once (SIGKILL), reap it and close its pipes (start-up only)."""
-        self.terminate()
-        self.process.wait()
-        self.close_input()
-        if self.reply_r >= 0:
-            os.close(self.reply_r)
-            self.reply_r = -1
-
-    def terminate(self) -> None:
-        """SIGKILL the child: its reply pipe ends."""
-        if self.process.poll() is None:
-            try:
-                self.process.kill()
-            except ProcessLookupError:  # exited meanwhile
-                pass
-
-    def __repr__(self) -> str:
-        return f"<Child pid={self.pid} tasks={self.tasks}>"
-
-
-def child_spec(app: Hedwig, options: WorkerOptions) -> ChildSpec:
-    """How children build ``app``: ``options.app_spec``, else where the app object is found among
-    the imported modules, else ``options.settings_spec`` (Hedwig settings)."""
-    spec = options.app_spec
-    if spec is None and options.settings_spec is None:
-        spec = find_spec(app)
-    transport = app._transport_spec if isinstance(app._transport_spec, str) else None
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    return ChildSpec(
-        app=spec,
-        settings=options.settings_spec,
-        transport=transport,
-        loglevel=level,
-        max_memory_kb=options.max_memory_per_child_kb,
-    )
-
-
-def find_spec(app: Hedwig) -> str | None:
-    """``"module:attribute"`` of an imported module's global that is ``app`` (``__main__`` left out)."""
-    for name, module in list(sys.modules.items()):
-        if name == "__main__" or module is None:
-            continue
-        for attribute, value in list(vars(module).items()):
-            if value is app:
-                return f"{name}:{attribute}"
-    return None
-
-
-def outcome_of(reply: dict[str, Any]) -> tuple[Exception | None, float, Outcome]:
-    """The error (rebuilt from its description, never unpickled), run time and outcome a child sent."""
-    outcome = Outcome(reply["action"], float(reply.get("delay_s", 0.0)), reply.get("reason", ""))
-    described = reply.get("error")
-    error: Exception | None = None
-    if described is not None:
-        kind, text = described["kind"], described.get("text", "")
-        if kind == "ignore":
-            error = Ignore(text)
-        elif kind == "dead_letter":
-            error = DeadLetter(text)
-        elif kind == "retry":
-            error = Retry(text, delay_s=described.get("delay_s"))
-        elif kind == "time_limit":
-            error = TimeLimitExceeded(float(described["time_limit_s"]))
-        else:
-            error = RemoteError(described["type"], text, described.get("traceback", ""))
-    return error, float(reply.get("duration_s", 0.0)), outcome
 
 
 class _Seat:
@@ -324,7 +88,7 @@ class _Seat:
         self.count = 0  #: its tasks not yet done, whichever child has them
         self.lanes = LANES  #: how many it takes: QUICK_LANES while its runs are quick
         self.run_s = QUICK_RUN_S * 2  #: its runs' average length, recent ones weighing more (seconds)
-        self.pending: collections.deque[_Task] = collections.deque()  #: for its next child, once ready
+        self.pending: collections.deque[Task] = collections.deque()  #: for its next child, once ready
 
 
 class Pool:
@@ -339,7 +103,7 @@ class Pool:
         self._feed = feed or (lambda: False)
         self._seats = [_Seat() for _ in range(options.concurrency)]
         self._all: frozenset[Child] = frozenset()  #: every child not yet reaped (replaced whole: others read it)
-        self._ready: collections.deque[_Task] = collections.deque()  #: submitted from other threads
+        self._ready: collections.deque[Task] = collections.deque()  #: submitted from other threads
         self._stop_by = math.inf  #: when children still running at a stop are killed
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -370,7 +134,7 @@ class Pool:
         """Run ``delivery`` in a child once a seat has room; ``done`` is told its end on the
         dispatcher (a time limit or a dead child fails it by ``handler``'s retry policy; so does
         the worker stopping before a child took it). Returns at once."""
-        self._ready.append(_Task(delivery, handler, time_limit_s, done))
+        self._ready.append(Task(delivery, handler, time_limit_s, done))
         if threading.current_thread() is not self._thread:
             self._wake()
             if self._thread is not None and not self._thread.is_alive():  # stopped meanwhile
@@ -462,7 +226,7 @@ class Pool:
     def _poll(self) -> None:
         deadline = min(self._stop_by, min((child.deadline for child in self._all), default=math.inf))
         timeout_ms = None if deadline == math.inf else max(0, math.ceil((deadline - time.monotonic()) * 1000))
-        answered: list[tuple[_Task, dict[str, Any]]] = []
+        answered: list[tuple[Task, dict[str, Any]]] = []
         for fd, _ in self._poller.poll(timeout_ms):
             if fd == self._wake_r:
                 os.read(fd, 4096)
@@ -504,7 +268,7 @@ class Pool:
                 self._fds[child.task_w] = child
         self._unsent.clear()
 
-    def _send(self, seat: _Seat, task: _Task) -> None:
+    def _send(self, seat: _Seat, task: Task) -> None:
         seat.count += 1
         task.seat = seat
         child = seat.child
@@ -517,7 +281,7 @@ class Pool:
         else:
             self._enqueue(seat, child, task)
 
-    def _enqueue(self, seat: _Seat, child: Child, task: _Task) -> None:
+    def _enqueue(self, seat: _Seat, child: Child, task: Task) -> None:
         """Send ``task`` to ``child``; one that has had its tasks retires."""
         child.waiting.append(task)
         child.sent += 1
@@ -529,7 +293,7 @@ class Pool:
         if self.max_tasks is not None and child.sent >= self.max_tasks:
             self._retire(seat, child, f"it ran {child.sent} messages (--max-tasks-per-child)")
 
-    def _read(self, child: Child, answered: list[tuple[_Task, dict[str, Any]]]) -> None:
+    def _read(self, child: Child, answered: list[tuple[Task, dict[str, Any]]]) -> None:
         frames = child.reader.read_some()
         if frames is None:
             self._ended(child)
@@ -540,7 +304,7 @@ class Pool:
             else:
                 self._started(child, header)
 
-    def _answered(self, child: Child, reply: dict[str, Any]) -> _Task:
+    def _answered(self, child: Child, reply: dict[str, Any]) -> Task:
         """A reply came: free the seat; the task is finished once the next ones went out."""
         task = child.waiting.popleft()
         child.tasks += 1
@@ -649,7 +413,7 @@ class Pool:
             seat.count -= 1
             self._lost(child, running, code)
 
-    def _lost(self, child: Child, task: _Task, code: int) -> None:
+    def _lost(self, child: Child, task: Task, code: int) -> None:
         if child.killed is task and task.kill_after_s is not None:
             error: Exception = TimeLimitExceeded(task.time_limit_s or task.kill_after_s)
         else:
@@ -665,7 +429,7 @@ class Pool:
             child.waiting.clear()
             child.outbox.clear()
 
-    def _fail(self, tasks: list[_Task], error: Exception) -> None:
+    def _fail(self, tasks: list[Task], error: Exception) -> None:
         for task in tasks:
             assert task.seat is not None
             task.seat.count -= 1

@@ -24,6 +24,8 @@ messages to a durable queue nobody consumes, persistent, with publisher confirms
   RabbitMQ confirmed that message).
 * ``hedwig_many``: the app encodes and validates each message, and the transport's
   ``publish_many`` sends ``--batch`` at a time (returns once RabbitMQ confirmed every one).
+* ``transport`` (not a contender): the transport's ``publish`` alone, of one message the app
+  encoded once: what ``hedwig`` costs without the app's validating and encoding.
 * ``dramatiq``: ``RabbitmqBroker(confirm_delivery=True)`` with its default middleware, and
   ``actor.send()`` per message (returns once RabbitMQ confirmed that message); Dramatiq has no
   batch send.
@@ -240,6 +242,20 @@ def open_hedwig(workdir: Path, batch: int) -> Opened:
     return send, fixture.close
 
 
+def open_transport(workdir: Path, batch: int) -> Opened:
+    """hedwig-tasks's transport alone: ``publish`` of a message the app encoded once (no app work)."""
+    fixture = Fixture(workdir, "publish-transport")
+    app = fixture.app
+    body, attributes = app.encode(app.message("user-created", "1.0", _data(0)))
+    app.transport.publish(fixture.tag, body, attributes)
+
+    def send(numbers: range) -> None:
+        for _ in numbers:
+            app.transport.publish(fixture.tag, body, attributes)
+
+    return send, fixture.close
+
+
 def open_hedwig_many(workdir: Path, batch: int) -> Opened:
     fixture = Fixture(workdir, "publish-many")
     app = fixture.app
@@ -385,6 +401,7 @@ class _RawAMQP:
 PUBLISHERS: dict[str, Callable[[Path, int], Opened]] = {
     "hedwig": open_hedwig,
     "hedwig_many": open_hedwig_many,
+    "transport": open_transport,
     "dramatiq": open_dramatiq,
     "floor": open_floor,
     "broker": open_broker,
@@ -482,7 +499,7 @@ def main() -> None:
                 for name, rate in rates.items():
                     published[name].append(rate)
             row = comparison("publish", published["hedwig"], published["dramatiq"], 1.5, "dramatiq")
-            for reference in ("floor", "broker"):
+            for reference in ("transport", "floor", "broker"):
                 row[f"{reference}_per_s"] = round(statistics.median(published[reference]), 1)
                 row[f"ratio_to_{reference}"] = round(row["hedwig_per_s"] / row[f"{reference}_per_s"], 3)
             # Where one confirmed publish's time goes: RabbitMQ's round trip, then what the client adds.

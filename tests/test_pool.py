@@ -224,3 +224,14 @@ def test_a_traced_delivery_keeps_its_span_open_while_a_child_runs_it(pool: Pool)
     assert {e["user_id"] for e in pool.events("end")} == {"T1", "U1"}
     assert {e["pid"] for e in pool.events("start")}.isdisjoint({os.getpid()})
     assert worker.counts["handled"] == 2
+
+
+def test_recycling_counts_each_message_sent_when_quick_runs_queue_more_per_child(pool: Pool) -> None:
+    worker = pool.start(max_tasks_per_child=5)  # one child; quick runs let up to four wait for it
+    pool.publish(*[f"U{n}" for n in range(12)])
+    wait_for(lambda: len(pool.events("end")) == 12, 30)
+    pool.running.stop()  # type: ignore[union-attr]
+    pids = [e["pid"] for e in pool.events("start")]
+    assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [5, 5, 2]
+    assert sorted(e["user_id"] for e in pool.events("end")) == sorted(f"U{n}" for n in range(12))
+    assert worker.counts == {"handled": 12, "retried": 0, "dead_lettered": 0}

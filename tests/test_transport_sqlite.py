@@ -25,7 +25,6 @@ from hedwig_tasks.transports import _sqlite_acks as sqlite_acks
 from hedwig_tasks.transports import _sqlite_consumer as sqlite_consumer
 from hedwig_tasks.transports import _sqlite_sql as sqlite_sql
 from hedwig_tasks.transports import from_url
-from hedwig_tasks.transports._sqlite_acks import PendingAcks
 from hedwig_tasks.transports.base import Consumer
 from hedwig_tasks.transports.sqlite import DEFAULT_LEASE_S, SQLiteTransport
 
@@ -376,7 +375,7 @@ def _write_lock_held(bus: SQLiteTransport) -> Iterator[None]:
 def test_the_next_claim_deletes_what_was_acknowledged_in_its_own_transaction(tmp_path: Path) -> None:
     bus = _bus_with(tmp_path, [b"a", b"b", b"c"])
     consumer = bus.consumer("q", ["t"])
-    consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)  # no flusher within the test
+    consumer.pending_acks.delay_s = 3600  # no flusher within the test
     first = consumer.receive(2, wait_s=0)
     consumer.ack(first)
     assert _rows_in(bus) == 3  # handed over, not yet deleted
@@ -385,6 +384,17 @@ def test_the_next_claim_deletes_what_was_acknowledged_in_its_own_transaction(tmp
     consumer.ack([last])
     consumer.close()  # deletes what no claim took
     assert _rows_in(bus) == 0
+    bus.close()
+
+
+def test_closing_the_transport_deletes_what_its_consumers_acknowledged(tmp_path: Path) -> None:
+    bus = _bus_with(tmp_path, [b"a"])
+    consumer = bus.consumer("q", ["t"])
+    consumer.pending_acks.delay_s = 3600
+    consumer.ack(consumer.receive(1, wait_s=0))
+    bus.close()
+    assert _rows_in(bus) == 0
+    consumer.close()
     bus.close()
 
 
@@ -403,7 +413,7 @@ def test_an_ack_no_claim_takes_is_deleted_by_the_flusher(tmp_path: Path) -> None
 def test_an_ack_while_the_receive_loop_waits_is_deleted_before_it_returns(tmp_path: Path) -> None:
     bus = _bus_with(tmp_path, [b"a", b"b"])
     consumer = bus.consumer("q", ["t"])
-    consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)
+    consumer.pending_acks.delay_s = 3600
     first, second = consumer.receive(2, wait_s=0)
     consumer.ack([first])
     with consumer.pending_acks.waiting():  # as receive() while it waits: no claim is coming
@@ -417,7 +427,7 @@ def test_an_ack_while_the_receive_loop_waits_is_deleted_before_it_returns(tmp_pa
 def test_a_failed_claim_keeps_the_acks_it_took(tmp_path: Path) -> None:
     bus = _bus_with(tmp_path, [b"a", b"b"])
     consumer = bus.consumer("q", ["t"])
-    consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)
+    consumer.pending_acks.delay_s = 3600
     consumer.ack(consumer.receive(1, wait_s=0))
     with _write_lock_held(bus), pytest.raises(TransportError):
         consumer.receive(1, wait_s=0)
@@ -432,7 +442,7 @@ def test_an_ack_close_cannot_delete_is_logged_not_dropped_silently(
 ) -> None:
     bus = _bus_with(tmp_path, [b"a"])
     consumer = bus.consumer("q", ["t"])
-    consumer.pending_acks = PendingAcks(bus.bus, delay_s=3600)
+    consumer.pending_acks.delay_s = 3600
     consumer.ack(consumer.receive(1, wait_s=0))
     with _write_lock_held(bus):
         consumer.close()
@@ -448,7 +458,7 @@ def test_the_flusher_tries_again_after_a_failed_delete(
     monkeypatch.setattr(sqlite_acks, "RETRY_PAUSE_S", 0.01)
     bus = _bus_with(tmp_path, [b"a"])
     consumer = bus.consumer("q", ["t"])
-    consumer.pending_acks = PendingAcks(bus.bus, delay_s=0.001)
+    consumer.pending_acks.delay_s = 0.001
     (delivery,) = consumer.receive(1, wait_s=0)
     deadline = time.monotonic() + 10
     with _write_lock_held(bus):

@@ -56,7 +56,7 @@ class PendingAcks:
 
     def __init__(self, bus: BusFile, *, delay_s: float = DEFAULT_ACK_DELAY_S) -> None:
         self._bus = bus
-        self._delay_s = delay_s
+        self.delay_s = delay_s  #: how long receipts wait for a claim before the flusher deletes them
         self._receipts: list[Receipt] = []
         self._since = 0.0  # when the oldest of them came (monotonic)
         self._changed = threading.Condition(threading.Lock())
@@ -183,7 +183,7 @@ class PendingAcks:
                     if not self._receipts and not self._closing:
                         break
                     continue
-                wait_s = self._since + self._delay_s - time.monotonic()
+                wait_s = self._since + self.delay_s - time.monotonic()
                 if wait_s <= 0:
                     taken, self._receipts = self._receipts, []
                     return taken

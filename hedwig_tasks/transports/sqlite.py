@@ -124,7 +124,10 @@ class SQLiteTransport(Transport):
         return f"<SQLiteTransport {str(self.path)!r}>"
 
     def close(self) -> None:
-        """Close every connection this process opened; a later call reconnects."""
+        """Delete what this process's consumers acknowledged and close every connection it
+        opened; a later call reconnects."""
+        for pending in list(self._pending_acks):
+            pending.close()
         self.bus.close()
         self.wake.close()
 

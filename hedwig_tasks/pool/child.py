@@ -36,7 +36,7 @@ from hedwig_tasks.exceptions import (
     TimeLimitExceeded,
 )
 from hedwig_tasks.pool.children import TRANSPORT_ENV
-from hedwig_tasks.pool.framing import FrameReader, frame_of, write_frame
+from hedwig_tasks.pool.framing import ACK_REPLY, FrameReader, frame_of, write_frame
 from hedwig_tasks.retry import decide
 from hedwig_tasks.transports.base import Delivery
 
@@ -120,7 +120,7 @@ def serve(app: Hedwig, fd_in: int, fd_out: int, max_memory_kb: int | None = None
 def write_reply(fd: int, reply: dict[str, Any]) -> None:
     """Write ``reply``; the usual one (acknowledge, no error) without the JSON encoder."""
     if reply["action"] == "ack" and len(reply) == 4 and not reply["reason"]:
-        head = b'{"action":"ack","duration_s":%r}' % reply["duration_s"]
+        head = b"%s%r}" % (ACK_REPLY, reply["duration_s"])  # read back by framing.decode_header
         os.write(fd, frame_of(head))  # a few dozen bytes: one write takes it whole
     else:
         write_frame(fd, reply)

@@ -30,7 +30,7 @@ from hedwig_tasks.exceptions import (
     TimeLimitExceeded,
 )
 from hedwig_tasks.pool.framing import FrameReader, encode_frame, wait_readable
-from hedwig_tasks.retry import Outcome, decide
+from hedwig_tasks.retry import ACK, Outcome, decide
 from hedwig_tasks.transports.base import Delivery
 
 if TYPE_CHECKING:
@@ -257,6 +257,8 @@ def find_spec(app: Hedwig) -> str | None:
 
 def outcome_of(reply: dict[str, Any]) -> tuple[Exception | None, float, Outcome]:
     """The error (rebuilt from its description, never unpickled), run time and outcome a child sent."""
+    if len(reply) == 2 and reply["action"] == "ack":  # the usual one
+        return None, reply["duration_s"], ACK
     outcome = Outcome(reply["action"], float(reply.get("delay_s", 0.0)), reply.get("reason", ""))
     described = reply.get("error")
     error: Exception | None = None

@@ -14,7 +14,7 @@ from helpers import WorkerThread, wait_for
 
 from hedwig_tasks import ConfigurationError, Hedwig, signals
 from hedwig_tasks.exceptions import RemoteError
-from hedwig_tasks.pool.framing import read_frame, write_frame
+from hedwig_tasks.pool.framing import ACK_REPLY, decode_header, read_frame, task_header, write_frame
 from hedwig_tasks.testing import worker_contract
 from hedwig_tasks.testing.worker_contract import APP_SPEC, build_app
 from hedwig_tasks.worker import Worker, WorkerOptions
@@ -186,6 +186,29 @@ def test_frames_carry_bytes_and_json_and_end_cleanly() -> None:
     os.close(write_fd)
     assert read_frame(read_fd) is None
     os.close(read_fd)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "limit_s"),
+    [
+        ({"hedwig_id": "x", "hedwig_schema": "https://x/s#/schemas/a/1.0", "note": "é"}, None),
+        ({}, 2.5),
+        ({"k": "a\0b"}, 0.1),  # a NUL in a string: the header is JSON
+        ({"k\0": "v"}, None),
+    ],
+)
+def test_a_task_header_reads_back_whatever_its_strings_hold(attributes: dict[str, str], limit_s: float | None) -> None:
+    header = decode_header(task_header("users", 3, "id-1", limit_s, attributes))
+    expected: dict[str, Any] = {"sub": "users", "attempt": 3, "id": "id-1", "attrs": attributes}
+    if limit_s is not None:
+        expected["limit"] = limit_s
+    assert header == expected
+
+
+def test_a_usual_reply_reads_back_and_anything_more_goes_to_json() -> None:
+    assert decode_header(ACK_REPLY + b"1.5e-05}") == {"action": "ack", "duration_s": 1.5e-05}
+    longer = ACK_REPLY + b'0.25,"rss_kb":1024}'
+    assert decode_header(longer) == {"action": "ack", "duration_s": 0.25, "rss_kb": 1024}
 
 
 def test_a_rate_limited_handler_waits_in_the_worker_and_runs_in_a_child(

@@ -29,7 +29,7 @@ from hedwig_tasks.exceptions import (
     Retry,
     TimeLimitExceeded,
 )
-from hedwig_tasks.pool.framing import FrameReader, encode_frame, wait_readable
+from hedwig_tasks.pool.framing import FrameReader, frame_of, task_header, wait_readable
 from hedwig_tasks.retry import ACK, Outcome, decide
 from hedwig_tasks.transports.base import Delivery
 
@@ -91,19 +91,14 @@ class Task:
     )
 
     def __init__(self, delivery: Delivery, handler: Handler, time_limit_s: float | None, done: Done) -> None:
-        attributes = delivery.attributes
-        header: dict[str, Any] = {
-            "sub": delivery.subscription,
-            "attempt": delivery.attempt,
-            "id": delivery.transport_id,
-            "attrs": attributes if isinstance(attributes, dict) else dict(attributes),
-        }
         self.time_limit_s = time_limit_s
         self.kill_after_s: float | None = None
         if time_limit_s is not None:
-            header["limit"] = time_limit_s
             self.kill_after_s = time_limit_s + (ASYNC_CANCEL_GRACE_S if handler.is_async else 0.0)
-        self.frame = encode_frame(header, delivery.body)
+        head = task_header(
+            delivery.subscription, delivery.attempt, delivery.transport_id, time_limit_s, delivery.attributes
+        )
+        self.frame = frame_of(head, delivery.body)
         self.policy = handler.retry_policy
         self.attempt = delivery.attempt
         self.transport_id = delivery.transport_id

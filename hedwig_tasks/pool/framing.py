@@ -5,6 +5,11 @@ JSON, then the body as it is. A task carries the delivery's body and its string 
 a reply carries the outcome as JSON. Nothing is pickled: a child reads only bytes, strings
 and numbers, whatever a message holds.
 
+Two headers skip JSON, as they come once per message (:func:`decode_header` reads all three
+kinds): a task's is its strings joined by NUL characters, after one (:func:`task_header`;
+JSON when a string holds a NUL), and a child's usual reply is :data:`ACK_REPLY` and the run
+time.
+
 A pipe may hold several frames at once (the worker sends a child its next task before the
 current one's reply, and a child's replies pile up while the worker is busy): :class:`FrameReader`
 keeps what one read took past a frame for the next, and :meth:`FrameReader.read_some` takes
@@ -26,6 +31,7 @@ __all__ = [
     "encode_frame",
     "frame_of",
     "read_frame",
+    "task_header",
     "wait_readable",
     "write_frame",
 ]
@@ -52,8 +58,36 @@ def _encode(header: dict[str, Any]) -> str:
     return "".join(_encode_chunks(header, 0))
 
 
+def task_header(subscription: str, attempt: int, transport_id: str, limit_s: float | None, attributes: Any) -> bytes:
+    """A task's header: ``NUL sub NUL attempt NUL id NUL limit (NUL key NUL value)...`` (the
+    limit empty when there is none), or the same as JSON if a string holds a NUL."""
+    fields = [subscription, str(attempt), transport_id, "" if limit_s is None else repr(limit_s)]
+    for item in attributes.items():
+        fields += item
+    try:
+        text = "\0" + "\0".join(fields)
+    except TypeError:  # not all strings: JSON says what it can
+        text = ""
+    if text.count("\0") != len(fields):
+        header = {"sub": subscription, "attempt": attempt, "id": transport_id, "attrs": dict(attributes)}
+        if limit_s is not None:
+            header["limit"] = limit_s
+        text = _encode(header)
+    return text.encode()
+
+
 def decode_header(head: bytes) -> dict[str, Any]:
-    """A frame's header; a child's usual reply (see :data:`ACK_REPLY`) read without the decoder."""
+    """A frame's header: JSON, a task's NUL-joined strings (:func:`task_header`) or a child's
+    usual reply (:data:`ACK_REPLY`)."""
+    if head[:1] == b"\0":
+        fields = iter(head.decode().split("\0"))
+        next(fields)
+        subscription, attempt, transport_id, limit_s = next(fields), next(fields), next(fields), next(fields)
+        attributes = dict(zip(fields, fields, strict=True))  # key, value, key, value...
+        task = {"sub": subscription, "attempt": int(attempt), "id": transport_id, "attrs": attributes}
+        if limit_s:
+            task["limit"] = float(limit_s)
+        return task
     if head.startswith(ACK_REPLY):
         try:
             return {"action": "ack", "duration_s": float(head[len(ACK_REPLY) : -1])}
@@ -105,8 +139,7 @@ class FrameReader:
         if data is None:
             return None
         self._data = data[end:]
-        header: dict[str, Any] = _decode(data[_LENGTHS.size : _LENGTHS.size + head_size].decode())
-        return header, data[_LENGTHS.size + head_size : end]
+        return decode_header(data[_LENGTHS.size : _LENGTHS.size + head_size]), data[_LENGTHS.size + head_size : end]
 
     def read_some(self) -> list[tuple[dict[str, Any], bytes]] | None:
         """The whole frames one read brings (call once ``fd`` is readable), perhaps none yet; None

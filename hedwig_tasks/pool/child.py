@@ -4,7 +4,10 @@ The child builds its own app from the same ``-A``/``--settings`` spec as the wor
 publishes go through its own transport), says it is ready, then runs one task per frame
 until its input ends: decode and validate the delivery with its app, run the handler, ask the
 handler's retry policy, and answer with the outcome as JSON. Its next task may wait in the pipe
-while it runs one. With ``--max-memory-kb`` it stops after a task that left its peak memory
+while it runs one. Each reply is written as its task ends, never held to go with the next
+one's: the worker would not know the first had ended while the next runs (its ack waits, and
+the time limit it watches is the first's), and held replies saved no measurable CPU on a no-op
+handler (``bench/pool.py``). With ``--max-memory-kb`` it stops after a task that left its peak memory
 above the limit, saying so in that task's reply (the worker sends any task still waiting in
 its pipe to the next child). It ignores SIGINT and SIGTERM: the worker decides when it stops
 (by closing its input, once the running message is done).

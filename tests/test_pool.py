@@ -141,18 +141,22 @@ def test_the_message_waiting_behind_a_killed_child_runs_once_in_the_next(pool: P
     assert [e["user_id"] for e in pool.events("end")] == ["fine"]
 
 
-def test_kill_9_of_a_child_fails_only_the_message_it_ran(pool: Pool) -> None:
+def test_kill_9_of_a_child_fails_only_the_message_it_ran(pool: Pool, caplog: pytest.LogCaptureFixture) -> None:
     worker = pool.start()
     pool.publish("slow-1")
     wait_for(lambda: pool.events("start"), 30)
     pool.publish("U2")
     wait_for(lambda: worker.running == 2, 30)  # U2 waits in the child's pipe
-    os.kill(pool.events("start")[0]["pid"], signal.SIGKILL)
+    killed = pool.events("start")[0]["pid"]
+    os.kill(killed, signal.SIGKILL)
     wait_for(lambda: len(pool.events("end")) == 2, 30)
     pool.running.stop()  # type: ignore[union-attr]
     starts = sorted((e["user_id"], e["attempt"]) for e in pool.events("start"))
     assert starts == [("U2", 1), ("slow-1", 1), ("slow-1", 2)]
     assert worker.counts == {"handled": 2, "retried": 1, "dead_lettered": 0}
+    # nobody in the worker killed it: a warning that says how it ended
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "hedwig_tasks.pool.processes"]
+    assert ("WARNING", f"replacing child process {killed}: it died (killed by SIGKILL)") in said
 
 
 def test_stop_lets_a_child_finish_its_message_then_the_children_exit(pool: Pool) -> None:

@@ -335,7 +335,7 @@ class Pool:
         while seat.child is child and seat.pending:  # it may retire after a few (--max-tasks-per-child)
             self._enqueue(seat, child, seat.pending.popleft())
 
-    def _retire(self, seat: _Seat, child: Child, why: str) -> None:
+    def _retire(self, seat: _Seat, child: Child, why: str, *, level: int = logging.INFO) -> None:
         """``child`` takes no more tasks (its input closes once written); another takes its seat."""
         if child.accepting:
             child.accepting, child.why = False, why
@@ -343,7 +343,7 @@ class Pool:
                 child.close_input()
         if seat.child is child:
             if not self.closing:
-                logger.info("replacing child process %d: %s", child.pid, why)
+                logger.log(level, "replacing child process %d: %s", child.pid, why)
             seat.child = None
             self._replace(seat)
 
@@ -404,7 +404,10 @@ class Pool:
                 self._fail(list(seat.pending), WorkerLost(why))
                 seat.pending.clear()
         else:
-            self._retire(seat, child, "it was killed" if child.dying else "it died")
+            if child.dying:
+                self._retire(seat, child, "it was killed")
+            else:  # nobody here stopped it: say how it ended
+                self._retire(seat, child, f"it died ({_exit_cause(code)})", level=logging.WARNING)
             self._hand_on(seat, child)
             if seat.child is None:  # stopping, or no child could be started
                 self._fail(list(seat.pending), WorkerLost("the worker is stopping"))
@@ -417,8 +420,7 @@ class Pool:
         if child.killed is task and task.kill_after_s is not None:
             error: Exception = TimeLimitExceeded(task.time_limit_s or task.kill_after_s)
         else:
-            cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            error = WorkerLost(f"child process {child.pid} died ({cause})")
+            error = WorkerLost(f"child process {child.pid} died ({_exit_cause(code)})")
             logger.warning("%s while running a message (transport id %s)", error, task.transport_id)
         task.fail(error, child.pid)
 
@@ -455,3 +457,13 @@ class Pool:
 
 def _load(seat: _Seat) -> int:
     return seat.count - seat.lanes
+
+
+def _exit_cause(code: int) -> str:
+    """How a child process ended, from its exit code: ``killed by SIGKILL`` or ``exit code 1``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:  # a signal number Python has no name for
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

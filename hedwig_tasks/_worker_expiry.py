@@ -65,5 +65,5 @@ def settle_if_expired(worker: Worker, held: Any, message: Message) -> tuple[str,
         extra={"message_id": message.id, "outcome": "expired", "subscription": held.delivery.subscription},
     )
     held.settled = "ack"  # counted by hedwig_expired_total, not among the worker's handled
-    worker._acks.put(held.delivery)
+    worker._ack_later(held.delivery)
     return action, None, reason

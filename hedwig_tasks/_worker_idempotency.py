@@ -66,13 +66,13 @@ class Idempotency:
     _held: dict[int, _Held]
     _held_lock: threading.Lock
     _retries_due: dict[str, float]
-    _acks: Any
     _max_delay_s: float | None
 
     if TYPE_CHECKING:
 
         def _settle(self, what: str, action: Any, *args: Any) -> None: ...
         def _forget_past_retries(self, now: float) -> None: ...
+        def _ack_later(self, delivery: Delivery) -> None: ...
 
     def _claim(self, held: _Held, handler: Handler, message: Message) -> bool:
         """True: this delivery holds the key, run it. False: it was settled here (a duplicate
@@ -101,7 +101,7 @@ class Idempotency:
 
     def _drop_duplicate(self, held: _Held, handler: Handler, message: Message, name: str) -> None:
         held.settled = "ack"
-        self._acks.put(held.delivery)
+        self._ack_later(held.delivery)
         with self._held_lock:
             self.duplicates += 1
         logger.info(

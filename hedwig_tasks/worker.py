@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from hedwig_tasks import signals
+from hedwig_tasks._worker_acks import Acks
 from hedwig_tasks._worker_deadlines import Deadlines
 from hedwig_tasks._worker_expiry import EXPIRES_AT_ATTRIBUTE, settle_if_expired
 from hedwig_tasks._worker_heartbeat import Heartbeats
@@ -76,18 +77,14 @@ logger = logging.getLogger(__name__)
 
 #: Longest pause between receives after a transport error, in seconds.
 MAX_ERROR_BACKOFF_S = 30.0
-#: Longest an ack waits for others to go with it while handlers still have work, in seconds.
-ACK_GATHER_S = 0.02
 #: How long after its due time a burst worker still waits for a retry it scheduled, in seconds
 #: (only where the broker cannot count delayed retries itself).
 BURST_RETRY_GRACE_S = 10.0
 #: What handling a delivery returns once a child process has it (it is settled on the answer).
 _SUBMITTED = "submitted"
-#: An ack count never reached: the acker is not gathering.
-_NEVER = 1 << 62
 
 
-class Worker(Limits, Idempotency, Heartbeats):
+class Worker(Acks, Limits, Idempotency, Heartbeats):
     """Consumes an app's subscriptions until stopped (or, in burst mode, until they are empty)."""
 
     def __init__(self, app: Hedwig, options: WorkerOptions | None = None) -> None:
@@ -108,16 +105,13 @@ class Worker(Limits, Idempotency, Heartbeats):
         self._held: dict[int, _Held] = {}
         self._held_lock = threading.Lock()
         held = self.options.concurrency + self.options.prefetch
-        self._ack_batch = max(1, held // 2)  #: acks worth one broker round trip
+        self._init_acks(max(1, held // 2))
         self._slots = Slots(held, enough=self._ack_batch)
         self._withheld = 0  #: slots of buffered deliveries released as stale, back once a handler frees
         self._retries_due: dict[str, float] = {}  #: message key -> when a retry we scheduled is due
         self._buffer: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         #: With the process pool: deliveries whose start may wait, and how to handle each, for a handler thread.
         self._waits: queue.SimpleQueue[tuple[_Held, Any] | None] = queue.SimpleQueue()
-        self._acks: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
-        self._ack_due = threading.Event()  #: the acker's batch is full, or nothing is held: send it
-        self._ack_wanted = _NEVER  #: acks the acker's batch still lacks, while it gathers
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -262,7 +256,7 @@ class Worker(Limits, Idempotency, Heartbeats):
         return min(backoff_s * 2, MAX_ERROR_BACKOFF_S)
 
     def _idle(self) -> bool:
-        if self.held or not self._acks.empty():
+        if self.held or self._acks_waiting():
             return False
         try:
             statuses = self.app.transport.counts(self.app.queue, self.topics)
@@ -390,7 +384,7 @@ class Worker(Limits, Idempotency, Heartbeats):
             if held.outcome:
                 self.counts[held.outcome] += 1
             if not self._held:  # no more acks to wait for
-                self._ack_due.set()
+                self._nothing_held()
         # an ack in the acker's queue still holds its slot until it is sent
         self._give_back_slots(withheld + (0 if held.settled == "ack" else 1))
 
@@ -412,51 +406,6 @@ class Worker(Limits, Idempotency, Heartbeats):
                 reason = f"unexpected error: {type(exc).__name__}: {exc}"
                 self._dead_letter(held, None, reason, logged=True)
             return True
-
-    def _ack_loop(self) -> None:
-        assert self._consumer is not None
-        done = False
-        while not done:
-            batch, done = self._next_acks()
-            if batch:
-                self._settle("ack", self._consumer.ack, batch)
-                self._give_back_slots(len(batch))  # once per batch: one wake-up of the receive loop
-
-    def _next_acks(self) -> tuple[list[Delivery], bool]:
-        """The acks to send together, and whether the worker is done (a None came).
-
-        While deliveries are still held (more acks are coming), up to ``ACK_GATHER_S`` more
-        gathers a larger batch (an ack is a broker round trip); once none is held, what is
-        there goes at once, so the slots it frees reach the receive loop without delay.
-        """
-        batch: list[Delivery] = []
-        item = self._acks.get()
-        deadline = time.monotonic() + ACK_GATHER_S
-        while item is not None:
-            batch.append(item)
-            try:
-                item = self._acks.get_nowait()
-                continue
-            except queue.Empty:
-                pass
-            wait_s = deadline - time.monotonic()
-            if len(batch) >= self._ack_batch or wait_s <= 0 or not self._held or self._stopping.is_set():
-                return batch, False
-            self._ack_wanted = self._ack_batch - len(batch)  # not woken by each ack: by enough of them
-            self._ack_due.clear()
-            if self._acks.qsize() < self._ack_wanted and self._held:
-                self._ack_due.wait(wait_s)
-            self._ack_wanted = _NEVER  # until it gathers again, acks need not wake it
-            try:
-                item = self._acks.get_nowait()
-            except queue.Empty:
-                return batch, False
-        return batch, True
-
-    def _queue_ack(self, delivery: Delivery) -> None:
-        self._acks.put(delivery)
-        if self._acks.qsize() >= self._ack_wanted:
-            self._ack_due.set()
 
     def _lease_loop(self) -> None:
         assert self._consumer is not None
@@ -602,7 +551,7 @@ class Worker(Limits, Idempotency, Heartbeats):
             if post:
                 self._call_hook("post-process", post, delivery=delivery, message=message)
             held.settled, held.outcome = "ack", "handled"
-            self._queue_ack(delivery)
+            self._ack_later(delivery)
         elif outcome.action == "retry":
             delay_s = outcome.delay_s if self._max_delay_s is None else min(outcome.delay_s, self._max_delay_s)
             held.settled = "retry"
@@ -665,8 +614,7 @@ class Worker(Limits, Idempotency, Heartbeats):
             self._pool.stop()  # idle children exit; those still running what was just released are killed
         if self._deadlines is not None:
             self._deadlines.stop()
-        self._acks.put(None)
-        self._ack_due.set()
+        self._stop_acks()
         for thread in self._threads:
             thread.join(5.0)
         self._consumer.close()

@@ -40,6 +40,7 @@ from hedwig_tasks.state.base import (
     encode_data,
     refill,
 )
+from hedwig_tasks.transports._sqlite_db import open_wal
 from hedwig_tasks.transports._url import Option, read_options, seconds, text
 
 __all__ = ["DEFAULT_BUSY_TIMEOUT_S", "DEFAULT_SWEEP_EVERY_S", "DEFAULT_TABLE", "SQLiteStore"]
@@ -130,13 +131,12 @@ class SQLiteStore(StateStore):
     def _connect(self) -> sqlite3.Connection:
         if self._connection is not None and self._pid == os.getpid():
             return self._connection
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(
-            self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.executescript(_schema(self.table))
+        connection, _ = open_wal(self.path, self.busy_timeout_s)
+        try:
+            connection.executescript(_schema(self.table))
+        except BaseException:
+            connection.close()
+            raise
         self._connection, self._pid = connection, os.getpid()  # a parent's connection is left alone
         return connection
 

@@ -24,11 +24,40 @@ from hedwig_tasks.transports._sqlite_sql import SCHEMA, SCHEMA_VERSION
 __all__ = ["BusFile"]
 
 logger = logging.getLogger(__name__)
+#: Pause before asking again to switch a new file to WAL mode while another connection does, in seconds.
+WAL_SWITCH_PAUSE_S = 0.01
 
 #: First nap of a writer waiting for another's write lock, in seconds (doubles each try).
 WRITE_NAP_MIN_S = 0.00005
 #: Longest nap of a writer waiting for another's write lock, in seconds.
 WRITE_NAP_MAX_S = 0.002
+
+
+def open_wal(path: Path, busy_timeout_s: float) -> tuple[sqlite3.Connection, str]:
+    """A connection to ``path`` in WAL mode with ``synchronous=NORMAL``, and the journal mode it got.
+
+    ``busy_timeout_s`` is SQLite's busy timeout: a writer waits for another's lock instead of
+    failing. Switching a new file to WAL while another connection does the same can be refused
+    ("database is locked") without the busy handler being asked, so the switch is asked again
+    until that timeout. Raises ``sqlite3.Error``; the connection is closed if it does.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    deadline = time.monotonic() + busy_timeout_s
+    try:
+        while True:
+            try:
+                (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(WAL_SWITCH_PAUSE_S)
+        connection.execute("PRAGMA synchronous = NORMAL")  # durable across crashes of a process in WAL mode
+    except BaseException:
+        connection.close()
+        raise
+    return connection, str(mode)
 
 
 class _Slot:
@@ -87,16 +116,10 @@ class BusFile:
         return slot.connection
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # ``timeout`` is SQLite's busy_timeout: wait for another writer's lock instead of failing.
-        connection = sqlite3.connect(
-            self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        connection, mode = open_wal(self.path, self.busy_timeout_s)
         try:
-            (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":  # e.g. a network file system: still correct, but readers block writers
                 logger.warning("SQLite bus %s runs in %s journal mode, not WAL", self.path, mode)
-            connection.execute("PRAGMA synchronous = NORMAL")  # durable across crashes of a process in WAL mode
             if connection.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
                 connection.executescript(SCHEMA)
             connection.execute("PRAGMA busy_timeout = 0")  # writers wait in _begin, readers in reading()

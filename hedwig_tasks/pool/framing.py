@@ -73,14 +73,14 @@ def task_header(subscription: str, attempt: int, transport_id: str, limit_s: flo
         if limit_s is not None:
             header["limit"] = limit_s
         text = _encode(header)
-    return text.encode()
+    return text.encode("utf-8", "surrogatepass")  # a lone surrogate (a header py-amqp read leniently) kept
 
 
 def decode_header(head: bytes) -> dict[str, Any]:
     """A frame's header: JSON, a task's NUL-joined strings (:func:`task_header`) or a child's
     usual reply (:data:`ACK_REPLY`)."""
     if head[:1] == b"\0":
-        fields = iter(head.decode().split("\0"))
+        fields = iter(head.decode("utf-8", "surrogatepass").split("\0"))
         next(fields)
         subscription, attempt, transport_id, limit_s = next(fields), next(fields), next(fields), next(fields)
         attributes = dict(zip(fields, fields, strict=True))  # key, value, key, value...

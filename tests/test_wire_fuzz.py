@@ -26,6 +26,7 @@ import math
 import os
 import random
 import struct
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -40,6 +41,8 @@ from conftest import SCHEMA_FILE
 from hedwig_tasks import DecodeError
 from hedwig_tasks.pool.framing import ACK_REPLY, FrameReader, decode_header, frame_of, task_header
 from hedwig_tasks.transports import _kombu_wire as wire
+from hedwig_tasks.transports._kombu_consumer import KombuConsumer
+from hedwig_tasks.transports._kombu_messages import Reading, body_bytes, read
 from hedwig_tasks.transports.base import Delivery
 from hedwig_tasks.validators import jsonschema as jsonschema_module
 from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
@@ -232,8 +235,58 @@ def test_properties_of_reads_what_py_amqp_reads_or_leaves_it_to_py_amqp(seed: in
     assert read_here > 500 and left > 500  # both ways taken
 
 
+class _Channel:
+    """A channel as ``_take_delivery`` uses it; a dispatch is what py-amqp's would do with a delivery."""
+
+    channel_id = 1
+    is_open = True
+
+    def __init__(self) -> None:
+        self.dispatched: list[Any] = []
+
+    def dispatch_method(self, method_sig: Any, payload: bytes, message: Any) -> None:
+        amqp.serialization.loads("sLbss", payload, 4)  # the arguments, read as py-amqp reads them
+        encoding = message.properties.get("content_encoding")
+        if encoding:  # py-amqp's auto_decode
+            try:
+                message.body = message.body.decode(encoding)
+            except Exception:
+                pass
+        message.delivery_info = {"delivery_tag": 7, "redelivered": False}
+        self.dispatched.append(message)
+
+
 #: The ``basic.deliver`` method payload the broker sends with every delivery here.
 _METHOD = wire.DELIVER + amqp.serialization.dumps("sLbss", ("ctag", 7, False, "hedwig-t", ""))
+
+
+def _take(header: bytes, body: bytes) -> tuple[list[Reading], bool]:
+    """What the consumer reads of a delivery of ``header`` and ``body``, and whether it read it itself."""
+    consumer = SimpleNamespace(
+        _tags={"ctag": "sub"}, _held_lock=threading.Lock(), _unacked=set(), _buffer=collections.deque()
+    )
+    channel = _Channel()
+    KombuConsumer._take_delivery(consumer, channel, _METHOD, header, body)  # type: ignore[arg-type]
+    itself = [message for _, message in consumer._buffer]
+    assert len(itself) + len(channel.dispatched) == 1
+    assert consumer._unacked == ({7} if itself else set())  # py-amqp's collector adds it otherwise
+    return [read(message) for message in itself + channel.dispatched], bool(itself)
+
+
+def test_a_text_body_with_an_encoding_name_holding_a_nul_is_a_fault() -> None:
+    """``str.encode`` raises ValueError (not LookupError) for a codec name with a NUL: ``read`` let it out."""
+    assert body_bytes("x", "a\0b") == (b"x", "its text body cannot be encoded back as 'a\\x00b'")
+
+
+@pytest.mark.parametrize("encoding", ["binary", "a\0b", "utf-16"])
+def test_a_delivery_without_body_frames_reads_as_an_empty_body(encoding: str) -> None:
+    """py-amqp leaves a message whose header says 0 bytes the text body ''; with ``binary`` (ours) or a
+    codec name with a NUL it read as a fault ('cannot be encoded back'), or raised, on py-amqp's path
+    (an x-death array sends a retried message there)."""
+    headers = {"hedwig_id": "1", "x-death": [{"count": 1}]}
+    _, header, body = _py_amqp_frames(amqp.Message(b"", content_encoding=encoding, application_headers=headers))
+    (reading,), itself = _take(header, body)
+    assert not itself and (reading.body, reading.attributes, reading.fault) == (b"", {"hedwig_id": "1"}, "")
 
 
 # -- RabbitMQ end to end -------------------------------------------------------------------------

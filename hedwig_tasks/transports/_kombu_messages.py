@@ -315,7 +315,7 @@ def body_bytes(body: Any, encoding: Any = None) -> tuple[bytes, str]:
     A text body is what the client decoded with the message's ``content_encoding``: it is
     encoded back with that encoding (or UTF-8 when there is none).
     """
-    if body is None:
+    if body is None or body == "":  # no body frames came: py-amqp leaves the text "", whatever the encoding
         return b"", ""
     if isinstance(body, bytes | bytearray | memoryview):
         return bytes(body), ""
@@ -323,7 +323,7 @@ def body_bytes(body: Any, encoding: Any = None) -> tuple[bytes, str]:
         codec = encoding if isinstance(encoding, str) and encoding else "utf-8"
         try:
             return body.encode(codec), ""
-        except (LookupError, UnicodeError):
+        except (LookupError, ValueError):  # ValueError: a codec name with a NUL, UnicodeError
             return body.encode("utf-8", "surrogatepass"), f"its text body cannot be encoded back as {codec!r}"
     return b"", f"body is {_kind(body)}, not bytes or text"
 

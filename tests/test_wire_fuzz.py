@@ -31,19 +31,24 @@ import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import amqp
 import amqp.method_framing
 import amqp.serialization
 import pytest
 from conftest import SCHEMA_FILE
+from kombu_server import cleanup, server_url
 
 from hedwig_tasks import DecodeError
 from hedwig_tasks.pool.framing import ACK_REPLY, FrameReader, decode_header, frame_of, task_header
+from hedwig_tasks.testing.contract import Names
 from hedwig_tasks.transports import _kombu_wire as wire
 from hedwig_tasks.transports._kombu_consumer import KombuConsumer
 from hedwig_tasks.transports._kombu_messages import Reading, body_bytes, read
+from hedwig_tasks.transports._kombu_names import REASON, dlq_name
 from hedwig_tasks.transports.base import Delivery
+from hedwig_tasks.transports.kombu import KombuTransport
 from hedwig_tasks.validators import jsonschema as jsonschema_module
 from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
 
@@ -273,6 +278,43 @@ def _take(header: bytes, body: bytes) -> tuple[list[Reading], bool]:
     return [read(message) for message in itself + channel.dispatched], bool(itself)
 
 
+def _py_amqp_reading(header: bytes, body: bytes) -> Reading:
+    message = amqp.Message(frame_method=(60, 60), frame_args=b"")
+    message.inbound_header(header)
+    if body:
+        message.inbound_body(body)
+    channel = _Channel()
+    channel.dispatch_method(None, _METHOD, message)
+    return read(message)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_a_delivery_of_any_content_header_is_read_or_handed_out_with_a_fault(seed: int) -> None:
+    faults = 0
+    for header, body in _headers(seed, 2500):
+        (reading,), itself = _take(header, body)  # raises nothing: no exception leaves the receive
+        if _py_amqp_reads(header) is None:
+            assert itself and "its properties cannot be read" in reading.fault
+            faults += 1
+        else:  # read here or by py-amqp: the same reading
+            assert reading == _py_amqp_reading(header, body), header
+    assert faults > 100
+
+
+def test_properties_py_amqp_cannot_read_are_a_fault_not_an_exception() -> None:
+    """RabbitMQ hands on a content type that is not UTF-8 (seen on a real broker) as it came;
+    py-amqp's decoder raises on it, and so it did out of the consumer's receive."""
+    cases = {
+        b"\x80\x00\x01\xff": "UnicodeDecodeError",  # content type b"\xff"
+        b"\x20\x00" + struct.pack(">I", 11) + b"\x01tT" + struct.pack(">Q", 2**63): "Error",  # a timestamp too far
+        b"\x20\x00" + struct.pack(">I", 3) + b"\x01t?": "FrameSyntaxError",  # a field type no one knows
+    }
+    for tail, error in cases.items():
+        (reading,), itself = _take(struct.pack(">HHQ", 60, 0, 1) + tail, b"x")
+        assert itself and reading.body == b"x" and reading.attempt == 1
+        assert reading.fault.startswith("its properties cannot be read: ") and error in reading.fault
+
+
 def test_a_text_body_with_an_encoding_name_holding_a_nul_is_a_fault() -> None:
     """``str.encode`` raises ValueError (not LookupError) for a codec name with a NUL: ``read`` let it out."""
     assert body_bytes("x", "a\0b") == (b"x", "its text body cannot be encoded back as 'a\\x00b'")
@@ -290,6 +332,58 @@ def test_a_delivery_without_body_frames_reads_as_an_empty_body(encoding: str) ->
 
 
 # -- RabbitMQ end to end -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rabbit() -> Iterator[tuple[KombuTransport, Names]]:
+    url = server_url("amqp")
+    names = Names.fresh()
+    bus = KombuTransport(url)
+    bus.provision(names.queue, [names.topic], [])
+    yield bus, names
+    bus.close()
+    cleanup(url, [names.queue], [names.topic])
+
+
+def _publish_raw(url: str, exchange: str, header: bytes, body: bytes) -> None:
+    """Publish frames built by hand (what py-amqp could not write) with a bare py-amqp connection."""
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port or 5672}"
+    with amqp.Connection(host, userid=parts.username, password=parts.password) as connection:
+        channel = connection.channel()
+        channel.confirm_select()
+        method = wire.publish_method(channel.channel_id, exchange, "", mandatory=False)
+        assert method is not None
+        connection.transport.write(wire.message_frames(method, channel.channel_id, header, body, 131072))
+        channel.basic_publish(amqp.Message(b"sync"), routing_key="nowhere-" + uuid.uuid4().hex)  # confirmed after it
+
+
+def test_a_delivery_py_amqp_cannot_read_is_dead_lettered_and_the_next_one_handled(
+    rabbit: tuple[KombuTransport, Names],
+) -> None:
+    bus, names = rabbit
+    odd = struct.pack(">HHQH", 60, 0, 5, 0x8000 | 0x2000) + b"\x01\xff" + struct.pack(">I", 0)
+    _publish_raw(bus.url, f"hedwig-{names.topic}", odd, b"first")
+    bus.publish(names.topic, b"second", {"hedwig_id": "2"})
+    consumer = bus.consumer(names.queue, [names.topic])
+    taken: list[Delivery] = []
+    try:
+        for _ in range(20):
+            taken += consumer.receive(2, wait_s=1)
+            if len(taken) >= 2:
+                break
+        first, second = taken
+        assert first.body == b"first" and "its properties cannot be read: UnicodeDecodeError" in first.fault
+        assert (second.body, second.attributes, second.fault) == (b"second", {"hedwig_id": "2"}, "")
+        consumer.dead_letter(first, first.fault)
+        consumer.ack([second])
+    finally:
+        consumer.close()
+    parts = urlsplit(bus.url)
+    with amqp.Connection(f"{parts.hostname}:{parts.port or 5672}", userid="guest", password="guest") as connection:
+        dead = connection.channel().basic_get(dlq_name(names.queue), no_ack=True)
+    assert dead is not None and dead.body == b"first"
+    assert "its properties cannot be read" in dead.properties["application_headers"][REASON]
 
 
 # -- process pool: task headers ------------------------------------------------------------------

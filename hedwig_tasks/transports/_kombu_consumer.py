@@ -224,11 +224,18 @@ class KombuConsumer(Consumer):
         properties = properties_of(header) if name is not None and channel.is_open else None
         if properties is None or properties.get("content_encoding", "binary") != "binary":
             message = amqp.Message(frame_method=_DELIVER, frame_args=method)
-            message.inbound_header(header)
-            if body:
-                message.inbound_body(body)
-            channel.dispatch_method(_DELIVER, method, message)  # as py-amqp's reader would
-            return
+            try:
+                message.inbound_header(header)
+            except Exception as exc:  # py-amqp cannot read them either (a short string not UTF-8...)
+                if name is None or not channel.is_open:
+                    raise
+                # handed out with the fault, so that the worker dead-letters it with why
+                properties = {"application_headers": {FAULT: f"its properties cannot be read: {exc!r}"[:300]}}
+            else:
+                if body:
+                    message.inbound_body(body)
+                channel.dispatch_method(_DELIVER, method, message)  # as py-amqp's reader would
+                return
         assert name is not None
         info = {"consumer_tag": consumer_tag, "delivery_tag": tag, "redelivered": redelivered}
         with self._held_lock:

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import struct
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -313,6 +314,18 @@ def test_properties_py_amqp_cannot_read_are_a_fault_not_an_exception() -> None:
         (reading,), itself = _take(struct.pack(">HHQ", 60, 0, 1) + tail, b"x")
         assert itself and reading.body == b"x" and reading.attempt == 1
         assert reading.fault.startswith("its properties cannot be read: ") and error in reading.fault
+
+
+def test_a_routing_key_py_amqp_cannot_read_is_a_fault_not_an_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RabbitMQ routes a publish whose routing key is bytes FF (tried on the test broker); with unusual
+    properties (a priority) py-amqp's dispatch read it as UTF-8 and raised UnicodeDecodeError."""
+    method = wire.DELIVER + amqp.serialization.dumps("sLb", ("ctag", 7, False)) + b"\x08hedwig-t\x01\xff"
+    monkeypatch.setattr(sys.modules[__name__], "_METHOD", method)
+    (reading,), itself = _take(struct.pack(">HHQH", 60, 0, 1, 0x0800) + b"\x04", b"x")
+    assert itself and reading.body == b"x"
+    assert reading.fault.startswith("its exchange or routing key cannot be read: UnicodeDecodeError")
+    (reading,), itself = _take(struct.pack(">HHQH", 60, 0, 1, 0x1000) + b"\x02", b"x")  # read here: not looked at
+    assert itself and reading.fault == ""
 
 
 def test_a_text_body_with_an_encoding_name_holding_a_nul_is_a_fault() -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import amqp
+import amqp.serialization
 
 from hedwig_tasks.transports._kombu_link import Broker, chunked
 from hedwig_tasks.transports._kombu_messages import Reading, Received, read, send
@@ -224,13 +225,16 @@ class KombuConsumer(Consumer):
         properties = properties_of(header) if name is not None and channel.is_open else None
         if properties is None or properties.get("content_encoding", "binary") != "binary":
             message = amqp.Message(frame_method=_DELIVER, frame_args=method)
+            part = "its properties"
             try:
                 message.inbound_header(header)
+                part = "its exchange or routing key"
+                amqp.serialization.loads("sLbss", method, 4)  # what dispatch_method reads first
             except Exception as exc:  # py-amqp cannot read them either (a short string not UTF-8...)
                 if name is None or not channel.is_open:
                     raise
                 # handed out with the fault, so that the worker dead-letters it with why
-                properties = {"application_headers": {FAULT: f"its properties cannot be read: {exc!r}"[:300]}}
+                properties = {"application_headers": {FAULT: f"{part} cannot be read: {exc!r}"[:300]}}
             else:
                 if body:
                     message.inbound_body(body)

@@ -39,9 +39,10 @@ import amqp.method_framing
 import amqp.serialization
 import pytest
 from conftest import SCHEMA_FILE
+from helpers import WorkerThread
 from kombu_server import cleanup, server_url
 
-from hedwig_tasks import DecodeError
+from hedwig_tasks import DecodeError, Hedwig
 from hedwig_tasks.pool.framing import ACK_REPLY, FrameReader, decode_header, frame_of, task_header
 from hedwig_tasks.testing.contract import Names
 from hedwig_tasks.transports import _kombu_wire as wire
@@ -51,7 +52,9 @@ from hedwig_tasks.transports._kombu_names import REASON, dlq_name
 from hedwig_tasks.transports.base import Delivery
 from hedwig_tasks.transports.kombu import KombuTransport
 from hedwig_tasks.validators import jsonschema as jsonschema_module
+from hedwig_tasks.validators.base import to_transport
 from hedwig_tasks.validators.jsonschema import JSONSchemaValidator
+from hedwig_tasks.worker import Worker, WorkerOptions
 
 # -- RabbitMQ: content headers ---------------------------------------------------------------
 
@@ -358,15 +361,15 @@ def rabbit() -> Iterator[tuple[KombuTransport, Names]]:
     cleanup(url, [names.queue], [names.topic])
 
 
-def _publish_raw(url: str, exchange: str, header: bytes, body: bytes) -> None:
+def _publish_raw(url: str, exchange: str, header: bytes, body: bytes, routing_key: bytes = b"") -> None:
     """Publish frames built by hand (what py-amqp could not write) with a bare py-amqp connection."""
     parts = urlsplit(url)
     host = f"{parts.hostname}:{parts.port or 5672}"
     with amqp.Connection(host, userid=parts.username, password=parts.password) as connection:
         channel = connection.channel()
         channel.confirm_select()
-        method = wire.publish_method(channel.channel_id, exchange, "", mandatory=False)
-        assert method is not None
+        names = bytes([len(exchange)]) + exchange.encode() + bytes([len(routing_key)]) + routing_key
+        method = wire.frame(1, channel.channel_id, b"\x00\x3c\x00\x28\x00\x00" + names + b"\x00")
         connection.transport.write(wire.message_frames(method, channel.channel_id, header, body, 131072))
         channel.basic_publish(amqp.Message(b"sync"), routing_key="nowhere-" + uuid.uuid4().hex)  # confirmed after it
 
@@ -617,3 +620,38 @@ def test_a_body_of_any_bytes_decodes_as_json_loads_and_jsonschema_decide() -> No
         assert got == expected, body[:200]
         taken[got[0]] += 1
     assert taken["message"] > 150 and taken["refused"] > 1000
+
+
+def test_a_worker_dead_letters_deliveries_py_amqp_cannot_read_and_handles_the_ones_behind() -> None:
+    """End to end: raw publishes RabbitMQ routes as they came (a content type of bytes FF, a table
+    timestamp past time_t, a routing key of bytes FF with a priority), then good messages."""
+    url = server_url("amqp")
+    names = Names.fresh()
+    bus = KombuTransport(url)
+    app = Hedwig(names.queue, schema=SCHEMA_FILE, transport=bus, routing={"user-created": names.topic})
+    handled: list[str] = []
+    app.handler("user-created", "1.*")(lambda message: handled.append(message.data["user_id"]))
+    try:
+        app.provision()
+        encoded = app.validator.encode(app.message("user-created", "1.0", {"user_id": "poisoned"}))
+        body, _ = to_transport(encoded, text_only=False)
+        exchange, table = f"hedwig-{names.topic}", b"\x01tT" + struct.pack(">Q", 2**63)
+        _publish_raw(url, exchange, struct.pack(">HHQH", 60, 0, len(body), 0x8000) + b"\x01\xff", body)
+        _publish_raw(url, exchange, struct.pack(">HHQHI", 60, 0, len(body), 0x2000, len(table)) + table, body)
+        _publish_raw(url, exchange, struct.pack(">HHQHB", 60, 0, len(body), 0x0800, 4), body, routing_key=b"\xff")
+        good = [f"good-{n}" for n in range(4)]
+        for user_id in good:
+            app.publish("user-created", "1.0", {"user_id": user_id})
+        worker = Worker(app, WorkerOptions(burst=True, concurrency=2, prefetch=4, wait_s=0.2))
+        runner = WorkerThread(worker)
+        runner.thread.join(30)
+        runner.stop()  # re-raises what the worker raised
+        assert sorted(handled) == good
+        reasons = sorted(record.reason for record in bus.dead_letters(names.queue))
+        assert len(reasons) == 3 and all(r.startswith("unreadable delivery: ") for r in reasons), reasons
+        assert "its exchange or routing key cannot be read: UnicodeDecodeError" in reasons[0]
+        assert "its properties cannot be read: " in reasons[1] and "its properties cannot be read: " in reasons[2]
+        assert worker.counts["dead_lettered"] == 3
+    finally:
+        app.close()
+        cleanup(url, [names.queue], [names.topic])

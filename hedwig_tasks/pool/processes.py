@@ -181,8 +181,15 @@ class Pool:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout_s + STOP_TIMEOUT_S)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            if self._thread.is_alive():  # it still polls the wake-up pipe: closing it would spin it
+                logger.error("process pool dispatcher did not end in %.1fs; leaving it", timeout_s + STOP_TIMEOUT_S)
+                return
+        self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+        os.close(wake_r)
+        os.close(wake_w)
 
     def close(self) -> None:
         """Kill and reap every child at once (start-up failed)."""
@@ -193,10 +200,11 @@ class Pool:
         children, self._all = self._all, frozenset()
         for child in children:
             child.kill()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._close_wake_pipe()
 
     def _wake(self) -> None:
+        if self._wake_w < 0:  # stopped: a late submit (an abandoned thread's) has nobody to wake
+            return
         try:
             os.write(self._wake_w, b"!")
         except BlockingIOError:  # it has been woken already
@@ -237,12 +245,21 @@ class Pool:
             elif child.flush():  # its input had room again
                 self._unpoll(fd)
         if answered:
-            self._fill()  # the next tasks go out first, then the answered ones are settled
-            for task, reply in answered:
-                task.done(*outcome_of(reply), None)
+            try:
+                self._fill()  # the next tasks go out first, then the answered ones are settled
+            finally:
+                self._settle_answered(answered)
         now = time.monotonic()
         if deadline <= now:
             self._expire(now)
+
+    def _settle_answered(self, answered: list[tuple[Task, dict[str, Any]]]) -> None:
+        """Settle each answered task, whatever another one's settling raised."""
+        for task, reply in answered:
+            try:
+                task.done(*outcome_of(reply), None)
+            except Exception:
+                logger.exception("process pool: settling message %s failed", task.transport_id)
 
     def _fill(self) -> None:
         """Give every seat with room its next tasks: submitted ones first, then what ``feed`` brings."""
@@ -410,7 +427,8 @@ class Pool:
                 self._retire(seat, child, f"it died ({_exit_cause(code)})", level=logging.WARNING)
             self._hand_on(seat, child)
             if seat.child is None:  # stopping, or no child could be started
-                self._fail(list(seat.pending), WorkerLost("the worker is stopping"))
+                why = "the worker is stopping" if self.closing else "no child process could be started in its place"
+                self._fail(list(seat.pending), WorkerLost(why))
                 seat.pending.clear()
         if running is not None:
             seat.count -= 1

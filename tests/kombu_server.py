@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
 
+from hedwig_tasks.testing.contract import Names
 from hedwig_tasks.transports._kombu_names import publish_delay_queue_name
 from hedwig_tasks.transports.kombu import (
     DELAY_BUCKETS_S,
+    KombuTransport,
     delay_queue_name,
     dlq_name,
     exchange_name,
@@ -69,3 +71,17 @@ def cleanup(url: str, queues: Iterable[str], topics: Iterable[str]) -> None:
                 channel.exchange_delete(exchange_name(topic))
                 continue
             channel = connection.channel()
+
+
+@contextlib.contextmanager
+def fresh_bus() -> Iterator[tuple[KombuTransport, Names]]:
+    """A transport on the test broker, with a queue and a topic of the test's own, deleted after."""
+    url = server_url("amqp")
+    names = Names.fresh()
+    bus = KombuTransport(url)
+    bus.provision(names.queue, [names.topic], [])
+    try:
+        yield bus, names
+    finally:
+        bus.close()
+        cleanup(url, [names.queue], [names.topic])

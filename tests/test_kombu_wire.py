@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import amqp
 import amqp.method_framing
 import pytest
-from kombu_server import cleanup, server_url
+from kombu_server import cleanup, fresh_bus, server_url
 from tcp_proxy import TcpProxy
 
 from hedwig_tasks.exceptions import PublishError, TransportError
@@ -109,13 +109,8 @@ def test_a_tls_connection_keeps_py_amqps_path() -> None:
 
 @pytest.fixture
 def rabbit() -> Iterator[tuple[KombuTransport, Names]]:
-    url = server_url("amqp")
-    names = Names.fresh()
-    bus = KombuTransport(url)
-    bus.provision(names.queue, [names.topic], [])
-    yield bus, names
-    bus.close()
-    cleanup(url, [names.queue], [names.topic])
+    with fresh_bus() as bus_and_names:
+        yield bus_and_names
 
 
 def _connect(url: str) -> amqp.Connection:

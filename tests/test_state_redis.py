@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 from redis_server import redis_url
+from state_stores import delete_prefix
 
 from hedwig_tasks.exceptions import StateError
 from hedwig_tasks.state import from_url
@@ -17,21 +18,11 @@ from hedwig_tasks.testing.contract import ContractClock, RealClock
 from hedwig_tasks.testing.state_contract import StateContract
 
 
-def _delete_prefix(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
 @pytest.fixture
 def prefix() -> Iterator[str]:
     prefix = f"hedwig-test:{uuid.uuid4().hex[:10]}:"
     yield prefix
-    _delete_prefix(redis_url(), prefix)
+    delete_prefix(redis_url(), prefix)
 
 
 class TestRedisStore(StateContract):

@@ -118,6 +118,24 @@ class Validator(abc.ABC):
             )
 
 
+class _Attaching(Validator):
+    """A validator that builds a received message with its delivery attached (the built-ins):
+    it implements ``_decode``, which both :meth:`decode` and :meth:`decode_delivery` go through.
+    A subclass that overrides :meth:`decode` is still asked, by the base's copying default."""
+
+    def decode(self, body: bytes, attributes: Mapping[str, str]) -> Message:
+        return self._decode(body, attributes, None)
+
+    def decode_delivery(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
+        if type(self).decode is not _Attaching.decode:  # a subclass decodes its own way: ask it
+            return super().decode_delivery(body, attributes, delivery)
+        return self._decode(body, attributes, delivery)
+
+    @abc.abstractmethod
+    def _decode(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
+        """Decode either form and validate, the message carrying ``delivery`` (None: none)."""
+
+
 def check_headers(headers: Mapping[str, str]) -> None:
     """Headers are string to string and never use the reserved ``hedwig_`` prefix."""
     for key, value in headers.items():

@@ -28,7 +28,7 @@ from hedwig_tasks.message import Message, Metadata, Version
 from hedwig_tasks.validators.base import (
     FORMAT_VERSION,
     Encoded,
-    Validator,
+    _Attaching,
     check_headers,
     meta_attributes,
     parse_schema_tail,
@@ -106,7 +106,7 @@ def _check_metaschema(schema: Mapping[str, Any], keys: Iterable[tuple[str, int]]
             raise SchemaError(f"{source}: {path} is not valid JSON Schema: {exc.message}") from exc
 
 
-class JSONSchemaValidator(Validator):
+class JSONSchemaValidator(_Attaching):
     """Validates and encodes messages against a Hedwig JSON-Schema file.
 
     Like Hedwig's consumers, :meth:`decode` accepts a minor newer than the file's ``x-version``
@@ -263,14 +263,6 @@ class JSONSchemaValidator(Validator):
             return Encoded(_dumps(message.data), meta_attributes(message, schema))
         except (TypeError, ValueError) as exc:
             raise ValidationError(f"{message.type} {message.version}: data is not JSON: {exc}") from exc
-
-    def decode(self, body: bytes, attributes: Mapping[str, str]) -> Message:
-        return self._decode(body, attributes, None)
-
-    def decode_delivery(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
-        if type(self).decode is not JSONSchemaValidator.decode:  # a subclass decodes its own way: ask it
-            return super().decode_delivery(body, attributes, delivery)
-        return self._decode(body, attributes, delivery)
 
     def _decode(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
         try:

@@ -32,7 +32,7 @@ from hedwig_tasks.message import Message, Metadata, Version
 from hedwig_tasks.validators.base import (
     FORMAT_VERSION,
     Encoded,
-    Validator,
+    _Attaching,
     check_headers,
     meta_attributes,
     parse_schema_tail,
@@ -112,7 +112,7 @@ def _parse(cls: ProtoClass, body: bytes, what: str) -> Any:
         raise DecodeError(f"{what} is not a valid {cls.DESCRIPTOR.full_name}: {exc}") from None
 
 
-class ProtobufValidator(Validator):
+class ProtobufValidator(_Attaching):
     """Validates and encodes messages as protobuf classes carrying Hedwig's message options.
 
     ``message.data`` is an instance of the class for its (type, major), or a dict of its fields.
@@ -205,14 +205,6 @@ class ProtobufValidator(Validator):
         payload.data.Pack(data)
         body: bytes = payload.SerializeToString()
         return body
-
-    def decode(self, body: bytes, attributes: Mapping[str, str]) -> Message:
-        return self._decode(body, attributes, None)
-
-    def decode_delivery(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
-        if type(self).decode is not ProtobufValidator.decode:  # a subclass decodes its own way: ask it
-            return super().decode_delivery(body, attributes, delivery)
-        return self._decode(body, attributes, delivery)
 
     def _decode(self, body: bytes, attributes: Mapping[str, str], delivery: Any) -> Message:
         if "hedwig_schema" in attributes or "hedwig_id" in attributes:

@@ -79,27 +79,32 @@ class Acks:
                 self._give_back_slots(len(batch))  # once per batch: one wake-up of the receive loop
 
     def _next_acks(self) -> tuple[list[Delivery], bool]:
-        """The acks to send together, and whether the worker is done (a None came)."""
+        """The acks to send together, and whether the worker is done (a None came).
+
+        While deliveries are held, the acker sleeps until a batch is full or ``ACK_GATHER_S``
+        has passed, whether or not an ack has come yet: one wake-up per batch. Only with
+        nothing held does it sleep until the first ack (none may come for hours).
+        """
         batch: list[Delivery] = []
-        item = self._acks.get()
         deadline = time.monotonic() + ACK_GATHER_S
-        while item is not None:
-            batch.append(item)
-            try:
-                item = self._acks.get_nowait()
-                continue
-            except queue.Empty:
-                pass
-            wait_s = deadline - time.monotonic()
-            if len(batch) >= self._ack_batch or wait_s <= 0 or not self._held or self._stopping.is_set():
+        while True:
+            while True:
+                try:
+                    item = self._acks.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    return batch, True
+                batch.append(item)
+            now = time.monotonic()
+            full = len(batch) >= self._ack_batch or now >= deadline
+            if batch and (full or not self._held or self._stopping.is_set()):
                 return batch, False
-            self._ack_wanted = self._ack_batch - len(batch)  # not woken by each ack: by enough of them
+            if now >= deadline:  # nothing came meanwhile: gather afresh
+                deadline = now + ACK_GATHER_S
+            gathering = bool(batch or self._held)
+            self._ack_wanted = self._ack_batch - len(batch) if gathering else 1  # not woken by each ack
             self._ack_due.clear()
-            if self._acks.qsize() < self._ack_wanted and self._held:
-                self._ack_due.wait(wait_s)
-            self._ack_wanted = _NEVER  # until it gathers again, acks need not wake it
-            try:
-                item = self._acks.get_nowait()
-            except queue.Empty:
-                return batch, False
-        return batch, True
+            if self._acks.qsize() < self._ack_wanted:
+                self._ack_due.wait(deadline - now if gathering else None)
+            self._ack_wanted = _NEVER  # until it sleeps again, acks need not wake it

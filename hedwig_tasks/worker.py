@@ -106,7 +106,7 @@ class Worker(Acks, Limits, Idempotency, Heartbeats):
         self._held_lock = threading.Lock()
         held = self.options.concurrency + self.options.prefetch
         self._init_acks(max(1, held // 2))
-        self._slots = Slots(held, enough=self._ack_batch)
+        self._slots = Slots(held, enough=self._ack_batch, hungry=self._hungry)
         self._withheld = 0  #: slots of buffered deliveries released as stale, back once a handler frees
         self._retries_due: dict[str, float] = {}  #: message key -> when a retry we scheduled is due
         self._buffer: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
@@ -230,8 +230,15 @@ class Worker(Acks, Limits, Idempotency, Heartbeats):
 
     def _take_slots(self) -> int:
         """Wait briefly for free slots: half of them, or any once the handlers run short of work."""
-        most = self.app.transport.capabilities.max_receive_batch
-        return self._slots.take(most, 0.2, lambda: self._buffer.qsize() < self.options.concurrency)
+        return self._slots.take(self.app.transport.capabilities.max_receive_batch, 0.2)
+
+    def _hungry(self) -> bool:
+        """Whether fewer deliveries wait than there are handlers (threads, or children with
+        what waits in their pipes)."""
+        waiting = self._buffer.qsize()
+        if self._pool is not None:
+            waiting += self._pool.waiting()
+        return waiting < self.options.concurrency
 
     def _give_back_slots(self, count: int) -> None:
         self._slots.give(count)

@@ -109,9 +109,13 @@ def frame_of(head: bytes, body: bytes = b"") -> bytes:
 
 def write_frame(fd: int, header: dict[str, Any], body: bytes = b"") -> None:
     """Write one frame to ``fd`` (blocking). Raises ``OSError`` (``BrokenPipeError``) if the reader is gone."""
-    data = encode_frame(header, body)
+    write_all(fd, encode_frame(header, body))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to ``fd`` (blocking): what is past the pipe's buffer goes as the reader takes it."""
     written = os.write(fd, data)
-    if written < len(data):  # a frame past the pipe's buffer: the rest as the reader takes it
+    if written < len(data):
         view = memoryview(data)[written:]
         while view:
             view = view[os.write(fd, view) :]
@@ -127,6 +131,16 @@ class FrameReader:
     def buffered(self) -> bool:
         """Whether bytes of a next frame were already read (so waiting on ``fd`` would be wrong)."""
         return bool(self._data)
+
+    def has_frame(self) -> bool:
+        """Whether a whole next frame was already read (:meth:`read` returns it without waiting)."""
+        data = self._data
+        if len(data) < _LENGTHS.size:
+            return False
+        head_size: int
+        body_size: int
+        head_size, body_size = _LENGTHS.unpack_from(data)
+        return len(data) >= _LENGTHS.size + head_size + body_size
 
     def read(self) -> tuple[dict[str, Any], bytes] | None:
         """The next frame (blocking): its header and body; None at end of file."""

@@ -1,19 +1,22 @@
 """The worker's side of the process pool: start children, hand them deliveries, read the outcomes.
 
 One *dispatcher* thread does all the talking to the children. It waits (``poll``) on every
-child's reply pipe, on input pipes that are full and on a wake-up pipe, and in each round:
-reads the replies that came (several per wake-up when the worker is busy), frees their seats,
-fills every seat's room with the next tasks and writes them (one write per child per round),
-then finishes the answered tasks; and it kills a child whose task passed its time limit (the
-poll's timeout is the earliest such deadline). The pool has one *seat* per child process and at
-most :data:`LANES` tasks per seat (:data:`QUICK_LANES` while the child's runs are short): while
-a child runs one task, the next waits in its pipe, so a child never idles while the worker
-settles the last message and takes the next. No thread waits on a child: on a small machine
-each wake-up of a thread and each GIL hand-off cost about what a message's own work does, and
-a thread per run blocking on its own reply cost several per message (profiled: the worker's
-CPU per no-op message went from ~150 to ~105 us at ``-c 2``; see ``bench/pool.py``).
-:mod:`~hedwig_tasks.pool.children` has a child's pipes and tasks, and
-:mod:`~hedwig_tasks.pool.framing` the bytes between worker and children.
+child's reply pipe, on input pipes that are full and on a wake-up pipe, and in each round: reads
+the replies that came (several per wake-up when the worker is busy), frees their seats, fills
+every seat's room with the next tasks and writes them (one write per child per round), then
+finishes the answered tasks; and it kills a child whose task passed its time limit (the poll's
+timeout is the earliest such deadline). The pool has one *seat* per child process and at most
+:data:`LANES` tasks per seat (:data:`QUICK_LANES` while the child's runs are short): while a
+child runs one task, the next waits in its pipe, so a child never idles while the worker settles
+the last message and takes the next. Seats of quick children are filled busiest first, so a
+child that is running something takes more without being woken (each wake-up of a sleeping
+process costs about a quick run), and a second child is woken only when the first is full; the
+others emptiest first, so a long run never keeps a task waiting while another child idles. No
+thread waits on a child: on a small machine each wake-up of a thread and each GIL hand-off cost
+about what a message's own work does, and a thread per run blocking on its own reply cost
+several per message (profiled: the worker's CPU per no-op message went from ~150 to ~105 us at
+``-c 2``; see ``bench/pool.py``). :mod:`~hedwig_tasks.pool.children` has a child's pipes and
+tasks, and :mod:`~hedwig_tasks.pool.framing` the bytes between worker and children.
 
 Where the tasks come from: the worker's ``feed`` (called on the dispatcher when a seat has
 room) takes a delivery, does the work before a run on that thread and :meth:`Pool.submit`\\ s
@@ -73,7 +76,7 @@ LANES = 2
 #: Tasks a child holds at most while its runs are quick (see :data:`QUICK_RUN_S`): more wait
 #: in its pipe, so it reads and the worker writes several at a time, and neither waits for the
 #: other after each one.
-QUICK_LANES = 4
+QUICK_LANES = 8
 #: Runs shorter than this on average (seconds) make a child quick; one long run makes it not.
 QUICK_RUN_S = 0.002
 
@@ -162,6 +165,11 @@ class Pool:
     def wake(self) -> None:
         """Have the dispatcher look for work (the worker received some)."""
         self._wake()
+
+    def waiting(self) -> int:
+        """Tasks that wait for a child to take them: behind a running one, or not yet sent (a
+        count read without a lock, close enough for the receive loop's batching)."""
+        return len(self._ready) + sum(max(0, seat.count - 1) for seat in self._seats)
 
     def busy(self) -> bool:
         """Whether a task is in a child or waits for one."""
@@ -264,7 +272,7 @@ class Pool:
     def _fill(self) -> None:
         """Give every seat with room its next tasks: submitted ones first, then what ``feed`` brings."""
         while True:
-            seat = min(self._seats, key=_load)
+            seat = min(self._seats, key=_order)
             if seat.count >= seat.lanes or self.closing:
                 break
             if self._ready:
@@ -473,8 +481,16 @@ class Pool:
             self._poller.unregister(fd)
 
 
-def _load(seat: _Seat) -> int:
-    return seat.count - seat.lanes
+def _order(seat: _Seat) -> tuple[int, int]:
+    """Which seat takes the next task first: a quick child that is running something, the fullest
+    such (it reads the task when it is done, without being woken: each wake-up of a sleeping
+    process costs about what a quick message's run does); else the one with the most room (a
+    long run must not keep a task waiting while another child idles)."""
+    if seat.count >= seat.lanes:
+        return (2, 0)
+    if seat.count and seat.lanes == QUICK_LANES:
+        return (0, -seat.count)
+    return (1, seat.count - seat.lanes)
 
 
 def _exit_cause(code: int) -> str:

@@ -266,7 +266,7 @@ def test_a_traced_delivery_keeps_its_span_open_while_a_child_runs_it(pool: Pool)
 
 
 def test_recycling_counts_each_message_sent_when_quick_runs_queue_more_per_child(pool: Pool) -> None:
-    worker = pool.start(max_tasks_per_child=5)  # one child; quick runs let up to four wait for it
+    worker = pool.start(max_tasks_per_child=5)  # one child; quick runs let many wait for it
     pool.publish(*[f"U{n}" for n in range(12)])
     wait_for(lambda: len(pool.events("end")) == 12, 30)
     pool.running.stop()  # type: ignore[union-attr]

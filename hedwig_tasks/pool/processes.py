@@ -5,18 +5,18 @@ child's reply pipe, on input pipes that are full and on a wake-up pipe, and in e
 the replies that came (several per wake-up when the worker is busy), frees their seats, fills
 every seat's room with the next tasks and writes them (one write per child per round), then
 finishes the answered tasks; and it kills a child whose task passed its time limit (the poll's
-timeout is the earliest such deadline). The pool has one *seat* per child process and at most
-:data:`LANES` tasks per seat (:data:`QUICK_LANES` while the child's runs are short): while a
-child runs one task, the next waits in its pipe, so a child never idles while the worker settles
-the last message and takes the next. Seats of quick children are filled busiest first, so a
-child that is running something takes more without being woken (each wake-up of a sleeping
-process costs about a quick run), and a second child is woken only when the first is full; the
-others emptiest first, so a long run never keeps a task waiting while another child idles. No
-thread waits on a child: on a small machine each wake-up of a thread and each GIL hand-off cost
-about what a message's own work does, and a thread per run blocking on its own reply cost
-several per message (profiled: the worker's CPU per no-op message went from ~150 to ~105 us at
-``-c 2``; see ``bench/pool.py``). :mod:`~hedwig_tasks.pool.children` has a child's pipes and
-tasks, and :mod:`~hedwig_tasks.pool.framing` the bytes between worker and children.
+timeout is the earliest such deadline). The pool has one *seat* per child process, which holds
+:data:`LANES` tasks (one running, the next waiting in its pipe, so a child never idles while the
+worker settles the last message and takes the next), or, while the child's runs are quick, as
+many as run in :data:`BACKLOG_S` (:func:`lanes_for`, at most :data:`MOST_LANES`). Seats of quick
+children are filled busiest first: a child that is running something takes more without being
+woken (each wake-up of a sleeping process costs about what a quick run does), and another child
+is woken only for what the first has no room for. The others are filled emptiest first, so a
+long run never keeps a task waiting while another child idles. No thread waits on a child: each
+wake-up of a thread and each GIL hand-off cost about what a message's own work does, and a
+thread per run blocking on its own reply cost several per message (``bench/pool.py``).
+:mod:`~hedwig_tasks.pool.children` has a child's pipes and tasks, and
+:mod:`~hedwig_tasks.pool.framing` the bytes between worker and children.
 
 Where the tasks come from: the worker's ``feed`` (called on the dispatcher when a seat has
 room) takes a delivery, does the work before a run on that thread and :meth:`Pool.submit`\\ s
@@ -65,20 +65,27 @@ if TYPE_CHECKING:
     from hedwig_tasks._worker_options import WorkerOptions
     from hedwig_tasks.handler import Handler
 
-__all__ = ["LANES", "QUICK_LANES", "Child", "ChildSpec", "Done", "Pool", "child_spec", "outcome_of"]
+__all__ = ["LANES", "MOST_LANES", "Child", "ChildSpec", "Done", "Pool", "child_spec", "lanes_for", "outcome_of"]
 
 logger = logging.getLogger(__name__)
 
 #: How long a child that was told to stop may take to exit before it is killed, in seconds.
 STOP_TIMEOUT_S = 5.0
-#: Tasks a child holds at most: one running, the next waiting in its pipe.
+#: Tasks a child holds at most while its runs are long: one running, the next waiting in its pipe.
 LANES = 2
-#: Tasks a child holds at most while its runs are quick (see :data:`QUICK_RUN_S`): more wait
-#: in its pipe, so it reads and the worker writes several at a time, and neither waits for the
-#: other after each one.
-QUICK_LANES = 8
-#: Runs shorter than this on average (seconds) make a child quick; one long run makes it not.
-QUICK_RUN_S = 0.002
+#: Tasks a child holds at most, however quick its runs.
+MOST_LANES = 32
+#: How long the tasks waiting in a child's pipe may take to run, in all (seconds, at the
+#: child's average): a child with quick runs takes more, so it reads and the worker writes
+#: several at a time, and another child is woken only for what this one has no room for.
+BACKLOG_S = 0.002
+#: What a task costs a child besides its handler's run (decoding it, replying), in seconds.
+TASK_COST_S = 0.00005
+
+
+def lanes_for(run_s: float) -> int:
+    """How many tasks a child whose runs take ``run_s`` on average holds (:data:`BACKLOG_S`)."""
+    return max(LANES, min(MOST_LANES, int(BACKLOG_S / (run_s + TASK_COST_S))))
 
 
 class _Seat:
@@ -89,8 +96,8 @@ class _Seat:
     def __init__(self) -> None:
         self.child: Child | None = None  #: None while no child takes its tasks and none is starting
         self.count = 0  #: its tasks not yet done, whichever child has them
-        self.lanes = LANES  #: how many it takes: QUICK_LANES while its runs are quick
-        self.run_s = QUICK_RUN_S * 2  #: its runs' average length, recent ones weighing more (seconds)
+        self.lanes = LANES  #: how many it takes (lanes_for its runs' average)
+        self.run_s = BACKLOG_S  #: its runs' average length, recent ones weighing more (seconds)
         self.pending: collections.deque[Task] = collections.deque()  #: for its next child, once ready
 
 
@@ -344,7 +351,7 @@ class Pool:
             child.waiting[0].started_at = time.monotonic()
         seat.count -= 1
         seat.run_s += (float(reply.get("duration_s", 0.0)) - seat.run_s) / 4
-        seat.lanes = QUICK_LANES if seat.run_s < QUICK_RUN_S else LANES
+        seat.lanes = lanes_for(seat.run_s)
         return task
 
     def _started(self, child: Child, frame: dict[str, Any]) -> None:
@@ -488,7 +495,7 @@ def _order(seat: _Seat) -> tuple[int, int]:
     long run must not keep a task waiting while another child idles)."""
     if seat.count >= seat.lanes:
         return (2, 0)
-    if seat.count and seat.lanes == QUICK_LANES:
+    if seat.count and seat.lanes > LANES:
         return (0, -seat.count)
     return (1, seat.count - seat.lanes)
 

@@ -81,9 +81,10 @@ class Acks:
     def _next_acks(self) -> tuple[list[Delivery], bool]:
         """The acks to send together, and whether the worker is done (a None came).
 
-        While deliveries are held, the acker sleeps until a batch is full or ``ACK_GATHER_S``
-        has passed, whether or not an ack has come yet: one wake-up per batch. Only with
-        nothing held does it sleep until the first ack (none may come for hours).
+        While acks keep coming, the acker sleeps until a batch is full or ``ACK_GATHER_S`` has
+        passed, whether or not an ack has come yet: one wake-up per batch. Once a whole window
+        brought none, or nothing is held, it sleeps until the first (a long run may hold its
+        delivery for hours), then gathers from there.
         """
         batch: list[Delivery] = []
         deadline = time.monotonic() + ACK_GATHER_S
@@ -97,14 +98,19 @@ class Acks:
                     return batch, True
                 batch.append(item)
             now = time.monotonic()
-            full = len(batch) >= self._ack_batch or now >= deadline
-            if batch and (full or not self._held or self._stopping.is_set()):
-                return batch, False
-            if now >= deadline:  # nothing came meanwhile: gather afresh
-                deadline = now + ACK_GATHER_S
-            gathering = bool(batch or self._held)
-            self._ack_wanted = self._ack_batch - len(batch) if gathering else 1  # not woken by each ack
+            timeout_s: float | None = deadline - now
+            if batch:
+                if len(batch) >= self._ack_batch or now >= deadline or not self._held or self._stopping.is_set():
+                    return batch, False
+                wanted = self._ack_batch - len(batch)
+            elif self._held and now < deadline:
+                wanted = self._ack_batch
+            else:
+                wanted, timeout_s = 1, None
+            self._ack_wanted = wanted  # not woken by each ack: by enough of them
             self._ack_due.clear()
-            if self._acks.qsize() < self._ack_wanted:
-                self._ack_due.wait(deadline - now if gathering else None)
+            if self._acks.qsize() < wanted:
+                self._ack_due.wait(timeout_s)
             self._ack_wanted = _NEVER  # until it sleeps again, acks need not wake it
+            if timeout_s is None:  # the first after a quiet spell: gather from now
+                deadline = time.monotonic() + ACK_GATHER_S

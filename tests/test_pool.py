@@ -16,7 +16,7 @@ from helpers import WorkerThread, wait_for
 
 from hedwig_tasks import ConfigurationError, Hedwig, signals
 from hedwig_tasks.exceptions import RemoteError
-from hedwig_tasks.pool import child
+from hedwig_tasks.pool import child, processes
 from hedwig_tasks.pool.framing import (
     ACK_REPLY,
     FrameReader,
@@ -323,3 +323,17 @@ def test_a_child_holds_quick_replies_for_tasks_read_already_but_never_while_wait
     ours.close()
     theirs.close()
     app.close()
+
+
+def test_quick_children_hold_what_runs_in_two_ms_and_are_filled_busiest_first() -> None:
+    assert processes.lanes_for(0.005) == processes.LANES  # long runs: one running, one waiting
+    assert processes.lanes_for(0.0002) == 8
+    assert processes.lanes_for(0.0) == processes.MOST_LANES
+    idle, running, full = processes._Seat(), processes._Seat(), processes._Seat()
+    for seat, count in ((idle, 0), (running, 3), (full, 8)):
+        seat.lanes, seat.count = 8, count
+    assert sorted([idle, full, running], key=processes._order) == [running, idle, full]
+    for seat in (idle, running):  # long runs: the emptiest first, so no run waits while a child idles
+        seat.lanes = processes.LANES
+    running.count = 1
+    assert min([running, idle], key=processes._order) is idle

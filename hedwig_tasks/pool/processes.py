@@ -489,10 +489,8 @@ class Pool:
 
 
 def _order(seat: _Seat) -> tuple[int, int]:
-    """Which seat takes the next task first: a quick child that is running something, the fullest
-    such (it reads the task when it is done, without being woken: each wake-up of a sleeping
-    process costs about what a quick message's run does); else the one with the most room (a
-    long run must not keep a task waiting while another child idles)."""
+    """Which seat takes the next task first (the lowest): a quick child that is running
+    something, the fullest such; else the one with the most room (see the module's doc)."""
     if seat.count >= seat.lanes:
         return (2, 0)
     if seat.count and seat.lanes > LANES:

@@ -28,6 +28,7 @@ from hedwig_tasks._cli_dlq import add_dlq_commands
 from hedwig_tasks._cli_inspect import add_inspect_command
 from hedwig_tasks._cli_schema import add_schema_commands
 from hedwig_tasks._version import __version__
+from hedwig_tasks._worker_options import DEFAULT_HEARTBEAT_S
 from hedwig_tasks.app import TRANSPORT_ENV, Hedwig
 from hedwig_tasks.exceptions import HedwigError, TransportError
 from hedwig_tasks.health import ProbeServer, Route, health_routes
@@ -87,6 +88,8 @@ def _install_signals(worker: Worker) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, app: Hedwig) -> int:
+    if args.heartbeat < 0:
+        raise CLIError(f"--heartbeat must be 0 (no row) or more seconds, got {args.heartbeat:g}")
     options = WorkerOptions(
         concurrency=args.concurrency,
         prefetch=args.prefetch,
@@ -99,6 +102,7 @@ def cmd_worker(args: argparse.Namespace, app: Hedwig) -> int:
         settings_spec=args.settings,
         max_tasks_per_child=args.max_tasks_per_child,
         max_memory_per_child_kb=args.max_memory_per_child,
+        heartbeat_s=args.heartbeat or None,
     )
     if not app.subscribed_topics():
         raise CLIError(
@@ -316,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="KIB",
         help="with --pool processes: replace a child after a message once its peak RSS passed KIB kibibytes",
+    )
+    worker.add_argument(
+        "--heartbeat",
+        type=float,
+        default=DEFAULT_HEARTBEAT_S,
+        metavar="SECONDS",
+        help="how often the worker's row for `hedwig-tasks inspect` is written (%(default)s; 0: none); "
+        "a worker that dies drops out after three",
     )
     worker.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on /metrics")
     worker.add_argument("--health-port", type=int, metavar="PORT", help="serve /healthz (liveness) and /readyz")

@@ -120,3 +120,9 @@ def test_a_worker_for_an_app_without_handlers_says_so(folder: Path) -> None:
     planned = cli(folder, "provision", "-A", "publisher", "--dry-run")
     assert planned.returncode == 0, planned.stderr
     assert planned.stdout.splitlines() == ["would create topic user-created-v1", "would create topic send_email-v1"]
+
+
+def test_a_negative_heartbeat_names_the_option(folder: Path) -> None:
+    result = cli(folder, "worker", "-A", "tasks", "--heartbeat", "-1", "--burst")
+    assert result.returncode == 1
+    assert one_error(result) == "error: --heartbeat must be 0 (no row) or more seconds, got -1"

@@ -162,6 +162,7 @@ def test_inspect_lists_live_workers_and_what_each_runs_and_drops_dead_ones(tmp_p
     assert cli(folder, "provision", "-A", "tasks").returncode == 0
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
     command = [sys.executable, "-m", "hedwig_tasks", "worker", "-A", "tasks", "-c", "2", "--prefetch", "0"]
+    command += ["--heartbeat", "1"]  # a killed worker's row expires in three seconds
     workers = [subprocess.Popen(command, cwd=folder, env=env, stderr=subprocess.DEVNULL) for _ in range(2)]
 
     def rows() -> list[dict[str, Any]]:
@@ -174,14 +175,14 @@ def test_inspect_lists_live_workers_and_what_each_runs_and_drops_dead_ones(tmp_p
         wait_for(lambda: len(rows()) == 2, 20)
         published = cli(folder, "publish", "-A", "tasks", "user-created", "1.0", '{"user_id": "U1"}')
         message_id = published.stdout.split("id=")[1].strip()
-        wait_for(lambda: any(r["running"] for r in rows()), 20)  # within a heartbeat (5 s)
+        wait_for(lambda: any(r["running"] for r in rows()), 20)  # within a heartbeat
         (busy,) = [r for r in rows() if r["running"]]
         assert busy["running"][0]["id"] == message_id and busy["running"][0]["type"] == "user-created 1.0"
         assert {r["pid"] for r in rows()} == {w.pid for w in workers}
         table = cli(folder, "inspect", "-A", "tasks").stdout
         assert f"running user-created 1.0 id={message_id}" in table and str(busy["pid"]) in table
         idle = next(w for w in workers if w.pid != busy["pid"])
-        idle.send_signal(signal.SIGKILL)  # its row stays until it expires: three heartbeats
+        idle.send_signal(signal.SIGKILL)  # its row stays until it expires: three heartbeats (3 s)
         (folder / "release").touch()
         busy_worker = next(w for w in workers if w.pid == busy["pid"])
         busy_worker.send_signal(signal.SIGTERM)  # a clean stop forgets its row at once

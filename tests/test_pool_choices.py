@@ -3,10 +3,13 @@ seat takes the next, and when a child holds a reply back (its serve loop, on a s
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -81,8 +84,13 @@ def test_quick_children_hold_what_runs_in_two_ms_and_are_filled_busiest_first() 
     idle, running, full = processes._Seat(), processes._Seat(), processes._Seat()
     for seat, count in ((idle, 0), (running, 3), (full, 8)):
         seat.lanes, seat.count = 8, count
-    assert sorted([idle, full, running], key=processes._order) == [running, idle, full]
+    now = time.monotonic()
+    order = functools.partial(processes._order, now=now)
+    assert sorted([idle, full, running], key=order) == [running, idle, full]
+    running.child = SimpleNamespace(waiting=[SimpleNamespace(started_at=now - 1.0)])  # type: ignore[assignment]
+    assert order(running) == order(full)  # its run stalls: nothing more joins what waits behind it
+    running.child = None
     for seat in (idle, running):  # long runs: the emptiest first, so no run waits while a child idles
         seat.lanes = processes.LANES
     running.count = 1
-    assert min([running, idle], key=processes._order) is idle
+    assert min([running, idle], key=order) is idle

@@ -38,6 +38,7 @@ worker's ``-A``/``--settings`` spec.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import os
@@ -74,13 +75,17 @@ STOP_TIMEOUT_S = 5.0
 #: Tasks a child holds at most while its runs are long: one running, the next waiting in its pipe.
 LANES = 2
 #: Tasks a child holds at most, however quick its runs.
-MOST_LANES = 32
+MOST_LANES = 16
 #: How long the tasks waiting in a child's pipe may take to run, in all (seconds, at the
 #: child's average): a child with quick runs takes more, so it reads and the worker writes
 #: several at a time, and another child is woken only for what this one has no room for.
 BACKLOG_S = 0.002
 #: What a task costs a child besides its handler's run (decoding it, replying), in seconds.
 TASK_COST_S = 0.00005
+#: A quick child whose running task has taken this long (seconds) is given no more until it
+#: answers, so a run that stalls (a slow call in a handler that is usually quick) holds up
+#: only what already waits in its pipe, never what comes after.
+STALL_S = 0.02
 
 
 def lanes_for(run_s: float) -> int:
@@ -278,9 +283,10 @@ class Pool:
 
     def _fill(self) -> None:
         """Give every seat with room its next tasks: submitted ones first, then what ``feed`` brings."""
+        order = functools.partial(_order, now=time.monotonic())
         while True:
-            seat = min(self._seats, key=_order)
-            if seat.count >= seat.lanes or self.closing:
+            seat = min(self._seats, key=order)
+            if order(seat) == _NO_ROOM or self.closing:
                 break
             if self._ready:
                 self._send(seat, self._ready.popleft())
@@ -488,12 +494,20 @@ class Pool:
             self._poller.unregister(fd)
 
 
-def _order(seat: _Seat) -> tuple[int, int]:
+#: What :func:`_order` gives a seat that takes nothing now.
+_NO_ROOM = (2, 0)
+
+
+def _order(seat: _Seat, now: float) -> tuple[int, int]:
     """Which seat takes the next task first (the lowest): a quick child that is running
-    something, the fullest such; else the one with the most room (see the module's doc)."""
+    something, the fullest such; else the one with the most room (see the module's doc). A
+    quick child whose run has taken over :data:`STALL_S` takes nothing until it answers."""
     if seat.count >= seat.lanes:
-        return (2, 0)
+        return _NO_ROOM
     if seat.count and seat.lanes > LANES:
+        child = seat.child
+        if child is not None and child.waiting and now - child.waiting[0].started_at > STALL_S:
+            return _NO_ROOM
         return (0, -seat.count)
     return (1, seat.count - seat.lanes)
 

@@ -50,11 +50,20 @@ class Acks:
         self._acks: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._ack_due = threading.Event()  #: the acker's batch is full, or nothing is held: send it
         self._ack_wanted = _NEVER  #: acks the acker's batch still lacks, while it gathers
+        self._ack_now = False  #: the buffer ran dry: what the acker has goes at once
 
     def _ack_later(self, delivery: Delivery) -> None:
         """Acknowledge ``delivery`` with the acker's next batch (its slot comes back then)."""
         self._acks.put(delivery)
         if self._acks.qsize() >= self._ack_wanted:
+            self._ack_due.set()
+
+    def _buffer_drained(self) -> None:
+        """The last buffered delivery was taken: the receive loop needs the slots that waiting
+        acks hold to refill the buffer, so a gathering acker sends what it has now (with long
+        runs a batch can take longer to fill than the buffer lasts, and children would idle)."""
+        if self._ack_wanted != _NEVER and not self._acks.empty():
+            self._ack_now = True
             self._ack_due.set()
 
     def _acks_waiting(self) -> bool:
@@ -100,7 +109,10 @@ class Acks:
             now = time.monotonic()
             timeout_s: float | None = deadline - now
             if batch:
-                if len(batch) >= self._ack_batch or now >= deadline or not self._held or self._stopping.is_set():
+                if len(batch) >= self._ack_batch or now >= deadline or not self._held or self._ack_now:
+                    self._ack_now = False
+                    return batch, False
+                if self._stopping.is_set():
                     return batch, False
                 wanted = self._ack_batch - len(batch)
             elif self._held and now < deadline:

@@ -348,6 +348,8 @@ class Worker(Acks, Limits, Idempotency, Heartbeats):
         if self._buffer.empty():
             return False
         delivery = self._buffer.get_nowait()  # the dispatcher is its only taker
+        if self._buffer.empty():
+            self._buffer_drained()
         with self._held_lock:
             held = self._held.get(id(delivery)) if delivery is not None else None
             if held is None:  # released while buffered: at shutdown, or it waited past a lease
@@ -372,6 +374,8 @@ class Worker(Acks, Limits, Idempotency, Heartbeats):
             delivery = self._buffer.get()
             if delivery is None:
                 return
+            if self._buffer.empty():
+                self._buffer_drained()
             with self._held_lock:
                 held = self._held.get(id(delivery))
                 if held is None:  # released while buffered: at shutdown, or it waited past a lease

@@ -5,8 +5,9 @@ A handled message's ack goes to the acker's queue (:meth:`Acks._ack_later`), and
 taken until the batch holding it is sent: the receive loop never holds more than its bound.
 While deliveries are still held, more acks are coming, so the acker gathers for up to
 ``ACK_GATHER_S`` or until half of what may be held is acked; it is woken by a full batch, not
-by each ack. Once nothing is held, what it has goes at once, so the freed slots reach the
-receive loop without delay.
+by each ack. Once nothing is held (or, on a local bus, once the last buffered delivery has been
+taken), what it has goes at once, so the freed slots reach the receive loop while it has work
+to fetch.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Acks:
     def _buffer_drained(self) -> None:
         """The last buffered delivery was taken: the receive loop needs the slots that waiting
         acks hold to refill the buffer, so a gathering acker sends what it has now (with long
-        runs a batch can take longer to fill than the buffer lasts, and children would idle)."""
+        runs a batch can take longer to fill than the buffer lasts, and children would idle).
+        Only on a local bus, where an ack costs no request: on SQS each would be one more."""
         if self._ack_wanted != _NEVER and not self._acks.empty():
             self._ack_now = True
             self._ack_due.set()

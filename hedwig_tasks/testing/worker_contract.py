@@ -651,7 +651,9 @@ class WorkerContract:
     def test_a_rate_limit_spaces_the_starts_within_ten_percent(self, fleet: Fleet) -> None:
         fleet.provision()
         user_ids = fleet.publish([f"U{n}" for n in range(200)])
-        worker = fleet.worker("-c", "4", "--prefetch", "8", rate="20/s")
+        # 20 held: a second of work at 20/s, so a broker slowed by a loaded machine (moto on CI)
+        # cannot starve the limiter; what is measured is its spacing
+        worker = fleet.worker("-c", "4", "--prefetch", "16", rate="20/s")
         fleet.wait(lambda: fleet.handled() >= set(user_ids), "every message handled")
         assert fleet.stop(worker) == 0, fleet.logs()
         self.assert_each_handled(fleet, user_ids)
@@ -661,7 +663,7 @@ class WorkerContract:
         times = sorted(firsts.values())
         rate = (len(times) - 1) / (times[-1] - times[0])
         assert 18.0 <= rate <= 22.0, rate
-        assert max(e["held"] for e in fleet.events("heartbeat")) <= 12  # within the prefetch bound
+        assert max(e["held"] for e in fleet.events("heartbeat")) <= 20  # within the prefetch bound
 
     # -- the command line ---------------------------------------------------------------------
 

@@ -46,8 +46,10 @@ class Acks:
         def _settle(self, what: str, action: Any, *args: Any) -> None: ...
         def _give_back_slots(self, count: int) -> None: ...
 
-    def _init_acks(self, batch: int) -> None:
+    def _init_acks(self, batch: int, *, free: bool) -> None:
+        """``free``: an ack costs no request (a local bus), so a dry buffer is worth a small batch."""
         self._ack_batch = batch  #: acks worth one broker round trip
+        self._acks_free = free
         self._acks: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._ack_due = threading.Event()  #: the acker's batch is full, or nothing is held: send it
         self._ack_wanted = _NEVER  #: acks the acker's batch still lacks, while it gathers
@@ -64,7 +66,7 @@ class Acks:
         acks hold to refill the buffer, so a gathering acker sends what it has now (with long
         runs a batch can take longer to fill than the buffer lasts, and children would idle).
         Only on a local bus, where an ack costs no request: on SQS each would be one more."""
-        if self._ack_wanted != _NEVER and not self._acks.empty():
+        if self._acks_free and self._ack_wanted != _NEVER and not self._acks.empty():
             self._ack_now = True
             self._ack_due.set()
 
@@ -111,10 +113,9 @@ class Acks:
             now = time.monotonic()
             timeout_s: float | None = deadline - now
             if batch:
-                if len(batch) >= self._ack_batch or now >= deadline or not self._held or self._ack_now:
+                full = len(batch) >= self._ack_batch or now >= deadline
+                if full or not self._held or self._ack_now or self._stopping.is_set():
                     self._ack_now = False
-                    return batch, False
-                if self._stopping.is_set():
                     return batch, False
                 wanted = self._ack_batch - len(batch)
             elif self._held and now < deadline:

@@ -105,7 +105,7 @@ class Worker(Acks, Limits, Idempotency, Heartbeats):
         self._held: dict[int, _Held] = {}
         self._held_lock = threading.Lock()
         held = self.options.concurrency + self.options.prefetch
-        self._init_acks(max(1, held // 2))
+        self._init_acks(max(1, held // 2), free=app.transport.capabilities.local)
         self._slots = Slots(held, enough=self._ack_batch, hungry=self._hungry)
         self._withheld = 0  #: slots of buffered deliveries released as stale, back once a handler frees
         self._retries_due: dict[str, float] = {}  #: message key -> when a retry we scheduled is due
@@ -126,8 +126,6 @@ class Worker(Acks, Limits, Idempotency, Heartbeats):
         self.ready = False  #: connected and consuming: a receive has succeeded
         self._last_hook_beat = 0.0
         capabilities = app.transport.capabilities
-        #: acks are free here (a local bus): send them once the buffer runs dry rather than hold slots
-        self._ack_on_drain = capabilities.local
         lease_s = self.options.lease_s or app.transport.lease_s
         self.lease_s = min(lease_s, capabilities.max_lease_s or lease_s)  #: what each extension asks for
         self._max_delay_s = capabilities.max_delay_s
@@ -350,7 +348,7 @@ class Worker(Acks, Limits, Idempotency, Heartbeats):
         if self._buffer.empty():
             return False
         delivery = self._buffer.get_nowait()  # the dispatcher is its only taker
-        if self._ack_on_drain and self._buffer.empty():
+        if self._buffer.empty():
             self._buffer_drained()
         with self._held_lock:
             held = self._held.get(id(delivery)) if delivery is not None else None
@@ -376,7 +374,7 @@ class Worker(Acks, Limits, Idempotency, Heartbeats):
             delivery = self._buffer.get()
             if delivery is None:
                 return
-            if self._ack_on_drain and self._buffer.empty():
+            if self._buffer.empty():
                 self._buffer_drained()
             with self._held_lock:
                 held = self._held.get(id(delivery))
